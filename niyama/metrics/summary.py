@@ -1,0 +1,111 @@
+"""Per-tier latency percentiles and violations of one run (SPEC §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .records import is_violated, request_records
+
+PERCENTILES = (50, 95, 99)
+
+
+@dataclass
+class TierSummary:
+    name: str
+    target: str
+    count: int
+    ttft_s: tuple[float, ...]       # p50, p95, p99
+    tbt_s: tuple[float, ...]
+    ttlt_s: tuple[float, ...]
+    violation_pct: float            # artifact definition
+    strict_violation_pct: float     # + more than 1% of tokens late (interactive)
+    relegated: int
+
+
+@dataclass
+class RunSummary:
+    name: str
+    policy: str
+    qps: float | None
+    num_requests: int
+    tiers: list[TierSummary]
+    violation_pct: float
+    strict_violation_pct: float
+    short_violation_pct: float
+    long_violation_pct: float
+    relegated: int
+    preemptions: int
+    backlog_s: float
+    makespan_s: float
+    num_iterations: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def worst_tier_violation_pct(self) -> float:
+        return max(t.violation_pct for t in self.tiers)
+
+
+def _pct(values) -> tuple[float, ...]:
+    if len(values) == 0:
+        return tuple(float("nan") for _ in PERCENTILES)
+    return tuple(float(v) for v in np.percentile(values, PERCENTILES))
+
+
+def _share(mask) -> float:
+    return 100.0 * float(np.mean(mask)) if len(mask) else 0.0
+
+
+def tier_violations(result) -> dict[str, float]:
+    """Violation % per tier (artifact definition) — the cheap path for goodput search."""
+    counts: dict[str, list[int]] = {t.name: [0, 0] for t in result.workload.tiers}
+    for r in result.requests:
+        c = counts[r.tier.name]
+        c[0] += 1
+        c[1] += is_violated(r)
+    return {name: (100.0 * v / n if n else 0.0) for name, (n, v) in counts.items()}
+
+
+def summarize(result) -> tuple[RunSummary, dict[str, np.ndarray]]:
+    """The run's summary and its per-request records."""
+    wl = result.workload
+    gaps: dict[str, list] = {}
+    rec = request_records(result.requests, result.iteration_end_s, wl.long_prompt_threshold, True, gaps)
+    tiers = []
+    for tier in wl.tiers:
+        m = rec["tier"] == tier.name
+        tier_gaps = np.concatenate(gaps[tier.name]) if gaps.get(tier.name) else np.zeros(0)
+        tiers.append(TierSummary(
+            tier.name, tier.describe(), int(m.sum()), _pct(rec["ttft_s"][m]), _pct(tier_gaps), _pct(rec["ttlt_s"][m]),
+            _share(rec["violated"][m]), _share(rec["violated_strict"][m]), int(rec["relegated"][m].sum())))
+    long = rec["long_prompt"]
+    summary = RunSummary(
+        wl.name, result.policy, wl.qps, len(result.requests), tiers,
+        _share(rec["violated"]), _share(rec["violated_strict"]),
+        _share(rec["violated"][~long]), _share(rec["violated"][long]),
+        int(rec["relegated"].sum()), result.num_preemptions, result.backlog_s,
+        max(r.finish_s for r in result.requests), result.num_iterations)
+    return summary, rec
+
+
+def format_report(s: RunSummary) -> str:
+    qps = f" at {s.qps:g} QPS" if s.qps else ""
+    lines = [f"{s.name} x {s.policy}{qps}: {s.num_requests} requests, {s.num_iterations} iterations, "
+             f"makespan {s.makespan_s:.0f} s, backlog {s.backlog_s:.0f} s",
+             "",
+             f"{'tier':<5} {'n':>6}  {'TTFT p50/p95/p99 (s)':>22}  {'TBT p50/p95/p99 (ms)':>22}  "
+             f"{'TTLT p50/p95/p99 (s)':>24}  {'viol%':>6} {'strict%':>7} {'releg':>6}"]
+    for t in s.tiers:
+        ttft = "/".join(f"{v:.2f}" for v in t.ttft_s)
+        tbt = "/".join(f"{v * 1000:.0f}" for v in t.tbt_s)
+        ttlt = "/".join(f"{v:.1f}" for v in t.ttlt_s)
+        lines.append(f"{t.name:<5} {t.count:>6}  {ttft:>22}  {tbt:>22}  {ttlt:>24}  {t.violation_pct:>6.2f} "
+                     f"{t.strict_violation_pct:>7.2f} {t.relegated:>6}")
+    lines += ["",
+              f"violations: overall {s.violation_pct:.2f}% (strict {s.strict_violation_pct:.2f}%), "
+              f"short {s.short_violation_pct:.2f}%, long {s.long_violation_pct:.2f}%; worst tier "
+              f"{s.worst_tier_violation_pct:.2f}%",
+              f"relegated {s.relegated}, KV preemptions {s.preemptions}",
+              "tiers: " + "; ".join(t.target for t in s.tiers)]
+    return "\n".join(lines)

@@ -1,0 +1,11 @@
+"""Batch-time predictors: "how long will a batch of this shape take?" (SPEC §4).
+
+The scheduler only calls `batch_time(...)`; how the model was fitted stays
+here. Profiles are named per model x hardware; see `profiles.py`.
+"""
+
+from .base import BatchTimePredictor
+from .linear import TwoRegimeLinear
+from .profiles import PROFILES, load_profile
+
+__all__ = ["BatchTimePredictor", "TwoRegimeLinear", "PROFILES", "load_profile"]

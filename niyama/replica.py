@@ -1,0 +1,176 @@
+"""The replica loop, the same in simulation and on a GPU (DESIGN.md):
+
+    plan   = scheduler.schedule(now, decodes, kv, iteration)   # pure CPU decision
+    result = executor.execute(plan, decodes)                    # GPU model, or a timing model
+    apply(plan, result)                                         # tokens out, states advance
+
+The executor decides what time means: the simulated executor returns a
+predicted duration and the virtual clock jumps by it; the model runner
+returns the measured duration of work that really took that long.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from .kv import BlockAllocator
+from .request import Phase, Request
+from .running import RunningDecodes
+from .scheduler import BatchPlan, Scheduler
+
+
+@dataclass
+class StepResult:
+    duration_s: float                                       # batch time, predicted or measured
+    stopped: list[Request] = field(default_factory=list)    # decodes that ended early (EOS, stop, abort)
+
+
+class Executor(Protocol):
+    def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult: ...
+
+
+class VirtualClock:
+    """Simulated time: jumps by each batch's duration, and to the next arrival when idle."""
+
+    def __init__(self, start: float = 0.0):
+        self._now = start
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, duration_s: float) -> None:
+        self._now += duration_s
+
+    def wait_until(self, t: float) -> None:
+        self._now = max(self._now, t)
+
+
+class WallClock:
+    """Real time since construction; the work itself makes time pass."""
+
+    def __init__(self):
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def advance(self, duration_s: float) -> None:
+        pass
+
+    def wait_until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class Replica:
+    def __init__(self, scheduler: Scheduler, executor: Executor, kv: BlockAllocator, clock=None):
+        self.scheduler = scheduler
+        self.executor = executor
+        self.kv = kv
+        self.clock = clock or VirtualClock()
+        self.decodes = RunningDecodes(kv.block_size)
+        self.iteration = 0
+        self.iteration_end_s: list[float] = []    # token times come from here (see running.py)
+        self.finished: list[Request] = []
+        self.num_preemptions = 0
+        self.num_relegations = 0
+        self.on_step: list[Callable[[BatchPlan, StepResult, float], None]] = []
+        self._pending: list = []                  # heap of (arrival, id, request) not yet arrived
+        self._num_added = 0
+
+    # --- requests --------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue a request; it joins the scheduler at its arrival time."""
+        need = self.kv.blocks_for(req.num_prompt_tokens + req.max_output_tokens)
+        room = self.kv.num_blocks - self.kv.num_watermark_blocks
+        if need > room:
+            raise ValueError(f"request {req.request_id}: {req.num_prompt_tokens}+{req.max_output_tokens} tokens "
+                             f"need {need} KV blocks, the cache has {room} usable")
+        self._num_added += 1
+        heapq.heappush(self._pending, (req.arrival_s, self._num_added, req))
+
+    def _admit_arrivals(self, now: float) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            self.scheduler.add_request(heapq.heappop(pending)[2])
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending or self.scheduler.waiting or self.decodes)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._num_added - len(self.finished)
+
+    # --- the loop --------------------------------------------------------
+    def step(self) -> BatchPlan | None:
+        """Run one iteration; when there is nothing to run, wait for the next arrival."""
+        now = self.clock.now()
+        self._admit_arrivals(now)
+        if not self.scheduler.waiting and not self.decodes:
+            if self._pending:
+                self.clock.wait_until(self._pending[0][0])
+            return None
+        plan = self.scheduler.schedule(now, self.decodes, self.kv, self.iteration)
+        if plan.is_empty:
+            raise RuntimeError(f"scheduler made no progress at t={now:.3f} with {len(self.scheduler.waiting)} "
+                               f"waiting and {self.kv.num_free} free KV blocks")
+        result = self.executor.execute(plan, self.decodes)
+        self.clock.advance(result.duration_s)
+        end = self.clock.now()
+        self._apply(plan, result, end)
+        self.scheduler.observe(plan, result.duration_s)
+        for hook in self.on_step:
+            hook(plan, result, end)
+        return plan
+
+    def run(self, progress=None) -> list[Request]:
+        """Step until every added request finished. `progress(n)` gets the finished count."""
+        while self.has_work:
+            self.step()
+            if progress is not None:
+                progress(len(self.finished))
+        return self.finished
+
+    def _apply(self, plan: BatchPlan, result: StepResult, end: float) -> None:
+        i = self.iteration
+        self.iteration_end_s.append(end)
+        self.num_preemptions += len(plan.preempted)
+        self.num_relegations += len(plan.relegated)
+        for chunk in plan.prefills:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_tokens
+            if req.num_computed_tokens < req.num_prefill_target:
+                self.scheduler.requeue(req)
+                continue
+            req.num_output_tokens += 1               # the prefill's last chunk emits a token
+            if req.first_token_s is None:
+                req.first_token_s = end
+                req.anchor_s = max(end, req.first_token_deadline_s)
+            req.token_segments.append([i, i + 1])
+            if req.num_output_tokens >= req.max_output_tokens:
+                self._finish(req, end)
+            else:
+                self.decodes.add(req, i)
+        for req in result.stopped:
+            if req in self.decodes:
+                self.decodes.remove(req, i + 1)
+                self._finish(req, end)
+        for req in self.decodes.pop_finished(i):
+            self._finish(req, end)
+        self.iteration = i + 1
+
+    def _finish(self, req: Request, end: float) -> None:
+        req.phase = Phase.DONE
+        req.finish_s = end
+        self.kv.release(req)
+        self.finished.append(req)
+
+    def token_times(self, req: Request) -> list[float]:
+        """Emission time of each output token of `req`."""
+        ends = self.iteration_end_s
+        return [ends[i] for start, stop in req.token_segments for i in range(start, stop)]

@@ -1,0 +1,126 @@
+"""The set of running decodes, with O(log n) bookkeeping per iteration.
+
+Every running decode emits one token in every iteration (SPEC §3.1), so a
+decode that emitted token `n0` in iteration `i0` emits token
+`n0 + (i - i0)` in iteration `i`. From that one fact:
+
+- its next-token deadline in iteration i is `c + i * tbt` with a constant
+  `c`, so the minimum over all decodes is the minimum over a few heaps,
+  one per token pace (SPEC §3.2 `min_slack`) — no scan over decodes;
+- the iteration in which it reaches `max_output_tokens` is known when it
+  starts decoding (a finish heap);
+- it needs a new KV block every 16 iterations, in the iterations congruent to
+  a fixed residue (one bucket per residue);
+- the sum of decode context lengths grows by the number of decodes.
+
+Token times are not stored per token: a request records the iteration
+ranges it decoded in, and the replica's iteration end times give the rest.
+The engine may still stop a decode early (EOS, stop string, abort): `remove`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from .request import Phase, Request
+
+
+class RunningDecodes:
+    def __init__(self, block_size: int = 16):
+        self.block_size = block_size
+        self._members: dict[Request, None] = {}        # insertion-ordered set
+        self._deadline_heaps: dict[float, list] = {}   # tbt -> [(c, seq, req)]
+        self._finish_heap: list = []                   # [(finish_iter, seq, req)]
+        self._block_buckets: list[dict[Request, None]] = [{} for _ in range(block_size)]
+        self._context_base = 0                         # sum(P - i0) over members
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def __contains__(self, req: Request) -> bool:
+        return req in self._members
+
+    # --- membership ------------------------------------------------------
+    def add(self, req: Request, iteration: int) -> None:
+        """`req` just emitted token `req.num_output_tokens` in `iteration` (its prefill ended)."""
+        assert req.num_output_tokens < req.max_output_tokens, "a finished request does not decode"
+        self._seq += 1
+        seq = self._seq
+        req.phase = Phase.DECODE
+        req.decode_iter0 = iteration
+        req.decode_token0 = req.num_output_tokens
+        req.decode_seq = seq
+        self._members[req] = None
+        # token n is due at A + (n-1)*tbt; in iteration i, n = n0 + i - i0.
+        c = req.anchor_s + (req.decode_token0 - 1 - iteration) * req.tbt_s
+        heapq.heappush(self._deadline_heaps.setdefault(req.tbt_s, []), (c, seq, req))
+        finish_iter = iteration + req.max_output_tokens - req.decode_token0
+        heapq.heappush(self._finish_heap, (finish_iter, seq, req))
+        # In iteration i > i0 the decode writes KV at position P + (i - i0 - 1).
+        residue = (iteration + 1 - req.num_prefill_target) % self.block_size
+        self._block_buckets[residue][req] = None
+        self._context_base += req.num_prefill_target - iteration
+
+    def remove(self, req: Request, iteration: int) -> None:
+        """Take `req` out before `iteration` runs (preemption, early stop after `iteration - 1`)."""
+        self._sync_output(req, iteration - 1)
+        del self._members[req]
+        residue = (req.decode_iter0 + 1 - req.num_prefill_target) % self.block_size
+        del self._block_buckets[residue][req]
+        self._context_base -= req.num_prefill_target - req.decode_iter0
+        req.decode_seq = -1   # invalidates its heap entries
+        req.token_segments[-1][1] = iteration
+
+    def pop_finished(self, iteration: int) -> list[Request]:
+        """Decodes that emitted their last token in `iteration` (already executed)."""
+        done = []
+        heap = self._finish_heap
+        while heap and heap[0][0] <= iteration:
+            _, seq, req = heapq.heappop(heap)
+            if req.decode_seq == seq:
+                self.remove(req, iteration + 1)
+                done.append(req)
+        return done
+
+    # --- queries for iteration `i` (not yet executed) -------------------
+    def min_deadline(self, iteration: int) -> float:
+        """Earliest next-token deadline among running decodes; inf if none."""
+        best = math.inf
+        for tbt, heap in self._deadline_heaps.items():
+            while heap and heap[0][2].decode_seq != heap[0][1]:
+                heapq.heappop(heap)
+            if heap:
+                best = min(best, heap[0][0] + iteration * tbt)
+        return best
+
+    def next_deadline(self, req: Request, iteration: int) -> float:
+        return req.anchor_s + (req.decode_token0 - 1 + iteration - req.decode_iter0) * req.tbt_s
+
+    def latest_deadline(self, iteration: int) -> Request:
+        """The decode whose next token is due last: the KV-preemption victim (SPEC task 3)."""
+        return max(self._members, key=lambda r: (self.next_deadline(r, iteration), r.request_id))
+
+    def context_sum(self, iteration: int) -> int:
+        """Sum of decode context lengths (tokens attended) in `iteration`."""
+        return self._context_base + len(self._members) * iteration
+
+    def needing_block(self, iteration: int) -> list[Request]:
+        """Decodes whose KV write in `iteration` starts a new block."""
+        return list(self._block_buckets[iteration % self.block_size])
+
+    def num_output_at(self, req: Request, iteration: int) -> int:
+        """Tokens emitted by `req` once `iteration` has run."""
+        return req.decode_token0 + iteration - req.decode_iter0
+
+    def _sync_output(self, req: Request, last_iteration: int) -> None:
+        req.num_output_tokens = self.num_output_at(req, last_iteration)
+
+    def sync_all(self, last_iteration: int) -> None:
+        """Write derived token counts onto every member (for inspection)."""
+        for req in self._members:
+            self._sync_output(req, last_iteration)

@@ -1,0 +1,147 @@
+"""The iteration every policy shares (SPEC §3); policies fill in the blanks.
+
+One call to `schedule(now, decodes, kv, iteration)`:
+1. make KV room for this iteration's decode tokens, preempting (recompute)
+   the decode with the latest next-token deadline while blocks run out;
+2. every running decode goes into the batch, one token each;
+3. the policy picks a token budget (`token_budget`);
+4. the prefill budget (budget - decodes) is filled from the waiting queue in
+   the policy's order, several requests if they fit; a request that has not
+   started may be relegated by the policy (`should_relegate`) and goes back
+   behind every non-relegated one; starting a prefill takes its KV blocks
+   and needs a free `max_num_seqs` slot;
+5. a `BatchPlan` comes back. No clock is read and no tensor is touched.
+After the batch runs, the replica hands back paused prefills (`requeue`) and
+the measured batch (`observe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kv import BlockAllocator
+from ..request import Phase, Request
+from ..running import RunningDecodes
+from .plan import BatchPlan, PrefillChunk
+from .queue import OrderKey, WaitingQueue
+
+
+@dataclass
+class SchedulerConfig:
+    chunk_size: int = 256          # fixed token budget per iteration (Sarathi baselines)
+    max_num_seqs: int = 256        # cap on requests holding KV (decodes + started prefills)
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+
+
+class Scheduler:
+    name = "base"
+
+    def __init__(self, config: SchedulerConfig, order: OrderKey):
+        self.config = config
+        self.waiting = WaitingQueue(order)
+
+    # --- policy hooks ----------------------------------------------------
+    def token_budget(self, now: float, num_decodes: int, decode_context: int, min_slack: float,
+                     kv: BlockAllocator) -> int:
+        """Total tokens (decodes + prefill) this iteration may run."""
+        return self.config.chunk_size
+
+    def should_relegate(self, now: float, req: Request) -> bool:
+        return False
+
+    def observe(self, plan: BatchPlan, duration_s: float) -> None:
+        """The batch of `plan` took `duration_s`."""
+
+    # --- queue -----------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.waiting.push(req)
+
+    def requeue(self, req: Request) -> None:
+        """A prefill paused between chunks goes back and is re-ranked (SPEC §3.6)."""
+        self.waiting.push(req)
+
+    # --- the iteration ---------------------------------------------------
+    def schedule(self, now: float, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> BatchPlan:
+        preempted = self._make_room_for_decodes(decodes, kv, iteration)
+        num_decodes = len(decodes)
+        decode_context = decodes.context_sum(iteration)
+        min_slack = decodes.min_deadline(iteration) - now
+        budget = num_decodes
+        prefills: list[PrefillChunk] = []
+        relegated: list[Request] = []
+        if self.waiting:
+            budget = max(num_decodes, self.token_budget(now, num_decodes, decode_context, min_slack, kv))
+            prefills, relegated = self._fill(now, budget - num_decodes, kv, num_decodes)
+        plan = BatchPlan(iteration, num_decodes, decode_context, prefills, budget, min_slack, preempted, relegated)
+        self._check(plan, decodes)
+        return plan
+
+    def _make_room_for_decodes(self, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> list[Request]:
+        needing = decodes.needing_block(iteration)
+        preempted = []
+        while len(needing) > kv.num_free:
+            victim = decodes.latest_deadline(iteration)
+            self._preempt(victim, decodes, kv, iteration)
+            preempted.append(victim)
+            if victim in needing:
+                needing.remove(victim)
+        for req in needing:
+            kv.allocate(req, 1)
+        return preempted
+
+    def _preempt(self, req: Request, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> None:
+        """Recompute preemption: drop the KV, re-prefill prompt + generated tokens later."""
+        decodes.remove(req, iteration)
+        kv.release(req)
+        req.num_preemptions += 1
+        req.phase = Phase.WAITING
+        req.num_prefill_target = req.num_prompt_tokens + req.num_output_tokens
+        req.num_computed_tokens = 0
+        self.waiting.push(req)
+
+    def _fill(self, now: float, prefill_budget: int, kv: BlockAllocator,
+              num_decodes: int) -> tuple[list[PrefillChunk], list[Request]]:
+        chunks: list[PrefillChunk] = []
+        relegated: list[Request] = []
+        held: list[Request] = []
+        num_running = num_decodes + self.waiting.num_started
+        admissions_blocked = False
+        left = prefill_budget
+        while left > 0:
+            req = self.waiting.pop(started_only=admissions_blocked)
+            if req is None:
+                break
+            if not req.started:
+                if not req.relegated and self.should_relegate(now, req):
+                    req.relegated = True
+                    relegated.append(req)
+                    self.waiting.push(req)     # behind every non-relegated request
+                    continue
+                if num_running >= self.config.max_num_seqs or not kv.can_admit(req.num_prefill_target):
+                    held.append(req)
+                    admissions_blocked = True  # only started prefills may still run
+                    continue
+                kv.allocate(req, kv.blocks_for(req.num_prefill_target))
+                req.phase = Phase.PREFILL
+                num_running += 1
+            n = min(left, req.num_remaining_prefill)
+            chunks.append(PrefillChunk(req, req.num_computed_tokens, n))
+            left -= n
+        for req in held:
+            self.waiting.push(req)
+        return chunks, relegated
+
+    def _check(self, plan: BatchPlan, decodes: RunningDecodes) -> None:
+        assert plan.token_budget >= plan.num_tokens, "plan exceeds its token budget"
+        num_running = len(decodes) + self.waiting.num_started + len(plan.prefills)
+        assert num_running <= self.config.max_num_seqs, f"{num_running} running > max_num_seqs"
+        seen = set()
+        for c in plan.prefills:
+            assert c.num_tokens >= 1 and c.start + c.num_tokens <= c.request.num_prefill_target
+            assert c.request not in seen, "request scheduled twice"
+            seen.add(c.request)

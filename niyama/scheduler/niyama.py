@@ -1,0 +1,90 @@
+"""niyama: dynamic chunking + hybrid priority + eager relegation (SPEC §3).
+
+- Token budget: the largest candidate T (128 ... 2552 total tokens) whose
+  predicted batch time x `safety_factor` fits in `min_slack`, the time to
+  the earliest next-token deadline of the running decodes (binary search).
+  No decodes: the largest; `min_slack <= 0`: the smallest. With fewer than
+  `low_memory_tokens` KV tokens free the candidates shrink to 128..512.
+- Queue order: `arrival + TTFT_eff + alpha * remaining_prefill_tokens`
+  (alpha = 0 is EDF; large alpha tends to shortest-remaining-first).
+- Eager relegation: a request that has not started is relegated when
+  `now + remaining_prefill / prefill_rate` is past its first-token deadline;
+  relegated requests sort after all others and are still completed.
+Ablations switch the parts off: `dynamic_chunking=False` uses the fixed
+`chunk_size`; `relegation=False`; `alpha_s=0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kv import BlockAllocator
+from ..predictor import BatchTimePredictor
+from ..request import Request
+from .base import Scheduler, SchedulerConfig
+from .plan import BatchPlan
+from .relegation import PrefillRate, too_late
+
+CHUNK_CANDIDATES = (128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2552)
+LOW_MEMORY_CANDIDATES = (128, 256, 384, 512)
+
+
+@dataclass
+class NiyamaConfig(SchedulerConfig):
+    dynamic_chunking: bool = True
+    relegation: bool = True
+    alpha_s: float = 0.008                 # hybrid priority weight, seconds per remaining prefill token
+    safety_factor: float = 1.2             # predicted time is multiplied by this before comparing to slack
+    chunk_candidates: tuple[int, ...] = CHUNK_CANDIDATES
+    low_memory_candidates: tuple[int, ...] = LOW_MEMORY_CANDIDATES
+    low_memory_tokens: int = 32_000        # below this many free KV tokens, use the low-memory candidates
+    prefill_rate_init: float = 8500.0      # tokens/s, before anything is observed
+    prefill_rate_decay: float = 0.995      # EMA weight on the old value
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha_s < 0:
+            raise ValueError("alpha_s must be >= 0")
+        if self.safety_factor <= 0:
+            raise ValueError("safety_factor must be > 0")
+        for cands in (self.chunk_candidates, self.low_memory_candidates):
+            if not cands or list(cands) != sorted(set(cands)) or cands[0] < 1:
+                raise ValueError(f"chunk candidates must be increasing positive integers, got {cands}")
+
+
+class NiyamaScheduler(Scheduler):
+    def __init__(self, config: NiyamaConfig, predictor: BatchTimePredictor, name: str = "niyama"):
+        alpha = config.alpha_s
+        super().__init__(config, lambda r: r.arrival_s + r.ttft_s + alpha * r.num_remaining_prefill)
+        self.config: NiyamaConfig = config
+        self.predictor = predictor
+        self.prefill_rate = PrefillRate(config.prefill_rate_init, config.prefill_rate_decay)
+        self.name = name
+
+    def token_budget(self, now: float, num_decodes: int, decode_context: int, min_slack: float,
+                     kv: BlockAllocator) -> int:
+        cfg = self.config
+        if not cfg.dynamic_chunking:
+            return cfg.chunk_size
+        low_memory = kv.num_free * kv.block_size < cfg.low_memory_tokens
+        cands = cfg.low_memory_candidates if low_memory else cfg.chunk_candidates
+        if min_slack <= 0:
+            return cands[0]
+        head = self.waiting.peek()
+        prefill_context = head.num_computed_tokens if head is not None else 0
+        best, lo, hi = cands[0], 0, len(cands) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            total = cands[mid]
+            t = self.predictor.batch_time(max(0, total - num_decodes), num_decodes, decode_context, prefill_context)
+            if t * cfg.safety_factor <= min_slack:
+                best, lo = total, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def should_relegate(self, now: float, req: Request) -> bool:
+        return self.config.relegation and too_late(now, req, self.prefill_rate)
+
+    def observe(self, plan: BatchPlan, duration_s: float) -> None:
+        self.prefill_rate.observe(plan.num_prefill_tokens, duration_s)
