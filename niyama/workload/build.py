@@ -77,7 +77,7 @@ def make_workload(trace: "str | Trace", qps: float | None = None, *, num_request
     if n == 0:
         raise ValueError("the workload has no requests; raise --qps, --requests or the duration")
     if n <= len(tr):
-        rows = np.arange(n)                       # the trace in its own order (as the artifact replays it)
+        rows = rng_length.permutation(len(tr))[:n]   # shuffled, as the artifact does: traces hold bursts
     else:
         rows = rng_length.integers(0, len(tr), n)  # more requests than rows: sample with replacement
     tier_idx = rng_tier.choice(len(tier_set), size=n, p=mix)
