@@ -1,0 +1,37 @@
+"""The `niyama` command: one command, thin verbs. Each verb module adds its
+parser and calls library functions; errors are formatted once, here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import capacity, policies, simulate
+
+VERBS = (simulate, capacity, policies)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="niyama", description="Deadline-aware LLM serving: scheduler, simulator and capacity studies.",
+        epilog="Run `niyama VERB --help` for a verb's options and examples.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        verb.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"niyama {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"niyama {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

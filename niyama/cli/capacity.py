@@ -1,0 +1,97 @@
+"""`niyama capacity`: per-replica goodput of several policies on several traces (paper Fig. 7)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from ..metrics.paper import FIG7_GOODPUT
+from ..sim.capacity import CapacityJob, run_capacity_jobs
+from ..workload import TRACES
+from .common import add_replica_options, add_workload_options, check_policy, parse_policy_options, trace_help
+
+EXAMPLES = """examples:
+  niyama capacity                                   # all shipped traces x fcfs, edf, niyama (~3 min on 2 cores)
+  niyama capacity --trace sharegpt --policies fcfs,edf,niyama --requests 18000
+  niyama capacity --trace azure-code --policies edf,edf-dc,niyama-alpha0,niyama --no-sustainable
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("capacity", help="find each policy's goodput (QPS at <= 1%% violations) per trace",
+                       description="Search the highest load at which the worst tier has <= 1%% violations "
+                                   "(coarse-to-fine, then linear interpolation), per trace x policy; print a "
+                                   "table and write CSV/JSON and a bar chart like the paper's Fig. 7.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", "--traces", dest="traces", default=",".join(TRACES),
+                   help=f"comma-separated traces: {trace_help()} (default: all shipped)")
+    p.add_argument("--policies", default="fcfs,edf,niyama", help="comma-separated policies (default fcfs,edf,niyama)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="fixed requests per run (default: arrivals span --duration-h at every load)")
+    p.add_argument("--duration-h", type=float, default=4.0, help="hours of arrivals per run (default 4)")
+    p.add_argument("--target", type=float, default=1.0, help="violation %% allowed in the worst tier (default 1)")
+    p.add_argument("--no-sustainable", action="store_true",
+                   help="skip the sustainable capacity (runs twice as long, backlog under the shortest TTLT)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core)")
+    add_workload_options(p)
+    add_replica_options(p)
+    p.add_argument("--out", default="results/capacity", help="folder for capacity.csv/json, points.csv and the PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    traces = [t for t in args.traces.split(",") if t]
+    policies = [check_policy(x) for x in args.policies.split(",") if x]
+    jobs = [CapacityJob(trace, pol, profile=args.profile, duration_s=args.duration_h * 3600,
+                        num_requests=args.requests, seed=args.seed, tiers=args.tiers, tier_mix=args.tier_mix,
+                        low_priority_fraction=args.low_priority, policy_options=parse_policy_options(pol, args.opt),
+                        kv_tokens=args.kv_tokens, noise=args.noise, target_pct=args.target,
+                        sustainable=not args.no_sustainable)
+            for trace in traces for pol in policies]
+    results = run_capacity_jobs(jobs, args.jobs, show_progress=not args.quiet)
+    from ..metrics.plots import goodput_bars   # matplotlib is slow to import; only needed here
+
+    rows = [r.to_dict() for r in results]
+    print(format_table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(rows, out)
+    png = goodput_bars(rows, out / "capacity.png",
+                       title=f"Per-replica goodput, {args.profile} (worst tier <= {args.target:g}% violations)")
+    print(f"\nwrote {out / 'capacity.csv'}, {out / 'points.csv'}, {out / 'capacity.json'} and {png}")
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'trace':<12} {'policy':<22} {'goodput QPS':>11} {'sustainable':>11} {'paper Fig.7':>11} "
+             f"{'runs':>5} {'time':>6}"]
+    for r in rows:
+        ref = FIG7_GOODPUT.get(r["trace"], {}).get(r["policy"])
+        sus = "-" if r["sustainable_qps"] is None else f"{r['sustainable_qps']:.2f}"
+        lines.append(f"{r['trace']:<12} {r['policy']:<22} {r['capacity_qps']:>11.2f} {sus:>11} "
+                     f"{'-' if ref is None else f'{ref:.1f}':>11} {len(r['points']) + len(r['long_points']):>5} "
+                     f"{r['seconds']:>5.0f}s")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    (out / "capacity.json").write_text(json.dumps(rows, indent=1))
+    with (out / "capacity.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trace", "policy", "capacity_qps", "sustainable_qps", "paper_fig7_qps"])
+        for r in rows:
+            w.writerow([r["trace"], r["policy"], f"{r['capacity_qps']:.4f}",
+                        "" if r["sustainable_qps"] is None else f"{r['sustainable_qps']:.4f}",
+                        FIG7_GOODPUT.get(r["trace"], {}).get(r["policy"], "")])
+    with (out / "points.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trace", "policy", "run_length", "qps", "worst_tier_violation_pct", "passed", "backlog_s",
+                    "requests", "relegated"])
+        for r in rows:
+            for kind, pts in (("1x", r["points"]), ("2x", r["long_points"])):
+                for p in pts:
+                    w.writerow([r["trace"], r["policy"], kind, p["qps"], f"{p['violation_pct']:.3f}", p["passed"],
+                                f"{p['backlog_s']:.1f}", p["detail"]["requests"], p["detail"]["relegated"]])

@@ -1,0 +1,83 @@
+"""Options shared by several verbs, defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..predictor import PROFILES
+from ..scheduler import POLICIES, policy_options
+from ..sim.run import DEFAULT_KV_TOKENS
+from ..workload import TRACES
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--tiers", default=None,
+                   help="tier set: 'default', 'sharegpt', 'slo-variants' or a JSON file (default: the trace's)")
+    g.add_argument("--tier-mix", default=None, metavar="A,B,C", help="tier shares, e.g. 70,15,15 (default: equal)")
+    g.add_argument("--low-priority", type=float, default=0.0, metavar="FRAC",
+                   help="fraction of requests with the 'low' priority hint (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed for arrivals, lengths, tiers, noise (default 0)")
+
+
+def add_replica_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("replica")
+    g.add_argument("--profile", default="a100-llama3-8b",
+                   help=f"batch-time profile: {', '.join(PROFILES)} or a JSON file (default a100-llama3-8b)")
+    g.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
+                   help=f"KV cache capacity in tokens (default {DEFAULT_KV_TOKENS}: Llama-3-8B on 80 GB)")
+    g.add_argument("--noise", type=float, default=0.0,
+                   help="log-normal sigma of multiplicative batch-time noise (default 0)")
+    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a policy knob, e.g. --opt alpha_s=0.004 (see `niyama policies`)")
+
+
+def trace_help() -> str:
+    return f"{', '.join(TRACES)} or a CSV with num_prefill_tokens,num_decode_tokens[,arrived_at]"
+
+
+def parse_policy_options(policy: str, items: list[str]) -> dict:
+    """['alpha_s=0.004', 'relegation=false'] -> typed overrides, checked against the policy's knobs."""
+    defaults = policy_options(policy)
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--opt {item!r}: write KEY=VALUE")
+        if key not in defaults:
+            raise ValueError(f"policy {policy!r} has no option {key!r}; it has {', '.join(defaults)}")
+        out[key] = _convert(key, text.strip(), defaults[key])
+    return out
+
+
+def _convert(key: str, text: str, default):
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return tuple(int(x) for x in text.split(","))
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"--opt {key}={text!r}: expected a {type(default).__name__}") from None
+
+
+def check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    return name
+
+
+def describe_policies() -> str:
+    lines = []
+    for name in POLICIES:
+        opts = policy_options(name)
+        lines.append(f"{name}:")
+        lines += [f"    {k} = {v!r}" for k, v in opts.items()]
+    return "\n".join(lines)
+
+
+__all__ = ["add_workload_options", "add_replica_options", "parse_policy_options", "describe_policies",
+           "check_policy", "trace_help"]
