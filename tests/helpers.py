@@ -1,0 +1,44 @@
+"""Build schedulers, requests and decodes by hand (no model, no trace)."""
+
+from __future__ import annotations
+
+from niyama.kv import BlockAllocator
+from niyama.predictor import PROFILES
+from niyama.qos import TIER_PRESETS, DeadlineRule
+from niyama.request import Request
+from niyama.running import RunningDecodes
+from niyama.scheduler import make_scheduler
+
+TIERS = {t.name: t for t in TIER_PRESETS["default"]}
+RULE = DeadlineRule(output_len_pred=15)
+PREDICTOR = PROFILES["a100-llama3-8b"]
+
+
+def req(rid: int, arrival: float, prompt: int, output: int = 10, tier: str = "Q1", **kw) -> Request:
+    return Request(rid, arrival, prompt, output, TIERS[tier], RULE, **kw)
+
+
+def scheduler(name: str, **overrides):
+    return make_scheduler(name, PREDICTOR, **overrides)
+
+
+def kv(tokens: int = 440_000, **kw) -> BlockAllocator:
+    return BlockAllocator.for_tokens(tokens, **kw)
+
+
+def start_decode(decodes: RunningDecodes, allocator: BlockAllocator, r: Request, first_token_s: float,
+                 iteration: int = 0) -> Request:
+    """Put `r` into the decode set as if its prefill ended at `first_token_s` in `iteration`."""
+    allocator.allocate(r, allocator.blocks_for(r.num_prompt_tokens))
+    r.num_computed_tokens = r.num_prefill_target
+    r.num_output_tokens = 1
+    r.first_token_s = first_token_s
+    r.anchor_s = max(first_token_s, r.first_token_deadline_s)
+    r.token_segments.append([iteration, iteration + 1])
+    decodes.add(r, iteration)
+    return r
+
+
+def chunks(plan) -> list[tuple[int, int, int]]:
+    """(request id, start, tokens) for each prefill chunk of a plan."""
+    return [(c.request.request_id, c.start, c.num_tokens) for c in plan.prefills]

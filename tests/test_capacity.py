@@ -1,0 +1,47 @@
+import pytest
+
+from niyama.metrics.capacity import Point, interpolate, search_capacity, search_sustainable
+from niyama.sim.capacity import CapacityJob, find_capacity
+
+
+def linear_violations(q: float) -> Point:
+    v = max(0.0, (q - 2.0) * 10.0)          # 0% up to 2 QPS, then +10% per QPS: 1% at exactly 2.1
+    return Point(q, v, v <= 1.0)
+
+
+def test_interpolation_between_bracketing_points():
+    lo, hi = Point(2.0, 0.5, True), Point(2.5, 3.0, False)
+    assert interpolate(lo, hi, 1.0) == pytest.approx(2.0 + 0.5 * 0.5 / 2.5)
+
+
+@pytest.mark.parametrize("start", [0.3, 1.0, 2.1, 7.0, 40.0])
+def test_search_finds_the_crossing_from_any_start(start):
+    res = search_capacity(linear_violations, start)
+    assert res.qps == pytest.approx(2.1, rel=1e-9)          # linear truth: interpolation is exact
+    assert res.lo.passed and not res.hi.passed
+    assert res.hi.qps / res.lo.qps - 1 <= 0.03
+    assert len(res.points) <= 20          # even from 20x off
+
+
+def test_search_edges():
+    never = search_capacity(lambda q: Point(q, 50.0, False), 1.0)
+    assert never.qps == 0.0 and never.lo is None
+    always = search_capacity(lambda q: Point(q, 0.0, True), 1.0, max_qps=10)
+    assert always.hi is None and always.qps >= 10 / 1.3
+
+
+def test_sustainable_search_steps_down_until_a_pass():
+    long = lambda q: Point(q, 0.0, q <= 1.5)
+    res = search_sustainable(long, 2.0)
+    assert 1.45 <= res.qps <= 1.5
+
+
+def test_capacity_on_a_real_trace_orders_the_policies():
+    """Seeded 4-hour runs on ShareGPT: niyama > edf > fcfs, each near the paper's Fig. 7."""
+    caps = {}
+    for policy in ("fcfs", "edf", "niyama"):
+        job = CapacityJob("sharegpt", policy, sustainable=False)   # 4-hour runs, as in SPEC §7
+        caps[policy] = find_capacity(job).capacity_qps
+    assert caps["niyama"] > caps["edf"] > caps["fcfs"] > 0
+    for policy, paper in (("fcfs", 1.4), ("edf", 1.8), ("niyama", 2.1)):
+        assert caps[policy] == pytest.approx(paper, rel=0.15), caps

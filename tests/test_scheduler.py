@@ -1,0 +1,147 @@
+"""Each policy's order and budget on hand-built scenarios, with the exact batches expected."""
+
+import pytest
+
+from niyama.request import Phase
+from niyama.running import RunningDecodes
+
+from helpers import PREDICTOR, chunks, kv, req, scheduler, start_decode
+
+
+def plan_for(name, requests, now, decodes=None, allocator=None, iteration=1, **overrides):
+    s = scheduler(name, **overrides)
+    for r in requests:
+        s.add_request(r)
+    return s.schedule(now, decodes or RunningDecodes(), allocator or kv(), iteration), s
+
+
+def three_requests():
+    # id, arrival, prompt, tier: EDF deadlines r0 = 594 s, r1 = 7 s, r2 = 6.5 s
+    return [req(0, 0.0, 100, tier="Q2"), req(1, 1.0, 40, tier="Q1"), req(2, 0.5, 200, tier="Q1")]
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("fcfs", [(0, 0, 100), (2, 0, 156)]),                  # arrival order
+    ("edf", [(2, 0, 200), (1, 0, 40), (0, 0, 16)]),        # first-token deadline order
+    ("srpf", [(1, 0, 40), (0, 0, 100), (2, 0, 116)]),      # fewest remaining prefill tokens
+])
+def test_fixed_chunk_policies_fill_256_in_their_order(policy, expected):
+    plan, _ = plan_for(policy, three_requests(), now=2.0)
+    assert plan.token_budget == 256
+    assert chunks(plan) == expected
+    assert all(r.phase == Phase.PREFILL for r in (c.request for c in plan.prefills))
+
+
+def test_fixed_chunk_budget_counts_every_decode():
+    allocator, decodes = kv(), RunningDecodes()
+    for k in range(10):
+        start_decode(decodes, allocator, req(100 + k, 0.0, 50, output=100), first_token_s=1.0)
+    plan, _ = plan_for("fcfs", [req(0, 0.5, 1000)], now=1.0, decodes=decodes, allocator=allocator)
+    assert plan.num_decodes == 10
+    assert chunks(plan) == [(0, 0, 246)]                    # 256 - 10 decodes
+    assert plan.decode_context == 10 * 51                   # prompt + the first token, per decode
+
+
+def test_all_decodes_run_even_beyond_the_chunk():
+    allocator, decodes = kv(), RunningDecodes()
+    for k in range(300):
+        start_decode(decodes, allocator, req(100 + k, 0.0, 20, output=100), first_token_s=1.0)
+    plan, _ = plan_for("edf", [req(0, 0.5, 1000)], now=1.0, decodes=decodes, allocator=allocator,
+                       max_num_seqs=512)
+    assert plan.num_decodes == 300 and plan.prefills == []   # no prefill budget left, no decode dropped
+
+
+def test_hybrid_priority_prefers_short_prompts_alpha0_is_edf():
+    reqs = lambda: [req(0, 0.0, 2000), req(1, 1.0, 100)]   # keys: 0+6+16 = 22 vs 1+6+0.8 = 7.8
+    plan, _ = plan_for("niyama", reqs(), now=1.0)
+    assert plan.token_budget == 2552                         # no decodes: the largest candidate
+    assert chunks(plan) == [(1, 0, 100), (0, 0, 2000)]
+    plan, _ = plan_for("niyama-alpha0", reqs(), now=1.0)
+    assert chunks(plan) == [(0, 0, 2000), (1, 0, 100)]
+
+
+def on_schedule_decode(allocator, decodes):
+    """One Q1 decode whose first token came exactly at D1 = 16 s: token 2 is due at 16.05 s."""
+    return start_decode(decodes, allocator, req(50, 10.0, 500, output=100), first_token_s=16.0, iteration=0)
+
+
+def test_dynamic_chunk_decode_on_a_50ms_schedule_gets_256_tokens():
+    allocator, decodes = kv(), RunningDecodes()
+    on_schedule_decode(allocator, decodes)
+    plan, _ = plan_for("niyama", [req(0, 15.9, 5000)], now=16.0, decodes=decodes, allocator=allocator)
+    assert plan.min_slack_s == pytest.approx(0.05)
+    assert plan.token_budget == 256                          # 1.2 x predicted(256) = 43 ms <= 50 ms < 1.2 x predicted(512)
+    assert chunks(plan) == [(0, 0, 255)]
+    t256 = PREDICTOR.batch_time(255, 1, plan.decode_context, 0)
+    t512 = PREDICTOR.batch_time(511, 1, plan.decode_context, 0)
+    assert 1.2 * t256 <= 0.05 < 1.2 * t512
+
+
+def test_dynamic_chunk_without_decodes_is_2552_and_late_decodes_get_128():
+    plan, _ = plan_for("niyama", [req(0, 15.9, 5000)], now=16.0)
+    assert plan.token_budget == 2552 and chunks(plan) == [(0, 0, 2552)]
+    allocator, decodes = kv(), RunningDecodes()
+    on_schedule_decode(allocator, decodes)
+    plan, _ = plan_for("niyama", [req(0, 15.9, 5000)], now=16.06, decodes=decodes, allocator=allocator)
+    assert plan.min_slack_s < 0
+    assert plan.token_budget == 128 and chunks(plan) == [(0, 0, 127)]
+
+
+def test_dynamic_chunk_low_memory_candidates():
+    allocator = kv(tokens=40_000)                 # 2500 blocks
+    filler = req(99, 0.0, 10)
+    allocator.allocate(filler, 600)               # 1900 free blocks = 30,400 tokens < 32,000
+    plan, _ = plan_for("niyama", [req(0, 0.0, 5000)], now=1.0, allocator=allocator)
+    assert plan.token_budget == 512
+
+
+def test_fixed_chunk_ablation_ignores_slack():
+    plan, _ = plan_for("niyama-no-dc", [req(0, 15.9, 5000)], now=16.0)
+    assert plan.token_budget == 256
+
+
+def test_eager_relegation_puts_hopeless_requests_last_but_still_serves_them():
+    # now 5.5: 8000 tokens at 8500 tok/s end at 6.44 s > D1 = 6 s -> relegated
+    reqs = lambda: [req(0, 0.0, 8000), req(1, 5.0, 100)]
+    plan, s = plan_for("niyama-alpha0", reqs(), now=5.5)
+    assert [r.request_id for r in plan.relegated] == [0]
+    assert chunks(plan) == [(1, 0, 100), (0, 0, 2452)]     # relegated, yet it fills what is left
+    assert reqs()[0].relegated is False
+    # without relegation the earliest deadline simply goes first
+    plan, _ = plan_for("edf-dc", reqs(), now=5.5)
+    assert plan.relegated == [] and chunks(plan) == [(0, 0, 2552)]
+
+
+def test_started_prefills_are_never_relegated():
+    allocator = kv()
+    late = req(0, 0.0, 8000)                  # D1 = 6 s, already missed at 7 s
+    allocator.allocate(late, allocator.blocks_for(8000))
+    late.phase, late.num_computed_tokens = Phase.PREFILL, 2552
+    plan, _ = plan_for("niyama-alpha0", [late, req(1, 5.0, 100)], now=7.0, allocator=allocator)
+    assert plan.relegated == []
+    assert chunks(plan) == [(0, 2552, 2552)]  # it keeps its place (key 6 s < 11 s) and continues
+
+
+def test_max_num_seqs_caps_requests_holding_kv():
+    allocator, decodes = kv(), RunningDecodes()
+    start_decode(decodes, allocator, req(50, 0.0, 20, output=100), first_token_s=1.0)
+    plan, _ = plan_for("fcfs", [req(k, 0.1 * k, 10) for k in range(3)], now=1.0, decodes=decodes,
+                       allocator=allocator, max_num_seqs=3)
+    assert chunks(plan) == [(0, 0, 10), (1, 0, 10)]          # 1 decode + 2 prefills = 3
+
+
+def test_kv_exhaustion_preempts_the_latest_deadline_decode():
+    allocator, decodes = kv(tokens=160, watermark=0.0), RunningDecodes()     # 10 blocks
+    d1 = start_decode(decodes, allocator, req(1, 0.0, 32, output=50, tier="Q1"), first_token_s=1.0)   # 2 blocks
+    d2 = start_decode(decodes, allocator, req(2, 0.0, 48, output=50, tier="Q2"), first_token_s=1.0)   # 3 blocks
+    paused = req(3, 0.0, 80)
+    allocator.allocate(paused, 5)
+    paused.phase, paused.num_computed_tokens = Phase.PREFILL, 16
+    assert allocator.num_free == 0
+    plan, s = plan_for("niyama", [paused], now=1.01, decodes=decodes, allocator=allocator)
+    # iteration 1 writes position 32 (d1) and 48 (d2): both need a block, none is free
+    assert plan.preempted == [d2]                      # Q2's next token is due much later than Q1's
+    assert d2.phase == Phase.WAITING and d2.block_ids == [] and d2.num_prefill_target == 48 + 1
+    assert d2.num_preemptions == 1 and d2 in list(s.waiting)
+    assert len(d1.block_ids) == 3 and list(decodes) == [d1]
+    allocator.check([d1, paused] + [c.request for c in plan.prefills if c.request not in (d1, paused)])
