@@ -169,8 +169,3 @@ class Replica:
         req.finish_s = end
         self.kv.release(req)
         self.finished.append(req)
-
-    def token_times(self, req: Request) -> list[float]:
-        """Emission time of each output token of `req`."""
-        ends = self.iteration_end_s
-        return [ends[i] for start, stop in req.token_segments for i in range(start, stop)]

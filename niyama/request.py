@@ -38,7 +38,6 @@ class Request:
         "first_token_s", "anchor_s", "finish_s", "relegated", "num_preemptions",
         "block_ids", "token_segments",
         "decode_iter0", "decode_token0", "decode_seq",
-        "prompt_token_ids", "output_token_ids", "sampling", "stop_reason",
     )
 
     def __init__(self, request_id: int, arrival_s: float, num_prompt_tokens: int, max_output_tokens: int,
@@ -71,10 +70,6 @@ class Request:
         self.decode_iter0 = -1     # iteration that emitted token `decode_token0`
         self.decode_token0 = 0
         self.decode_seq = -1       # validity tag for lazy heap entries
-        self.prompt_token_ids: list[int] | None = None   # engine only
-        self.output_token_ids: list[int] | None = None   # engine only
-        self.sampling = None                              # engine only
-        self.stop_reason: str | None = None
 
     # --- derived ---------------------------------------------------------
     @property

@@ -119,8 +119,3 @@ class RunningDecodes:
 
     def _sync_output(self, req: Request, last_iteration: int) -> None:
         req.num_output_tokens = self.num_output_at(req, last_iteration)
-
-    def sync_all(self, last_iteration: int) -> None:
-        """Write derived token counts onto every member (for inspection)."""
-        for req in self._members:
-            self._sync_output(req, last_iteration)

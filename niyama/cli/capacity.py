@@ -10,7 +10,7 @@ from pathlib import Path
 from ..metrics.paper import FIG7_GOODPUT
 from ..sim.capacity import CapacityJob, run_capacity_jobs
 from ..workload import TRACES
-from .common import add_replica_options, add_workload_options, check_policy, parse_policy_options, trace_help
+from .common import add_output_options, add_replica_options, add_workload_options, check_policy, parse_policy_options, trace_help
 
 EXAMPLES = """examples:
   niyama capacity                                   # all shipped traces x fcfs, edf, niyama (~3 min on 2 cores)
@@ -37,8 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core)")
     add_workload_options(p)
     add_replica_options(p)
-    p.add_argument("--out", default="results/capacity", help="folder for capacity.csv/json, points.csv and the PNG")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(p, "results/capacity", "capacity.csv/json, points.csv and the PNG")
     p.set_defaults(run=run)
 
 

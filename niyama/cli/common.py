@@ -32,6 +32,11 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
                    help="override a policy knob, e.g. --opt alpha_s=0.004 (see `niyama policies`)")
 
 
+def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) -> None:
+    p.add_argument("--out", default=default_dir, help=f"folder for {what} (default {default_dir})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def trace_help() -> str:
     return f"{', '.join(TRACES)} or a CSV with num_prefill_tokens,num_decode_tokens[,arrived_at]"
 
@@ -79,5 +84,5 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_workload_options", "add_replica_options", "parse_policy_options", "describe_policies",
+__all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options", "describe_policies",
            "check_policy", "trace_help"]

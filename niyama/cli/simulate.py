@@ -9,7 +9,7 @@ from pathlib import Path
 from ..metrics import format_report, summarize, write_records_csv
 from ..sim import simulate
 from ..workload import make_workload
-from .common import add_replica_options, add_workload_options, check_policy, parse_policy_options, trace_help
+from .common import add_output_options, add_replica_options, add_workload_options, check_policy, parse_policy_options, trace_help
 
 EXAMPLES = """examples:
   niyama simulate --trace azure-code --policy niyama --qps 3.5 --requests 20000
@@ -35,8 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--diurnal-period-min", type=float, default=15.0, help="minutes per diurnal level (default 15)")
     add_workload_options(p)
     add_replica_options(p)
-    p.add_argument("--out", default="results/simulate", help="folder for records.csv and summary.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(p, "results/simulate", "records.csv and summary.json")
     p.set_defaults(run=run)
 
 
