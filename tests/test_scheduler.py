@@ -145,3 +145,6 @@ def test_kv_exhaustion_preempts_the_latest_deadline_decode():
     assert d2.num_preemptions == 1 and d2 in list(s.waiting)
     assert len(d1.block_ids) == 3 and list(decodes) == [d1]
     allocator.check([d1, paused] + [c.request for c in plan.prefills if c.request not in (d1, paused)])
+    # much later, the preempted decode waits to recompute; it has started before, so it is never relegated
+    later = s.schedule(1000.0, decodes, allocator, 2)
+    assert later.relegated == [] and d2.relegated is False

@@ -117,7 +117,8 @@ class Scheduler:
             if req is None:
                 break
             if not req.started:
-                if not req.relegated and self.should_relegate(now, req):
+                # a preempted decode re-prefilling has started before: never relegated (SPEC §3.5)
+                if not req.relegated and req.first_token_s is None and self.should_relegate(now, req):
                     req.relegated = True
                     relegated.append(req)
                     self.waiting.push(req)     # behind every non-relegated request
