@@ -33,7 +33,7 @@ def test_search_edges():
 def test_sustainable_search_steps_down_until_a_pass():
     long = lambda q: Point(q, 0.0, q <= 1.5)
     res = search_sustainable(long, 2.0)
-    assert 1.45 <= res.qps <= 1.5
+    assert res.qps >= 1.45 and res.qps <= 1.5
 
 
 def test_capacity_on_a_real_trace_orders_the_policies():
