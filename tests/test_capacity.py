@@ -2,6 +2,7 @@ import pytest
 
 from niyama.metrics.capacity import Point, interpolate, search_capacity, search_sustainable
 from niyama.sim.capacity import CapacityJob, find_capacity
+from niyama.sim.scenario import Scenario
 
 
 def linear_violations(q: float) -> Point:
@@ -40,7 +41,7 @@ def test_capacity_on_a_real_trace_orders_the_policies():
     """Seeded 4-hour runs on ShareGPT: niyama > edf > fcfs, each near the paper's Fig. 7."""
     caps = {}
     for policy in ("fcfs", "edf", "niyama"):
-        job = CapacityJob("sharegpt", policy, sustainable=False)   # 4-hour runs, as in SPEC §7
+        job = CapacityJob(Scenario("sharegpt", policy), sustainable=False)   # 4-hour runs, as in SPEC §7
         caps[policy] = find_capacity(job).capacity_qps
     assert caps["niyama"] > caps["edf"] > caps["fcfs"] > 0
     for policy, paper in (("fcfs", 1.4), ("edf", 1.8), ("niyama", 2.1)):

@@ -10,7 +10,8 @@ from pathlib import Path
 from ..metrics.paper import FIG7_GOODPUT
 from ..sim.capacity import CapacityJob, run_capacity_jobs
 from ..workload import TRACES
-from .common import add_output_options, add_replica_options, add_workload_options, check_policy, parse_policy_options, trace_help
+from .common import (add_output_options, add_replica_options, add_workload_options, check_policy, scenario_from_args,
+                     trace_help)
 
 EXAMPLES = """examples:
   niyama capacity                                   # all shipped traces x fcfs, edf, niyama (~3 min on 2 cores)
@@ -44,10 +45,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     traces = [t for t in args.traces.split(",") if t]
     policies = [check_policy(x) for x in args.policies.split(",") if x]
-    jobs = [CapacityJob(trace, pol, profile=args.profile, duration_s=args.duration_h * 3600,
-                        num_requests=args.requests, seed=args.seed, tiers=args.tiers, tier_mix=args.tier_mix,
-                        low_priority_fraction=args.low_priority, policy_options=parse_policy_options(pol, args.opt),
-                        kv_tokens=args.kv_tokens, noise=args.noise, target_pct=args.target,
+    jobs = [CapacityJob(scenario_from_args(args, trace, pol), target_pct=args.target,
                         sustainable=not args.no_sustainable)
             for trace in traces for pol in policies]
     results = run_capacity_jobs(jobs, args.jobs, show_progress=not args.quiet)

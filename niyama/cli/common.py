@@ -7,6 +7,7 @@ import argparse
 from ..predictor import PROFILES
 from ..scheduler import POLICIES, policy_options
 from ..sim.run import DEFAULT_KV_TOKENS
+from ..sim.scenario import Scenario
 from ..workload import TRACES
 
 
@@ -35,6 +36,15 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
 def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) -> None:
     p.add_argument("--out", default=default_dir, help=f"folder for {what} (default {default_dir})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def scenario_from_args(args, trace: str, policy: str) -> Scenario:
+    """A scenario from the workload and replica options (and --requests / --duration-h if the verb has them)."""
+    return Scenario(trace, policy, profile=args.profile, kv_tokens=args.kv_tokens, noise=args.noise, seed=args.seed,
+                    duration_s=getattr(args, "duration_h", 4.0) * 3600, num_requests=getattr(args, "requests", None),
+                    workload_options=dict(tiers=args.tiers, tier_mix=args.tier_mix,
+                                          low_priority_fraction=args.low_priority),
+                    policy_options=parse_policy_options(policy, args.opt))
 
 
 def trace_help() -> str:
@@ -85,4 +95,4 @@ def describe_policies() -> str:
 
 
 __all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options", "describe_policies",
-           "check_policy", "trace_help"]
+           "check_policy", "scenario_from_args", "trace_help"]

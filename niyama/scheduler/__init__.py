@@ -20,6 +20,7 @@ POLICIES = {
     "niyama-no-dc": (NiyamaConfig, {"dynamic_chunking": False}, None),
     "niyama-no-relegation": (NiyamaConfig, {"relegation": False}, None),
     "niyama-alpha0": (NiyamaConfig, {"alpha_s": 0.0}, None),
+    "niyama-no-priority": (NiyamaConfig, {"priority_relegation": False}, None),
     "edf-dc": (NiyamaConfig, {"alpha_s": 0.0, "relegation": False}, None),
 }
 

@@ -6,10 +6,11 @@ One call to `schedule(now, decodes, kv, iteration)`:
 2. every running decode goes into the batch, one token each;
 3. the policy picks a token budget (`token_budget`);
 4. the prefill budget (budget - decodes) is filled from the waiting queue in
-   the policy's order, several requests if they fit; a request that has not
-   started may be relegated by the policy (`should_relegate`) and goes back
-   behind every non-relegated one; starting a prefill takes its KV blocks
-   and needs a free `max_num_seqs` slot;
+   the policy's order, several requests if they fit; when a request that has
+   not started comes up, the policy may relegate it, or other waiting
+   requests in its place (`relegations`); relegated requests go back behind
+   every non-relegated one; starting a prefill takes its KV blocks and needs
+   a free `max_num_seqs` slot;
 5. a `BatchPlan` comes back. No clock is read and no tensor is touched.
 After the batch runs, the replica hands back paused prefills (`requeue`) and
 the measured batch (`observe`).
@@ -51,8 +52,10 @@ class Scheduler:
         """Total tokens (decodes + prefill) this iteration may run."""
         return self.config.chunk_size
 
-    def should_relegate(self, now: float, req: Request) -> bool:
-        return False
+    def relegations(self, now: float, req: Request) -> list[Request]:
+        """Requests to relegate now that `req` (not started, not relegated) is up: `[req]`, or
+        other waiting requests the policy took out of the queue in its place, or none."""
+        return []
 
     def observe(self, plan: BatchPlan, duration_s: float) -> None:
         """The batch of `plan` took `duration_s`."""
@@ -118,11 +121,14 @@ class Scheduler:
                 break
             if not req.started:
                 # a preempted decode re-prefilling has started before: never relegated (SPEC §3.5)
-                if not req.relegated and req.first_token_s is None and self.should_relegate(now, req):
-                    req.relegated = True
-                    relegated.append(req)
-                    self.waiting.push(req)     # behind every non-relegated request
-                    continue
+                if not req.relegated and req.first_token_s is None:
+                    shed = self.relegations(now, req)
+                    for r in shed:
+                        r.relegated = True
+                        relegated.append(r)
+                        self.waiting.push(r)   # behind every non-relegated request
+                    if req in shed:
+                        continue
                 if num_running >= self.config.max_num_seqs or not kv.can_admit(req.num_prefill_target):
                     held.append(req)
                     admissions_blocked = True  # only started prefills may still run

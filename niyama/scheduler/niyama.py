@@ -10,8 +10,13 @@
 - Eager relegation: a request that has not started is relegated when
   `now + remaining_prefill / prefill_rate` is past its first-token deadline;
   relegated requests sort after all others and are still completed.
+- Priority hints (SPEC §5): `low` requests are relegated first. When an
+  `important` request is too late, waiting `low` requests are relegated in
+  its place, most urgent first, until they add up to as much prefill work
+  as it needs; the important request itself is relegated only when no low
+  request is left to relegate.
 Ablations switch the parts off: `dynamic_chunking=False` uses the fixed
-`chunk_size`; `relegation=False`; `alpha_s=0`.
+`chunk_size`; `relegation=False`; `priority_relegation=False`; `alpha_s=0`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 from ..kv import BlockAllocator
 from ..predictor import BatchTimePredictor
+from ..qos import Priority
 from ..request import Request
 from .base import Scheduler, SchedulerConfig
 from .plan import BatchPlan
@@ -33,6 +39,7 @@ LOW_MEMORY_CANDIDATES = (128, 256, 384, 512)
 class NiyamaConfig(SchedulerConfig):
     dynamic_chunking: bool = True
     relegation: bool = True
+    priority_relegation: bool = True       # relegate waiting `low` requests before an `important` one
     alpha_s: float = 0.008                 # hybrid priority weight, seconds per remaining prefill token
     safety_factor: float = 1.2             # predicted time is multiplied by this before comparing to slack
     chunk_candidates: tuple[int, ...] = CHUNK_CANDIDATES
@@ -83,8 +90,19 @@ class NiyamaScheduler(Scheduler):
                 hi = mid - 1
         return best
 
-    def should_relegate(self, now: float, req: Request) -> bool:
-        return self.config.relegation and too_late(now, req, self.prefill_rate)
+    def relegations(self, now: float, req: Request) -> list[Request]:
+        if not self.config.relegation or not too_late(now, req, self.prefill_rate):
+            return []
+        if req.priority is Priority.LOW or not self.config.priority_relegation:
+            return [req]
+        shed, work = [], 0
+        while work < req.num_remaining_prefill:
+            low = self.waiting.pop_low()
+            if low is None:
+                break
+            shed.append(low)
+            work += low.num_remaining_prefill
+        return shed or [req]
 
     def observe(self, plan: BatchPlan, duration_s: float) -> None:
         self.prefill_rate.observe(plan.num_prefill_tokens, duration_s)

@@ -3,9 +3,12 @@
 Policies differ mostly in how this queue sorts (SPEC §6), so the order is
 a key function handed in by the policy. Keys are fixed while a request
 waits: a paused prefill leaves the queue when scheduled and comes back with
-a fresh key. Started prefills (holding KV) sit in their own heap so that
-when new admissions are blocked (memory, `max_num_seqs`) they can still
-progress; `pop` takes the smaller head of the two heaps.
+a fresh key. Three heaps, one ordering (`pop` takes the smallest head):
+- started prefills (holding KV): when new admissions are blocked (memory,
+  `max_num_seqs`) only these may still progress;
+- not-started `low`-priority requests that are not relegated: the pool that
+  priority-aware relegation sheds first (`pop_low`, SPEC §5);
+- every other not-started request.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import heapq
 from typing import Callable
 
+from ..qos import Priority
 from ..request import Request
 
 OrderKey = Callable[[Request], float]
@@ -21,12 +25,13 @@ OrderKey = Callable[[Request], float]
 class WaitingQueue:
     def __init__(self, order: OrderKey):
         self.order = order
-        self._fresh: list = []      # [(key, seq, req)] not started
         self._started: list = []    # [(key, seq, req)] started, paused between chunks
+        self._low: list = []        # not started, low priority, not relegated
+        self._fresh: list = []      # not started, the rest
         self._seq = 0
 
     def __len__(self) -> int:
-        return len(self._fresh) + len(self._started)
+        return len(self._fresh) + len(self._low) + len(self._started)
 
     @property
     def num_started(self) -> int:
@@ -38,21 +43,33 @@ class WaitingQueue:
 
     def push(self, req: Request) -> None:
         self._seq += 1
-        heapq.heappush(self._started if req.started else self._fresh, (self.key(req), self._seq, req))
+        if req.started:
+            heap = self._started
+        elif req.priority is Priority.LOW and not req.relegated:
+            heap = self._low
+        else:
+            heap = self._fresh
+        heapq.heappush(heap, (self.key(req), self._seq, req))
+
+    def _heads(self, started_only: bool) -> list[list]:
+        heaps = (self._started,) if started_only else (self._started, self._low, self._fresh)
+        return [h for h in heaps if h]
 
     def peek(self) -> Request | None:
-        heads = [h[0] for h in (self._fresh, self._started) if h]
-        return min(heads)[2] if heads else None
+        heads = self._heads(False)
+        return min(h[0] for h in heads)[2] if heads else None
 
     def pop(self, started_only: bool = False) -> Request | None:
-        fresh, started = self._fresh, self._started
-        if started and (started_only or not fresh or started[0] < fresh[0]):
-            return heapq.heappop(started)[2]
-        if fresh and not started_only:
-            return heapq.heappop(fresh)[2]
-        return None
+        heads = self._heads(started_only)
+        if not heads:
+            return None
+        return heapq.heappop(min(heads, key=lambda h: h[0]))[2]
+
+    def pop_low(self) -> Request | None:
+        """The most urgent waiting low-priority request that is not relegated, if any."""
+        return heapq.heappop(self._low)[2] if self._low else None
 
     def __iter__(self):
         """Requests in no particular order."""
-        for _, _, req in self._fresh + self._started:
+        for _, _, req in self._fresh + self._low + self._started:
             yield req

@@ -59,16 +59,23 @@ def make_workload(trace: "str | Trace", qps: float | None = None, *, num_request
                   duration_s: float | None = None, seed: int = 0, arrival: str = "poisson",
                   tiers: "str | tuple[Tier, ...] | None" = None, tier_mix: str | None = None,
                   low_priority_fraction: float = 0.0, diurnal_qps: tuple[float, float] | None = None,
-                  diurnal_period_s: float = 900.0, output_len_pred: int | None = None) -> Workload:
+                  diurnal_period_s: float = 900.0, output_len_pred: int | None = None,
+                  output_tokens: int | None = None) -> Workload:
     """Arrivals: `poisson` at `qps`; `trace` replays the trace's own arrival times
     (scaled to `qps` if given); `diurnal` alternates `diurnal_qps` (low, high).
-    Size: `num_requests`, else enough to span `duration_s` (default 4 hours)."""
+    Size: `num_requests`, else enough to span `duration_s` (default 4 hours).
+    `output_tokens` fixes every request's output length (1: prefill-only
+    replicas); the predicted output length then defaults to it too."""
     tr = load_trace(trace) if isinstance(trace, str) else trace
     tier_set = load_tiers(tiers or tr.tiers) if not isinstance(tiers, tuple) else tiers
     mix = parse_mix(tier_mix, len(tier_set))
     if not 0 <= low_priority_fraction <= 1:
         raise ValueError("low_priority_fraction must be in [0, 1]")
-    rule = DeadlineRule(output_len_pred=tr.output_len_pred if output_len_pred is None else output_len_pred)
+    if output_tokens is not None and output_tokens < 1:
+        raise ValueError("output_tokens must be >= 1")
+    if output_len_pred is None:
+        output_len_pred = tr.output_len_pred if output_tokens is None else output_tokens
+    rule = DeadlineRule(output_len_pred=output_len_pred)
     rng_arrival, rng_length, rng_tier, rng_priority = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
 
@@ -82,7 +89,8 @@ def make_workload(trace: "str | Trace", qps: float | None = None, *, num_request
         rows = rng_length.integers(0, len(tr), n)  # more requests than rows: sample with replacement
     tier_idx = rng_tier.choice(len(tier_set), size=n, p=mix)
     low = rng_priority.random(n) < low_priority_fraction
-    specs = [RequestSpec(float(times[k]), int(tr.prompt_tokens[rows[k]]), int(tr.output_tokens[rows[k]]),
+    outputs = tr.output_tokens[rows] if output_tokens is None else np.full(n, output_tokens)
+    specs = [RequestSpec(float(times[k]), int(tr.prompt_tokens[rows[k]]), int(outputs[k]),
                          tier_set[tier_idx[k]].name, Priority.LOW if low[k] else Priority.IMPORTANT)
              for k in range(n)]
     return Workload(tr.name, specs, tier_set, rule, tr.long_prompt_threshold, qps)
