@@ -139,10 +139,13 @@ def load_tiers(spec: str) -> tuple[Tier, ...]:
 
 
 def parse_mix(text: str | None, num_tiers: int) -> tuple[float, ...]:
-    """'70,15,15' -> normalised shares; None -> equal shares."""
+    """'70,15,15' (or '70-15-15') -> normalised shares; None -> equal shares."""
     if text is None:
         return tuple(1.0 / num_tiers for _ in range(num_tiers))
-    parts = [float(x) for x in text.split(",")]
+    try:
+        parts = [float(x) for x in text.replace("-", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"tier mix {text!r}: write shares like 70,15,15") from None
     if len(parts) != num_tiers or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise ValueError(f"tier mix {text!r} must be {num_tiers} non-negative numbers")
     total = sum(parts)

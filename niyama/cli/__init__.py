@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import capacity, policies, simulate
+from . import capacity, experiment, policies, simulate
 
-VERBS = (simulate, capacity, policies)
+VERBS = (simulate, capacity, experiment, policies)
 
 
 def build_parser() -> argparse.ArgumentParser:

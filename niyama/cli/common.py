@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import parse_assignments
 from ..predictor import PROFILES
 from ..scheduler import POLICIES, policy_options
 from ..sim.run import DEFAULT_KV_TOKENS
@@ -53,30 +54,16 @@ def trace_help() -> str:
 
 def parse_policy_options(policy: str, items: list[str]) -> dict:
     """['alpha_s=0.004', 'relegation=false'] -> typed overrides, checked against the policy's knobs."""
-    defaults = policy_options(policy)
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ValueError(f"--opt {item!r}: write KEY=VALUE")
-        if key not in defaults:
-            raise ValueError(f"policy {policy!r} has no option {key!r}; it has {', '.join(defaults)}")
-        out[key] = _convert(key, text.strip(), defaults[key])
-    return out
+    return parse_assignments(items, policy_options(policy), f"policy {policy!r}", "--opt")
 
 
-def _convert(key: str, text: str, default):
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if isinstance(default, tuple):
-            return tuple(int(x) for x in text.split(","))
-        return type(default)(text)
-    except ValueError:
-        raise ValueError(f"--opt {key}={text!r}: expected a {type(default).__name__}") from None
+def parse_any_policy_options(items: list[str]) -> dict:
+    """--opt overrides meant for every policy that has the knob; a knob no policy has is an error."""
+    defaults = {}
+    for name in POLICIES:
+        for key, value in policy_options(name).items():
+            defaults.setdefault(key, value)
+    return parse_assignments(items, defaults, "no policy", "--opt")
 
 
 def check_policy(name: str) -> str:
@@ -94,5 +81,6 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options", "describe_policies",
+__all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options", "parse_any_policy_options",
+           "describe_policies",
            "check_policy", "scenario_from_args", "trace_help"]
