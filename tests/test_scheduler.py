@@ -113,20 +113,20 @@ def test_eager_relegation_puts_hopeless_requests_last_but_still_serves_them():
     assert plan.relegated == [] and chunks(plan) == [(0, 0, 2552)]
 
 
-def test_priority_relegation_sheds_low_requests_before_an_important_one():
+def test_priority_relegation_sheds_low_requests_with_a_late_important_one():
     low = Priority.LOW
     # now 5.5: important r0 (8000 tokens, D1 = 6 s) is too late. Waiting low requests, most urgent
     # first: r1 (5000 tokens, key 11 s), r3 (4000, 11.2 s), r2 (6000, Q2, 595 s).
     reqs = lambda: [req(0, 0.0, 8000), req(1, 5.0, 5000, priority=low), req(2, 1.0, 6000, tier="Q2", priority=low),
                     req(3, 5.2, 4000, priority=low)]
     plan, s = plan_for("niyama", reqs(), now=5.5, alpha_s=0.0)
-    assert [r.request_id for r in plan.relegated] == [1, 3]   # 9000 shed >= the 8000 r0 needs
-    assert chunks(plan) == [(0, 0, 2552)]                     # r0 keeps its place
-    assert sorted(r.request_id for r in s.waiting if not r.relegated) == [2]
-    # without priority awareness the important request itself is relegated
+    assert [r.request_id for r in plan.relegated] == [0, 1, 3]   # 9000 low tokens shed >= the 8000 r0 needs
+    assert chunks(plan) == [(2, 0, 2552)]                        # the only request left on time goes first
+    assert sorted(r.request_id for r in s.waiting) == [0, 1, 3] and all(r.relegated for r in s.waiting)
+    # without priority awareness only the late request itself is relegated
     plan, _ = plan_for("niyama-no-priority", reqs(), now=5.5, alpha_s=0.0)
     assert [r.request_id for r in plan.relegated] == [0] and chunks(plan) == [(1, 0, 2552)]
-    # a low request that is too late is relegated itself, and no other request is touched
+    # a low request that is too late is relegated alone
     plan, _ = plan_for("niyama", [req(4, 0.0, 8000, priority=low), req(5, 5.0, 100, priority=low)], now=5.5)
     assert [r.request_id for r in plan.relegated] == [4] and chunks(plan) == [(5, 0, 100), (4, 0, 2452)]
 

@@ -63,7 +63,11 @@ def parse_any_policy_options(items: list[str]) -> dict:
     for name in POLICIES:
         for key, value in policy_options(name).items():
             defaults.setdefault(key, value)
-    return parse_assignments(items, defaults, "no policy", "--opt")
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if "=" in item and key not in defaults:
+            raise ValueError(f"--opt {item!r}: no policy has a knob {key!r}; see `niyama policies`")
+    return parse_assignments(items, defaults, "policies", "--opt")
 
 
 def check_policy(name: str) -> str:

@@ -60,7 +60,8 @@ def _plot(rows, p: Params, path: Path) -> Path:
             (b, "violation_pct_at_high", "paper_violation_pct_at_6qps", "% violated",
              f"violations at {p.high_qps:g} QPS")):
         bars = ax.bar(x, [r[key] for r in rows], 0.6, color="tab:blue", label="ours")
-        ax.bar_label(bars, fmt="%.2f" if key == "capacity_qps" else "%.1f", fontsize=8)
+        ax.bar_label(bars, fmt="%.2f" if key == "capacity_qps" else "%.1f", fontsize=8, label_type="center",
+                     color="white")
         drawn = False
         for i, r in enumerate(rows):
             if r[paper_key] is not None:
@@ -71,7 +72,7 @@ def _plot(rows, p: Params, path: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"Ablation on {p.trace}")
     fig.tight_layout()
     return save_figure(fig, path)

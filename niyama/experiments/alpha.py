@@ -19,7 +19,7 @@ PAPER = ("Paper (Fig. 14): small alpha behaves like EDF and collapses at high lo
 class Params:
     trace: str = "azure-code"
     alphas_ms: tuple = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
-    loads: tuple = (0.9, 1.2)            # x niyama's capacity on the trace
+    loads: tuple = (1.0, 1.2)            # x niyama's capacity on the trace
     duration_h: float = 4.0
 
 
@@ -62,6 +62,8 @@ def _plot(rows, p: Params, path: Path) -> Path:
         x = [r["alpha_ms"] for r in pr]
         for ax, key in zip(axes, ("q1_ttft_p50_s", "q1_ttft_p99_s", "violation_pct", "long_violation_pct")):
             ax.plot(x, [r[key] for r in pr], "-o", ms=3, label=f"{load:g} x capacity ({pr[0]['qps']:g} QPS)")
+    for ax in axes[:2]:
+        ax.set_yscale("log")
     for ax, title in zip(axes, ("interactive tier TTFT p50 (s)", "interactive tier TTFT p99 (s)", "% violated",
                                 "% long-prompt requests violated")):
         ax.set_title(title, fontsize=10)

@@ -188,7 +188,9 @@ def tier_metric(tier) -> tuple[str, str, float]:
 
 
 def _show(v) -> str:
-    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, tuple) else f"{v}"
+    if isinstance(v, tuple):
+        return ",".join(_show(x) for x in v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _jsonable(v):

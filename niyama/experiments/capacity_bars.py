@@ -9,10 +9,13 @@ from .base import Context, Report, md_table, pyplot, save_figure
 
 
 def capacity_report(ctx: Context, scenarios, paper: dict[str, float], title: str, note: str, stem: str,
-                    out: Path) -> Report:
+                    out: Path, baseline: str | None = None) -> Report:
+    """`baseline`: the policy that ratios are taken against (default: the first)."""
     caps = ctx.capacities(scenarios)
-    first = caps[0].capacity_qps
-    paper_first = paper.get(scenarios[0].policy)
+    policies = [sc.policy for sc in scenarios]
+    base = baseline if baseline in policies else policies[0]
+    first = caps[policies.index(base)].capacity_qps
+    paper_first = paper.get(base)
     rows = []
     for sc, cap in zip(scenarios, caps):
         ref = paper.get(sc.policy)
@@ -22,7 +25,7 @@ def capacity_report(ctx: Context, scenarios, paper: dict[str, float], title: str
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.8 + 1.3 * len(rows), 3.6))
     bars = ax.bar(range(len(rows)), [r["capacity_qps"] for r in rows], 0.6, label="ours")
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, label_type="center", color="white")
     drawn = False
     for i, r in enumerate(rows):
         if r["paper_qps"] is not None:
@@ -35,7 +38,7 @@ def capacity_report(ctx: Context, scenarios, paper: dict[str, float], title: str
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     png = save_figure(fig, out / f"{stem}.png")
-    first_name = scenarios[0].policy
+    first_name = base
     body = [note, "", md_table(rows, {"policy": "policy", "capacity_qps": "capacity (QPS)", "vs_first":
                                       f"x {first_name}", "paper_qps": "paper QPS", "paper_vs_first":
                                       f"paper x {first_name}"})]

@@ -17,7 +17,7 @@ class Params:
     policy: str = "niyama"
     load: float = 0.8                 # x niyama's capacity on the trace
     iterations: int = 200
-    start_iteration: int = -1         # -1: the first busy iteration after the middle of the run
+    start_iteration: int = -1         # -1: the busiest window (most iterations with a prefill beside decodes)
     duration_h: float = 4.0
 
 
@@ -38,17 +38,17 @@ def run(p: Params, ctx: Context, out: Path) -> Report:
     if p.start_iteration >= 0:
         start = p.start_iteration
     else:
-        after = np.flatnonzero(busy & (np.arange(len(it)) >= len(it) // 2))
-        start = int(after[0]) if len(after) else 0
+        counts = np.convolve(busy.astype(int), np.ones(min(p.iterations, len(busy)), dtype=int), mode="valid")
+        start = int(np.argmax(counts))
     sel = slice(start, min(start + p.iterations, len(it)))
     rows = [{"iteration": int(it[k]), "end_s": float(end[k]), "token_budget": int(budget[k]),
-             "prefill_tokens": int(prefill[k]), "decodes": int(decodes[k]),
+             "prefill_tokens": int(prefill[k]), "decodes": int(decodes[k]), "prefill_waiting": bool(has_prefill[k]),
              "min_slack_ms": float(slack[k] * 1000) if np.isfinite(slack[k]) else None,
              "batch_ms": float(dur[k] * 1000)} for k in range(sel.start, sel.stop)]
     values, counts = np.unique(budget[busy], return_counts=True)
     hist = [{"token_budget": int(v), "iterations": int(c), "share_pct": 100.0 * c / counts.sum()}
             for v, c in zip(values, counts)]
-    w_budget = budget[sel]
+    w_budget = budget[sel][has_prefill[sel]]      # iterations without a prefill chose nothing
     small, large = busy & (budget <= 512), busy & (budget >= 2048)
     slack_small = float(np.median(slack[small]) * 1000) if small.any() else float("nan")
     slack_large = float(np.median(slack[large]) * 1000) if large.any() else float("nan")
@@ -59,7 +59,7 @@ def run(p: Params, ctx: Context, out: Path) -> Report:
             "Paper (Fig. 9): the chunk size moves between 128 and 2552 tokens iteration by iteration, large when "
             "the tightest decode has slack and small when it does not.", "",
             f"In the window: token budget {int(w_budget.min())}..{int(w_budget.max())} (median "
-            f"{np.median(w_budget):g}). Over the run, the median min slack was {slack_small:.0f} ms in iterations "
+            f"{np.median(w_budget):g}) in the {len(w_budget)} iterations that ran a prefill. Over the run, the median min slack was {slack_small:.0f} ms in iterations "
             f"that chose <= 512 tokens and {slack_large:.0f} ms in those that chose >= 2048.", "",
             "Token budgets over the whole run, in iterations where a prefill ran beside decodes:", "",
             md_table(hist, {"token_budget": "token budget", "iterations": "iterations", "share_pct": "share %"})]
@@ -73,7 +73,8 @@ def _plot(rows, p: Params, qps: float, path: Path) -> Path:
     plt = pyplot()
     fig, (a, b) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True)
     x = [r["iteration"] for r in rows]
-    a.step(x, [r["token_budget"] for r in rows], where="mid", color="tab:blue", label="token budget T chosen")
+    a.step(x, [r["token_budget"] if r["prefill_waiting"] else np.nan for r in rows], where="mid", color="tab:blue",
+           label="token budget T chosen (when a prefill ran)")
     a.plot(x, [r["prefill_tokens"] + r["decodes"] for r in rows], ".", ms=3, color="tab:orange",
            label="tokens run (prefill + decodes)")
     a.set_ylabel("tokens")

@@ -119,7 +119,7 @@ def _plot(series, p: Params, tiers, lo: float, hi: float, path: Path) -> Path:
         for pol in p.policies:
             pts = [(r["window_start_s"] / 60, r[f"{t.name}_p99_s"]) for r in series
                    if r["policy"] == pol and r[f"{t.name}_p99_s"] is not None]
-            ax.plot(*zip(*pts), color=colors[pol], lw=1, label=pol)
+            ax.plot(*zip(*pts), color=colors[pol], lw=1, label=pol, ls="--" if pol.endswith("no-priority") else "-")
         ax.axhline(target, color="black", ls=":", lw=1, label="target")
         ax.set_yscale("log")
         ax.set_ylabel("seconds")

@@ -28,4 +28,4 @@ def run(p: Params, ctx: Context, out: Path) -> Report:
     note = ("Paper (§4.4.2, Azure Conv 2024): QoServe 5.0 QPS, EDF 3.7 (x1.35). Our Azure Conv trace is the 2023 one: "
             "compare the ratio.")
     return capacity_report(ctx, scenarios, PAPER, f"Capacity with tiers '{p.tiers}' on {p.trace}", note,
-                           "slo_variants", out)
+                           "slo_variants", out, baseline="edf")
