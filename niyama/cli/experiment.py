@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from ..experiments import EXPERIMENTS, Context, run_experiment
-from ..sim.run import DEFAULT_KV_TOKENS
-from .common import parse_any_policy_options
+from .common import add_output_options, add_replica_options, parse_any_policy_options
 
 EXAMPLES = """examples:
   niyama experiment list                              # experiments and their parameters
@@ -32,17 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small runs (minutes in total), for CI and a first look")
     p.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="change an experiment parameter (see `niyama experiment list`); lists are comma-separated")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a policy knob in every policy that has it (see `niyama policies`)")
     p.add_argument("--reference-qps", type=float, default=None,
                    help="niyama's capacity that load levels are scaled to (default: searched once, then cached)")
     p.add_argument("--seed", type=int, default=0, help="seed for arrivals, lengths, tiers, noise (default 0)")
-    p.add_argument("--profile", default="a100-llama3-8b", help="batch-time profile (default a100-llama3-8b)")
-    p.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS, help="KV cache capacity in tokens")
-    p.add_argument("--noise", type=float, default=0.0, help="log-normal sigma of batch-time noise (default 0)")
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core)")
-    p.add_argument("--out", default="results/experiments", help="output root (default results/experiments)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_replica_options(p)    # --opt applies to every policy of the experiment that has the knob
+    add_output_options(p, "results/experiments", "the results, one folder per experiment (OUT/NAME/)")
     p.set_defaults(run=run)
 
 
