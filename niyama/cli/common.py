@@ -85,6 +85,5 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options", "parse_any_policy_options",
-           "describe_policies",
-           "check_policy", "scenario_from_args", "trace_help"]
+__all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
+           "parse_any_policy_options", "describe_policies", "check_policy", "scenario_from_args", "trace_help"]

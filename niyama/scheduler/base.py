@@ -7,8 +7,8 @@ One call to `schedule(now, decodes, kv, iteration)`:
 3. the policy picks a token budget (`token_budget`);
 4. the prefill budget (budget - decodes) is filled from the waiting queue in
    the policy's order, several requests if they fit; when a request that has
-   not started comes up, the policy may relegate it, or other waiting
-   requests in its place (`relegations`); relegated requests go back behind
+   not started comes up, the policy may relegate it, and other waiting
+   requests with it (`relegations`); relegated requests go back behind
    every non-relegated one; starting a prefill takes its KV blocks and needs
    a free `max_num_seqs` slot;
 5. a `BatchPlan` comes back. No clock is read and no tensor is touched.
@@ -53,8 +53,8 @@ class Scheduler:
         return self.config.chunk_size
 
     def relegations(self, now: float, req: Request) -> list[Request]:
-        """Requests to relegate now that `req` (not started, not relegated) is up: `[req]`, or
-        other waiting requests the policy took out of the queue in its place, or none."""
+        """Requests to relegate now that `req` (not started, not relegated) is up: none, `[req]`,
+        or `req` with other waiting requests the policy took out of the queue."""
         return []
 
     def observe(self, plan: BatchPlan, duration_s: float) -> None:
