@@ -28,8 +28,6 @@ def convert(key: str, text: str, default, flag: str = "--set"):
         if isinstance(default, tuple):
             kind = type(default[0]) if default else str
             return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-        if default is None:
-            return float(text)
         return type(default)(text)
     except ValueError:
         kind = "comma-separated list" if isinstance(default, tuple) else type(default).__name__
