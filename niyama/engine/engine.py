@@ -1,0 +1,174 @@
+"""LLMEngine: the model, its KV cache, a scheduler and the replica loop, in one object.
+
+    engine = LLMEngine()                                  # default: SmolLM2-135M on CPU
+    seq = engine.add_request("Hello", SamplingParams(max_tokens=32, temperature=0))
+    while not seq.finished:
+        engine.step()
+        print(seq.take_text(), end="")
+
+The loop is the simulator's `Replica` with a wall clock and the
+`ModelExecutor`: the scheduler decides, the model runs what it decided.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..kv import BlockAllocator
+from ..predictor import load_profile
+from ..qos import DeadlineRule, Priority, Tier, load_tiers
+from ..replica import Replica, WallClock
+from ..request import Request
+from ..scheduler import make_scheduler
+from .attention import make_backend
+from .config import ModelConfig
+from .kv_cache import PagedKVCache, kv_tokens_for_memory
+from .model import LlamaModel, rope_inv_freq
+from .runner import ModelExecutor
+from .sampling import SamplingParams
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+from .weights import read_hf_tensors, resolve
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None              # HF dir, .gguf file, shape name (dummy); None = the default model
+    load_format: str = "auto"             # auto | hf | gguf | dummy
+    device: str | None = None             # default: cuda if available, else cpu
+    dtype: str | None = None              # default: bfloat16 on cuda, float32 on cpu
+    kv_tokens: int | None = None          # KV cache size; default from GPU memory, or 32768 on cpu
+    gpu_memory_utilization: float = 0.9
+    attention: str = "torch-reference"
+    policy: str = "niyama"
+    policy_options: dict | None = None
+    profile: str = "a100-llama3-8b"       # batch-time profile the scheduler plans with
+    tiers: str = "default"
+    max_num_seqs: int = 256
+    seed: int = 0
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        cfg = config or EngineConfig(**overrides)
+        self.config = cfg
+        t0 = time.perf_counter()
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = parse_dtype(cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        kind, source = resolve(cfg.model, cfg.load_format)
+        model_config = source if kind == "dummy" else ModelConfig.from_file(source / "config.json")
+        self.model_config: ModelConfig = model_config
+        self.model = build_model(model_config, self.dtype, self.device)
+        if kind == "dummy":
+            self.model.init_random(cfg.seed)
+            self.tokenizer = None
+            self.model_name = f"dummy-{cfg.model}"
+        else:
+            self.model.load_hf_weights(read_hf_tensors(source, self.device))
+            self.tokenizer = Tokenizer(source, model_config.eos_token_ids)
+            self.model_name = cfg.model or "default"
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
+        kv_tokens = cfg.kv_tokens or kv_tokens_for_memory(model_config, self.dtype, self.device,
+                                                           cfg.gpu_memory_utilization)
+        self.allocator = BlockAllocator.for_tokens(kv_tokens)
+        self.kv_cache = PagedKVCache(model_config, self.allocator.num_blocks, self.allocator.block_size,
+                                     self.dtype, self.device)
+        self.scheduler = make_scheduler(cfg.policy, load_profile(cfg.profile),
+                                        **{"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})})
+        self.executor = ModelExecutor(self.model, self.kv_cache, make_backend(cfg.attention), self.device)
+        self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock())
+        self.tiers: dict[str, Tier] = {t.name: t for t in load_tiers(cfg.tiers)}
+        self.default_tier = next(iter(self.tiers))
+        self.rule = DeadlineRule()
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(cfg.seed)
+        self._num_finished = 0
+        self.load_time_s = time.perf_counter() - t0
+
+    # --- requests ----------------------------------------------------------
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams | None = None, *,
+                    tier: str | None = None, priority: "str | Priority" = Priority.IMPORTANT,
+                    arrival_s: float | None = None) -> Sequence:
+        """Queue a generation; `prompt` is text (tokenized as is) or token ids."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (dummy weights): pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids must be in [0, {self.model_config.vocab_size}), got {bad[:3]}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        limit = self.model_config.max_position
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                             f"context of {limit} tokens")
+        tier_name = tier or self.default_tier
+        if tier_name not in self.tiers:
+            raise ValueError(f"unknown tier {tier_name!r}; configured tiers: {', '.join(self.tiers)}")
+        req = Request(next(self._ids), self.now() if arrival_s is None else arrival_s, len(ids), params.max_tokens,
+                      self.tiers[tier_name], self.rule, Priority.parse(priority))
+        self.replica.add(req)      # raises if the KV cache could never hold it
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        gen = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
+        seq = Sequence(req, ids, params, self.tokenizer, self.eos_token_ids, gen)
+        self.executor.sequences[req] = seq
+        return seq
+
+    def now(self) -> float:
+        return self.replica.clock.now()
+
+    @property
+    def has_work(self) -> bool:
+        return self.replica.has_work
+
+    def step(self) -> list[Sequence]:
+        """Run one iteration (or wait for the next arrival); return the sequences that finished in it."""
+        self.replica.step()
+        done = self.replica.finished[self._num_finished:]
+        self._num_finished = len(self.replica.finished)
+        return [self.executor.sequences.pop(req) for req in done]
+
+    def generate(self, prompts: "list[str | list[int]]", params: SamplingParams | None = None) -> list[Sequence]:
+        """Run prompts to completion together (offline batch); results in prompt order."""
+        seqs = [self.add_request(p, params) for p in prompts]
+        while any(not s.request.finish_s for s in seqs):
+            self.step()
+        return seqs
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (dummy weights)")
+        return self.tokenizer.apply_chat_template(messages)
+
+    def describe(self) -> str:
+        kv_gib = self.kv_cache.nbytes / 2**30
+        return (f"{self.model_name}: {self.model_config.describe()}; {self.dtype} on {self.device}; "
+                f"KV cache {self.allocator.num_blocks * self.allocator.block_size} tokens ({kv_gib:.2f} GiB); "
+                f"policy {self.config.policy}; loaded in {self.load_time_s:.1f} s")
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    """Allocate the model straight in `dtype` on `device` (no float32 copy of an 8B model)."""
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model = model.to(dtype).to_empty(device=device)
+    model.inv_freq = rope_inv_freq(config).to(device)    # rotary frequencies stay float32
+    return model.eval()

@@ -1,0 +1,106 @@
+"""Tokenizer and chat template, both from the checkpoint.
+
+An HF directory gives `tokenizer.json` (+ `tokenizer_config.json` for the
+chat template and special tokens); a GGUF file gives the same facts in its
+metadata, which `gguf_convert` turns into those two files once. Encoding
+uses the `tokenizers` library; chat templates are rendered with Jinja2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, path: "str | Path", eos_token_ids: tuple[int, ...] = ()):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no tokenizer.json beside the weights")
+        self._tok = HFTokenizer.from_file(str(file))
+        cfg_file = file.parent / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        template = cfg.get("chat_template")
+        if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        self.chat_template: str | None = template
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        eos = set(eos_token_ids)
+        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
+            eos.add(self._tok.token_to_id(self.eos_token))
+        self.eos_token_ids = tuple(sorted(eos))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`; special-token strings in it (e.g. `<|im_start|>`) map to their ids."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a chat, rendered with the checkpoint's own template."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; send a plain prompt instead")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        env.globals["raise_exception"] = raise_exception
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"a chat message needs 'role' and 'content', got {m!r}")
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template failed: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas. Tokens can end inside a
+    multi-byte character, so text is emitted only once it no longer ends in U+FFFD;
+    decoding restarts a few tokens back so merges across tokens come out right."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._prefix = 0     # ids[_prefix:_read] decode to the text already emitted after it
+        self._read = 0
+
+    def add(self, ids: list[int]) -> str:
+        """Text newly completed by `ids` (all output ids so far)."""
+        prefix_text = self.tokenizer.decode(ids[self._prefix:self._read])
+        new_text = self.tokenizer.decode(ids[self._prefix:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self._prefix, self._read = self._read, len(ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,104 @@
+"""Sampling, stop conditions, streaming text and request validation on the real default model."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
+from niyama.engine.sampling import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(kv_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def prompt(engine):
+    return engine.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+
+
+def test_sampler_distribution_and_filters():
+    logits = torch.log(torch.tensor([[0.25, 0.75]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample(logits, [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.75) < 0.03            # follows the softmax
+    for p in (SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0, top_k=1)):
+        assert {sample(logits, [p], [gen])[0] for _ in range(200)} == {1}   # only the top token survives
+    hot = [sample(logits, [SamplingParams(temperature=50.0)], [gen])[0] for _ in range(4000)]
+    assert abs(sum(hot) / len(hot) - 0.5) < 0.04                  # high temperature flattens
+    three = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    got = {sample(three, [SamplingParams(top_p=0.7)], [gen])[0] for _ in range(300)}
+    assert got == {0, 1}                                          # 0.5 + 0.3 reaches 0.7; 0.2 is cut
+
+
+def test_seed_reproduces_and_greedy_filters_agree(engine, prompt):
+    def run(**kw):
+        return engine.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True, **kw))[0].output_ids
+
+    assert run(seed=7) == run(seed=7)
+    assert run(seed=7) != run(seed=8)
+    assert run(temperature=0) == run(top_k=1, seed=3) == run(top_p=1e-6, seed=4)
+
+
+def test_stop_string_streaming_and_max_tokens(engine, prompt):
+    seq = engine.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, stop=["Paris"]))
+    streamed = ""
+    while not seq.finished:
+        engine.step()
+        streamed += seq.take_text()
+    assert seq.finish_reason == "stop" and seq.text == "The capital of France is "
+    assert streamed == seq.text                                   # the stop string never leaked into the stream
+    long = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert long.finish_reason == "length" and len(long.output_ids) == 5 and long.request.num_output_tokens == 5
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_steps_report_measured_time(engine, prompt):
+    durations = []
+    engine.replica.on_step.append(lambda plan, result, end: durations.append(result.duration_s))
+    try:
+        engine.generate([prompt, prompt], SamplingParams(max_tokens=8, temperature=0))
+    finally:
+        engine.replica.on_step.clear()
+    assert durations and all(d > 0 for d in durations)
+    ends = engine.replica.iteration_end_s
+    assert all(b > a for a, b in zip(ends, ends[1:]))             # the wall clock moved with the work
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_refused_clearly(engine, prompt):
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request("word " * 9000, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="unknown tier"):
+        engine.add_request(prompt, tier="Q9")
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request([10**9])
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request(prompt, SamplingParams(max_tokens=8100))   # fits the context, not this cache
+    ok = engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0))[0]   # still serving
+    assert ok.output_ids
+
+
+def test_dummy_weights_for_a_named_shape():
+    tiny = LLMEngine(model="tiny", load_format="dummy", kv_tokens=1024)
+    a = tiny.generate([[5, 6, 7, 8] * 20], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    again = LLMEngine(model="tiny", load_format="dummy", kv_tokens=1024)
+    b = again.generate([[5, 6, 7, 8] * 20], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert len(a.output_ids) == 12 and a.output_ids == b.output_ids   # seeded random weights
+    with pytest.raises(ValueError, match="no tokenizer"):
+        tiny.add_request("text")
+    with pytest.raises(ValueError, match="shape"):
+        LLMEngine(model="llama-9000", load_format="dummy")
