@@ -112,5 +112,5 @@ SHAPES: dict[str, ModelConfig] = {
     # A few-MB model for fast tests of the plumbing (not a real checkpoint).
     "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, rope_theta=10000.0, rope_scaling=_LLAMA3_ROPE,
-                        max_position=2048, bos_token_id=1, eos_token_ids=(2,)),
+                        max_position=8192, bos_token_id=1, eos_token_ids=(2,)),
 }

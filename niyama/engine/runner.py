@@ -32,9 +32,11 @@ class ModelExecutor:
         self.device = device
         self.sequences: dict[Request, Sequence] = {}
         self.num_steps = 0
-        # Optional observer of every sampling step: hook(sequences, logits [n, vocab] float32).
+        # Optional observer of every sampling step: hook(sequences, logits [n, vocab] float32). It runs
+        # before sampling and may edit the logits in place (checks use that to force tokens).
         self.logits_hook = None
 
+    @torch.inference_mode()
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult:
         t0 = time.perf_counter()
         bs = self.kv.block_size
