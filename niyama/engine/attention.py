@@ -100,27 +100,23 @@ class TorchReference:
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        group = q.shape[1] // num_kv_heads
         for p in meta.prefills:
             kc = k_cache[p.block_table].flatten(0, 1)[:p.context_len]      # [ctx, KVH, D]
             vc = v_cache[p.block_table].flatten(0, 1)[:p.context_len]
             out[p.rows] = _sdpa(q[p.rows].transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1),
-                                p.mask, group).transpose(0, 1)
+                                p.mask).transpose(0, 1)
         d = meta.decodes
         if d is not None:
             kc = k_cache[d.block_table].flatten(1, 2)                        # [B, ctx, KVH, D]
             vc = v_cache[d.block_table].flatten(1, 2)
             out[d.rows] = _sdpa(q[d.rows].unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                d.mask, group).squeeze(2)
+                                d.mask).squeeze(2)
         return out
 
 
-def _sdpa(q, k, v, mask, group: int) -> torch.Tensor:
-    """Grouped-query attention: each KV head serves `group` query heads."""
-    if group > 1:
-        k = k.repeat_interleave(group, dim=-3)
-        v = v.repeat_interleave(group, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def _sdpa(q, k, v, mask) -> torch.Tensor:
+    """Grouped-query attention: each KV head serves heads/kv_heads query heads."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[-3] != k.shape[-3])
 
 
 BACKENDS = {TorchReference.name: TorchReference}

@@ -32,7 +32,7 @@ from .runner import ModelExecutor
 from .sampling import SamplingParams
 from .sequence import Sequence
 from .tokenizer import Tokenizer
-from .weights import read_hf_tensors, resolve
+from .weights import DEFAULT_MODEL, read_hf_tensors, resolve
 
 
 @dataclass
@@ -80,7 +80,7 @@ class LLMEngine:
         else:
             self.model.load_hf_weights(read_hf_tensors(source, self.device))
             self.tokenizer = Tokenizer(source, model_config.eos_token_ids)
-            self.model_name = cfg.model or "default"
+            self.model_name = cfg.model or DEFAULT_MODEL
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
         kv_tokens = cfg.kv_tokens or kv_tokens_for_memory(model_config, self.dtype, self.device,
                                                            cfg.gpu_memory_utilization)
@@ -91,9 +91,7 @@ class LLMEngine:
                                         **{"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})})
         self.executor = ModelExecutor(self.model, self.kv_cache, make_backend(cfg.attention), self.device)
         self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock())
-        self.tiers: dict[str, Tier] = {t.name: t for t in load_tiers(cfg.tiers)}
-        self.default_tier = next(iter(self.tiers))
-        self.rule = DeadlineRule()
+        self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
         self._num_finished = 0
@@ -131,6 +129,12 @@ class LLMEngine:
         seq = Sequence(req, ids, params, self.tokenizer, self.eos_token_ids, gen)
         self.executor.sequences[req] = seq
         return seq
+
+    def set_tiers(self, tiers: "tuple[Tier, ...]", rule: DeadlineRule) -> None:
+        """The QoS tiers requests may name (the first is the default) and how they turn into deadlines."""
+        self.tiers: dict[str, Tier] = {t.name: t for t in tiers}
+        self.default_tier = tiers[0].name
+        self.rule = rule
 
     def now(self) -> float:
         return self.replica.clock.now()

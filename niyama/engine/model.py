@@ -24,7 +24,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     wavelengths longer than the original context / low_freq_factor are slowed by
     `factor`, those shorter than context / high_freq_factor are kept, the band between blends."""
     d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     rs = config.rope_scaling or {}
     if rs.get("rope_type", rs.get("type")) != "llama3":
         return inv

@@ -1,0 +1,70 @@
+"""Replay a workload (trace lengths, arrival times, tiers) on the real engine.
+
+Traces carry lengths, not text, so each prompt is random token ids of the
+trace's length, and each request generates exactly its trace output length
+(EOS ignored, greedy). Lengths are clipped to what the model and the KV cache
+can hold. The result is the simulator's `SimResult`, so the same report and
+records come out; the measured step log comes with it, ready to fit a
+batch-time profile of this machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..replica import WallClock
+from ..sim.run import SimResult
+from ..workload import Workload
+from .engine import LLMEngine
+from .sampling import SamplingParams
+
+STEP_COLUMNS = ("prefill_tokens", "decodes", "decode_context", "prefill_context", "seconds")
+
+
+@dataclass
+class ReplayResult:
+    result: SimResult
+    steps: list[tuple[int, int, int, int, float]]   # STEP_COLUMNS per executed batch
+    num_clipped: int                                 # requests whose lengths were cut to fit
+
+
+def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
+           max_prompt_tokens: int | None = None, max_output_tokens: int | None = None) -> ReplayResult:
+    """Run `workload` on `engine` in real time; `max_*_tokens` clip the trace's lengths (quick CPU runs)."""
+    if engine.has_work:
+        raise RuntimeError("replay needs an idle engine")
+    for name, cap in (("max_prompt_tokens", max_prompt_tokens), ("max_output_tokens", max_output_tokens)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{name} must be >= 1")
+    ctx = engine.model_config.max_position
+    room = (engine.allocator.num_blocks - engine.allocator.num_watermark_blocks) * engine.allocator.block_size
+    limit = min(ctx, room)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    engine.set_tiers(workload.tiers, workload.rule)
+    engine.replica.clock = WallClock()     # arrival times count from now
+    clipped = 0
+    requests = []
+    for spec in workload.specs:
+        out = min(spec.num_output_tokens, limit // 2, max_output_tokens or limit)
+        prompt = min(spec.num_prompt_tokens, limit - out, max_prompt_tokens or limit)
+        clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
+        ids = torch.randint(0, vocab, (prompt,), generator=gen).tolist()
+        seq = engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True),
+                                 tier=spec.tier, priority=spec.priority, arrival_s=spec.arrival_s)
+        requests.append(seq.request)
+    steps = []
+    engine.replica.on_step.append(lambda plan, res, end: steps.append(
+        (plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, plan.prefill_context, res.duration_s)))
+    try:
+        while engine.has_work:
+            engine.step()
+            if progress is not None:
+                progress(engine.replica.num_unfinished)
+    finally:
+        engine.replica.on_step.pop()
+    replica = engine.replica
+    result = SimResult(workload, engine.config.policy, requests, replica.iteration_end_s, replica.iteration,
+                       replica.num_preemptions, replica.num_relegations)
+    return ReplayResult(result, steps, clipped)
