@@ -81,6 +81,7 @@ class Replica:
         self.on_step: list[Callable[[BatchPlan, StepResult, float], None]] = []
         self._pending: list = []                  # heap of (arrival, id, request) not yet arrived
         self._num_added = 0
+        self._num_finished = 0
 
     # --- requests --------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -104,7 +105,23 @@ class Replica:
 
     @property
     def num_unfinished(self) -> int:
-        return self._num_added - len(self.finished)
+        return self._num_added - self._num_finished
+
+    def abort(self, req: Request) -> bool:
+        """Stop `req` between iterations wherever it is (not arrived, waiting, paused prefill, decoding) and
+        free its KV blocks; it joins `finished`. False if it had already finished."""
+        if req.phase is Phase.DONE:
+            return False
+        if req in self.decodes:
+            self.decodes.remove(req, self.iteration)
+        elif not self.scheduler.waiting.remove(req):
+            entries = [e for e in self._pending if e[2] is not req]
+            if len(entries) == len(self._pending):
+                raise ValueError(f"request {req.request_id} is not in this replica")
+            self._pending = entries
+            heapq.heapify(self._pending)
+        self._finish(req, self.clock.now())
+        return True
 
     # --- the loop --------------------------------------------------------
     def step(self) -> BatchPlan | None:
@@ -169,3 +186,4 @@ class Replica:
         req.finish_s = end
         self.kv.release(req)
         self.finished.append(req)
+        self._num_finished += 1

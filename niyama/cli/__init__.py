@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import capacity, experiment, generate, policies, replay, simulate
+from . import bench, capacity, experiment, generate, policies, replay, serve, simulate
 
-VERBS = (simulate, capacity, experiment, policies, generate, replay)
+VERBS = (simulate, capacity, experiment, policies, generate, replay, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="niyama", description="Deadline-aware LLM serving: scheduler, simulator, capacity studies and a model engine.",
+        prog="niyama", description="Deadline-aware LLM serving: scheduler, simulator, capacity studies, a model engine and an "
+                    "OpenAI-compatible server.",
         epilog="Run `niyama VERB --help` for a verb's options and examples.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:

@@ -94,14 +94,14 @@ class LLMEngine:
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
-        self._num_finished = 0
         self.load_time_s = time.perf_counter() - t0
 
     # --- requests ----------------------------------------------------------
     def add_request(self, prompt: "str | list[int]", params: SamplingParams | None = None, *,
-                    tier: str | None = None, priority: "str | Priority" = Priority.IMPORTANT,
+                    tier: "str | Tier | None" = None, priority: "str | Priority" = Priority.IMPORTANT,
                     arrival_s: float | None = None) -> Sequence:
-        """Queue a generation; `prompt` is text (tokenized as is) or token ids."""
+        """Queue a generation; `prompt` is text (tokenized as is) or token ids; `tier` a configured tier's
+        name (default: the first) or a Tier with this request's own targets."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -118,11 +118,13 @@ class LLMEngine:
         if len(ids) + params.max_tokens > limit:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                              f"context of {limit} tokens")
-        tier_name = tier or self.default_tier
-        if tier_name not in self.tiers:
-            raise ValueError(f"unknown tier {tier_name!r}; configured tiers: {', '.join(self.tiers)}")
+        if not isinstance(tier, Tier):     # a configured tier by name (a Tier object: per-request targets)
+            name = tier or self.default_tier
+            if name not in self.tiers:
+                raise ValueError(f"unknown tier {name!r}; configured tiers: {', '.join(self.tiers)}")
+            tier = self.tiers[name]
         req = Request(next(self._ids), self.now() if arrival_s is None else arrival_s, len(ids), params.max_tokens,
-                      self.tiers[tier_name], self.rule, Priority.parse(priority))
+                      tier, self.rule, Priority.parse(priority))
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         gen = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
@@ -146,8 +148,20 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one iteration (or wait for the next arrival); return the sequences that finished in it."""
         self.replica.step()
-        done = self.replica.finished[self._num_finished:]
-        self._num_finished = len(self.replica.finished)
+        return self._take_finished()
+
+    def abort(self, seq: Sequence) -> bool:
+        """Stop a request wherever it is (queued, prefilling, decoding) and free its KV blocks; call between
+        steps. Returns False if it had already finished."""
+        if not self.replica.abort(seq.request):
+            return False
+        seq.abort()
+        self._take_finished()
+        return True
+
+    def _take_finished(self) -> list[Sequence]:
+        # The engine hands each finished request out once and keeps no list of them (a server runs for days).
+        done, self.replica.finished = self.replica.finished, []
         return [self.executor.sequences.pop(req) for req in done]
 
     def generate(self, prompts: "list[str | list[int]]", params: SamplingParams | None = None) -> list[Sequence]:

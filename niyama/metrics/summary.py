@@ -89,9 +89,18 @@ def summarize(result) -> tuple[RunSummary, dict[str, np.ndarray]]:
     return summary, rec
 
 
+def goodput_text(s: RunSummary) -> str:
+    """Requests that met their tier's target per second of the run, beside raw throughput."""
+    ok = s.num_requests - round(s.num_requests * s.violation_pct / 100)
+    span = max(s.makespan_s, 1e-9)
+    return (f"goodput {ok / span:.3f} req/s ({ok} of {s.num_requests} on time over {span:.0f} s); "
+            f"throughput {s.num_requests / span:.3f} req/s")
+
+
 def format_report(s: RunSummary) -> str:
     qps = f" at {s.qps:g} QPS" if s.qps else ""
-    lines = [f"{s.name} x {s.policy}{qps}: {s.num_requests} requests, {s.num_iterations} iterations, "
+    iterations = f"{s.num_iterations} iterations, " if s.num_iterations else ""   # none seen by an HTTP client
+    lines = [f"{s.name} x {s.policy}{qps}: {s.num_requests} requests, {iterations}"
              f"makespan {s.makespan_s:.0f} s, backlog {s.backlog_s:.0f} s",
              "",
              f"{'tier':<5} {'n':>6}  {'TTFT p50/p95/p99 (s)':>22}  {'TBT p50/p95/p99 (ms)':>22}  "
@@ -107,5 +116,7 @@ def format_report(s: RunSummary) -> str:
               f"short {s.short_violation_pct:.2f}%, long {s.long_violation_pct:.2f}%; worst tier "
               f"{s.worst_tier_violation_pct:.2f}%",
               f"relegated {s.relegated}, KV preemptions {s.preemptions}",
+              goodput_text(s),
               "tiers: " + "; ".join(t.target for t in s.tiers)]
     return "\n".join(lines)
+

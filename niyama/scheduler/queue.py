@@ -69,6 +69,17 @@ class WaitingQueue:
         """The most urgent waiting low-priority request that is not relegated, if any."""
         return heapq.heappop(self._low)[2] if self._low else None
 
+    def remove(self, req: Request) -> bool:
+        """Take `req` out wherever it waits (an aborted request); False if it is not queued. O(n): rare."""
+        for heap in (self._started, self._low, self._fresh):
+            for k, entry in enumerate(heap):
+                if entry[2] is req:
+                    heap[k] = heap[-1]
+                    heap.pop()
+                    heapq.heapify(heap)
+                    return True
+        return False
+
     def __iter__(self):
         """Requests in no particular order."""
         for _, _, req in self._fresh + self._low + self._started:

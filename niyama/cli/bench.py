@@ -1,0 +1,110 @@
+"""`niyama bench serve`: replay a trace workload against an OpenAI-compatible server over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ..metrics import format_report, summarize, write_records_csv
+from ..workload import make_workload
+from .common import add_output_options, add_workload_options, trace_help
+
+EXAMPLES = """examples:
+  niyama bench serve --url http://127.0.0.1:8000 --trace azure-conv --qps 2 --requests 200
+  niyama bench serve --trace azure-conv --qps 1 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32
+  niyama bench serve --url http://gpu-box:8000 --model meta-llama/Llama-3.1-8B-Instruct --qos off
+
+Prompts are random token ids of the trace's lengths sent to /v1/completions; outputs are asked for at
+the trace's length (ignore_eos). TTFT, TBT and TTLT are measured here, on the client. A niyama server
+also gets each request's tier and priority (--qos).
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="load-test a running server (`niyama bench serve`)",
+                       description="Benchmarks against running servers.")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    s = bench.add_parser("serve", help="replay a workload against an OpenAI-compatible server",
+                         description="Replay a trace workload against an OpenAI-compatible server with streaming; "
+                                     "print the per-tier report of `niyama simulate`, measured on the client.",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
+    s.add_argument("--model", default=None, help="model id to request (default: the first in /v1/models)")
+    s.add_argument("--trace", default="azure-conv", help=trace_help() + " (default azure-conv)")
+    s.add_argument("--qps", type=float, required=True, help="mean arrival rate (Poisson)")
+    s.add_argument("--requests", type=int, default=200, help="number of requests (default 200)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="clip prompts to N tokens (default: only to the server's max_model_len)")
+    s.add_argument("--max-output-tokens", type=int, default=None, metavar="N", help="clip outputs to N tokens")
+    s.add_argument("--qos", default="auto", choices=("auto", "tier", "targets", "off"),
+                   help="QoS fields to send: tier names, explicit ms targets, or none (default auto: tier names "
+                        "to a niyama server that has the workload's tiers, targets to another niyama, off otherwise)")
+    s.add_argument("--token-id-range", default="1000,30000", metavar="LO,HI",
+                   help="random prompt token ids are drawn from [LO, HI) (default 1000,30000: inside any "
+                        "Llama-family vocabulary)")
+    s.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout in seconds (default 3600)")
+    add_workload_options(s)
+    add_output_options(s, "results/bench-serve", "records.csv and summary.json")
+    s.set_defaults(run=run)
+
+
+def run(args) -> int:
+    try:
+        import httpx
+    except ImportError:
+        raise ImportError("httpx is missing: `pip install httpx` (or 'niyama[serve]')") from None
+    from tqdm import tqdm
+
+    from ..loadgen import discover, request_bodies, run_load, to_result
+
+    if args.requests < 1:
+        raise ValueError("--requests must be >= 1")
+    lo, _, hi = args.token_id_range.partition(",")
+    try:
+        vocab = (int(lo), int(hi))
+    except ValueError:
+        raise ValueError(f"--token-id-range: expected LO,HI, got {args.token_id_range!r}") from None
+    if not 0 <= vocab[0] < vocab[1]:
+        raise ValueError("--token-id-range: need 0 <= LO < HI")
+    url = args.url.rstrip("/").removesuffix("/v1")
+    wl = make_workload(args.trace, args.qps, num_requests=args.requests, seed=args.seed, tiers=args.tiers,
+                       tier_mix=args.tier_mix, low_priority_fraction=args.low_priority)
+
+    async def probe():
+        async with httpx.AsyncClient() as client:
+            return await discover(client, url, args.model)
+
+    target = asyncio.run(probe())
+    bodies, clipped = request_bodies(wl, target, args.qos, args.seed, vocab, args.max_prompt_tokens,
+                                     args.max_output_tokens)
+    qos_sent = next((k for k in ("tier", "ttft_ms", "ttlt_ms") if k in bodies[0]), None)
+    print(f"{url}: model {target.model!r} ({'niyama' if target.is_niyama else 'not niyama'}); "
+          f"{len(wl)} requests at {args.qps:g} QPS from {wl.name}; QoS fields: "
+          f"{'tier names' if qos_sent == 'tier' else 'explicit targets' if qos_sent else 'none'}")
+    failures = []
+    with tqdm(total=len(wl), unit="req", desc=f"bench {wl.name}", disable=args.quiet, dynamic_ncols=True) as bar:
+        def progress(outcome):
+            bar.update(1)
+            if outcome.error:
+                failures.append(outcome)
+
+        arrivals = [s.arrival_s for s in wl.specs]
+        outcomes = asyncio.run(run_load(target, bodies, arrivals, args.timeout, progress))
+    if clipped:
+        print(f"note: {clipped} of {len(wl)} requests had their lengths clipped (max_model_len or --max-*-tokens)")
+    if failures:
+        print(f"{len(failures)} of {len(wl)} requests FAILED; first: {failures[0].error}")
+    if len(failures) == len(wl):
+        return 1
+    result = to_result(wl, outcomes, bodies, f"http:{target.model}")
+    summary, records = summarize(result)
+    print(format_report(summary))
+    dest = Path(args.out)
+    write_records_csv(records, dest / "records.csv")
+    (dest / "summary.json").write_text(json.dumps({**asdict(summary), "failed": len(failures),
+                                                   "url": url, "model": target.model}, indent=1))
+    print(f"wrote {dest / 'records.csv'} and {dest / 'summary.json'}")
+    return 0

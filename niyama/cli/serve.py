@@ -1,0 +1,90 @@
+"""`niyama serve`: the OpenAI-compatible HTTP server with per-request QoS."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_engine_options, check_policy, engine_config_from_args, parse_policy_options
+
+EXAMPLES = """examples:
+  niyama serve                                          # SmolLM2-135M-Instruct on CPU, port 8000
+  niyama serve --port 8001 --default-tier Q2 --tiers my-tiers.json
+  niyama serve --model ~/models/Llama-3.1-8B-Instruct --device cuda
+  niyama serve --profile results/replay/profile.json    # plan with batch times measured on this machine
+
+then:
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hi"}], "tier": "Q1", "priority": "important"}'
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with per-request QoS",
+                       description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics). Requests may name a QoS tier, explicit targets and a "
+                                   "priority; see README 'QoS per request'.", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: --model as given, or smollm2-135m-instruct)")
+    q = p.add_argument_group("QoS")
+    q.add_argument("--tiers", default="default",
+                   help="tier set: 'default' (Q1 TTFT 6 s + TBT 50 ms, Q2 TTLT 600 s, Q3 TTLT 1800 s), "
+                        "'sharegpt', 'slo-variants' or a JSON file")
+    q.add_argument("--default-tier", default=None, help="tier of requests that name none (default: the first)")
+    q.add_argument("--service-tier-map", default=None, metavar="NAME=TIER,...",
+                   help="map OpenAI service_tier values to tiers (default auto,default=the default tier, "
+                        "priority,scale=the first interactive tier, flex=the last tier)")
+    s = p.add_argument_group("scheduling")
+    s.add_argument("--policy", default="niyama", help="scheduling policy, see `niyama policies` (default niyama)")
+    s.add_argument("--profile", default="a100-llama3-8b",
+                   help="batch-time profile the scheduler plans with: a shipped name or a profile.json from "
+                        "`niyama replay` (default a100-llama3-8b)")
+    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
+    add_engine_options(p)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn log level (default info)")
+    p.set_defaults(run=run)
+
+
+def parse_service_tier_map(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--service-tier-map: expected NAME=TIER, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from ..server.app import build_app
+    except ImportError as e:
+        raise ImportError(f"{e.name} is missing: the server needs `pip install 'niyama[serve]'`") from None
+    from ..engine import LLMEngine
+    from ..qos import load_tiers
+    from ..server.qos import QoSPolicy
+
+    check_policy(args.policy)
+    options = parse_policy_options(args.policy, args.opt)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    tiers = load_tiers(args.tiers)
+    qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
+    engine = LLMEngine(engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
+                                               tiers=args.tiers, max_num_seqs=args.max_num_seqs))
+    name = args.served_model_name or engine.model_name
+    print(engine.describe(), file=sys.stderr)
+    print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier})", file=sys.stderr)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(build_app(engine, name, qos), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0

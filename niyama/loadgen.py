@@ -1,0 +1,168 @@
+"""HTTP load generator: replay a workload against any OpenAI-compatible server, timing on the client.
+
+Each request is sent at its arrival time with `stream: true`; the client records when every chunk
+with text arrives (tokens), reads the token count from the final usage chunk, and builds the same
+`SimResult` the simulator and `niyama replay` produce, so the same per-tier report comes out.
+Prompts are random token ids of the trace's length (the completions API takes token ids, so the
+prompt length is exact on any server); outputs are asked for at the trace's length with
+`ignore_eos` (vLLM and niyama honour it). QoS fields are sent only to a niyama server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .qos import Priority
+from .request import Request
+from .sim.run import SimResult
+from .workload import Workload
+
+
+@dataclass
+class Outcome:
+    """What the client saw of one request; times in seconds from the start of the run."""
+
+    index: int
+    sent_s: float
+    token_s: list[float] = field(default_factory=list)   # arrival of each chunk that carried text
+    done_s: float | None = None
+    num_output_tokens: int = 0
+    relegated: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Target:
+    url: str                   # base URL, e.g. http://127.0.0.1:8000
+    model: str
+    is_niyama: bool
+    max_model_len: int | None
+    tiers: tuple[str, ...]     # tier names the server reports (niyama only)
+
+
+async def discover(client, url: str, model: str | None) -> Target:
+    """Ask /v1/models which model to use and whether the server is niyama."""
+    try:
+        resp = await client.get(f"{url}/v1/models", timeout=10)
+    except Exception as e:
+        raise ValueError(f"cannot reach {url}/v1/models: {type(e).__name__}: {e}") from None
+    if resp.status_code != 200:
+        raise ValueError(f"{url}/v1/models answered {resp.status_code}: {resp.text[:200]}")
+    data = resp.json().get("data") or []
+    if not data:
+        raise ValueError(f"{url}/v1/models lists no model")
+    card = next((m for m in data if m.get("id") == model), None) if model else data[0]
+    if card is None:
+        raise ValueError(f"model {model!r} is not served at {url}; it serves {', '.join(m.get('id') for m in data)}")
+    tiers = tuple(t.split(":")[0] for t in card.get("tiers", ()))
+    return Target(url, card["id"], card.get("owned_by") == "niyama", card.get("max_model_len"), tiers)
+
+
+def request_bodies(workload: Workload, target: Target, qos: str, seed: int, vocab: tuple[int, int],
+                   max_prompt_tokens: int | None, max_output_tokens: int | None) -> tuple[list[dict], int]:
+    """One /v1/completions body per request, and how many had their lengths clipped."""
+    if qos == "auto":
+        qos = ("tier" if set(t.name for t in workload.tiers) <= set(target.tiers) else "targets") \
+            if target.is_niyama else "off"
+    rng = np.random.default_rng(seed)
+    limit = target.max_model_len or 1 << 30
+    bodies, clipped = [], 0
+    for spec in workload.specs:
+        out = min(spec.num_output_tokens, limit // 2, max_output_tokens or limit)
+        prompt = min(spec.num_prompt_tokens, limit - out, max_prompt_tokens or limit)
+        clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
+        body = {"model": target.model, "prompt": rng.integers(vocab[0], vocab[1], prompt).tolist(),
+                "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        tier = workload.tier_by_name[spec.tier]
+        if qos == "tier":
+            body["tier"] = tier.name
+        elif qos == "targets":
+            body.update({"ttft_ms": tier.ttft_s * 1000, "tbt_ms": tier.tbt_s * 1000} if tier.interactive
+                        else {"ttlt_ms": tier.ttlt_s * 1000})
+        if qos != "off":
+            body["priority"] = spec.priority.name.lower()
+        bodies.append(body)
+    return bodies, clipped
+
+
+async def send(client, url: str, body: dict, index: int, start: float, timeout: float) -> Outcome:
+    out = Outcome(index, time.monotonic() - start)
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                out.error = f"HTTP {resp.status_code}: {text[:300]}"
+                return out
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    out.error = str(chunk["error"].get("message", chunk["error"]))
+                    return out
+                now = time.monotonic() - start
+                for choice in chunk.get("choices") or ():
+                    if choice.get("text"):
+                        out.token_s.append(now)
+                if chunk.get("usage"):
+                    out.num_output_tokens = chunk["usage"].get("completion_tokens", 0)
+                if chunk.get("niyama"):
+                    out.relegated = bool(chunk["niyama"].get("relegated"))
+        out.done_s = time.monotonic() - start
+        out.num_output_tokens = out.num_output_tokens or len(out.token_s)
+        if not out.token_s:
+            out.error = "the stream carried no text"
+    except Exception as e:         # a refused or broken connection is this request's failure, not the run's
+        out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+async def run_load(target: Target, bodies: list[dict], arrivals: list[float], timeout: float,
+                   progress=None) -> list[Outcome]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        start = time.monotonic()
+
+        async def one(i: int) -> Outcome:
+            await asyncio.sleep(max(0.0, arrivals[i] - (time.monotonic() - start)))
+            res = await send(client, target.url, bodies[i], i, start, timeout)
+            if progress is not None:
+                progress(res)
+            return res
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(bodies)))))
+
+
+def to_result(workload: Workload, outcomes: list[Outcome], bodies: list[dict], label: str) -> SimResult:
+    """The successful requests as a `SimResult` (token times laid end to end as 'iterations')."""
+    tiers = workload.tier_by_name
+    times: list[float] = []
+    requests = []
+    for o in outcomes:
+        if o.error is not None:
+            continue
+        spec = workload.specs[o.index]
+        req = Request(o.index, o.sent_s, len(bodies[o.index]["prompt"]), bodies[o.index]["max_tokens"],
+                      tiers[spec.tier], workload.rule, spec.priority or Priority.IMPORTANT)
+        req.first_token_s = o.token_s[0]
+        req.anchor_s = max(req.first_token_s, req.first_token_deadline_s)
+        req.finish_s = o.done_s
+        req.num_output_tokens = o.num_output_tokens
+        req.relegated = o.relegated
+        req.token_segments = [[len(times), len(times) + len(o.token_s)]]
+        times.extend(o.token_s)
+        requests.append(req)
+    if not requests:
+        raise ValueError("no request succeeded")
+    return SimResult(workload, label, requests, times, 0, 0, sum(r.relegated for r in requests))

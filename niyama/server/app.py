@@ -1,0 +1,144 @@
+"""The FastAPI app: OpenAI endpoints over an `AsyncEngine`.
+
+Handlers parse and validate (protocol.py), submit, and stream what the engine thread publishes.
+Every error leaves as OpenAI-style JSON; bad input is a 4xx and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .async_engine import AsyncEngine, Stream
+from .errors import APIError
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import Generation, ModelInfo, ResponseWriter, parse_body, parse_generation, usage
+from .qos import QoSPolicy
+
+log = logging.getLogger("niyama.server")
+
+
+def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
+    """`engine`: an LLMEngine, owned by the app from now on (its loop runs on the app's engine thread)."""
+    metrics = ServerMetrics(served_name, tuple(qos.tiers))
+    runner = AsyncEngine(engine, metrics)
+    tok = engine.tokenizer
+    model = ModelInfo(served_name, engine.model_config.max_position, engine.model_config.vocab_size, tok)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runner.start()
+        yield
+        runner.shutdown()
+
+    app = FastAPI(title="niyama", lifespan=lifespan)
+    app.state.engine = runner
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        err = APIError(str(exc.detail), exc.status_code, type="not_found_error" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return JSONResponse(APIError(str(exc)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):
+        log.exception("unhandled error")
+        err = APIError(f"internal error: {type(exc).__name__}: {exc}", 500)
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if not runner.alive:
+            raise APIError("the engine thread has stopped", 503, type="server_error")
+        kv = engine.allocator
+        return {"status": "ok", "model": served_name, "kv_blocks_free": kv.num_free, "kv_blocks": kv.num_blocks}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
+                                            "owned_by": "niyama", "max_model_len": model.context,
+                                            "tiers": [t.describe() for t in qos.tiers.values()],
+                                            "default_tier": qos.default_tier}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, "chat")
+
+    async def generate(request: Request, kind: str):
+        gen = parse_generation(parse_body(await request.body()), kind, model, qos)
+        try:
+            stream = await runner.submit(gen)
+        except ValueError as e:          # the engine's own checks (e.g. more KV than the cache has)
+            raise APIError(str(e)) from None
+        writer = ResponseWriter(gen)
+        if gen.stream:
+            return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
+        return await collect(request, stream, gen, writer)
+
+    async def collect(request: Request, stream: Stream, gen: Generation, writer: ResponseWriter):
+        parts, last = [], None
+        try:
+            while not stream.finished:
+                try:
+                    last = await asyncio.wait_for(stream.__anext__(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                parts.append(last.text)
+        finally:
+            if not stream.finished:
+                runner.abort(stream)
+        if last.error:
+            raise APIError(last.error, 500)
+        return writer.full("".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
+                           stream.qos())
+
+    async def sse(stream: Stream, gen: Generation, writer: ResponseWriter):
+        first = True
+        try:
+            async for event in stream:
+                if event.error:
+                    yield data(APIError(event.error, 500).body())
+                    break
+                if event.num_tokens and (event.text or event.finish_reason is None):
+                    yield data(writer.chunk(event.text, first=first))
+                    first = False
+                if event.finish_reason is not None:
+                    yield data(writer.chunk("", event.finish_reason, qos=stream.qos()))
+                    if gen.include_usage:
+                        yield data(writer.usage_chunk(usage(len(gen.prompt_ids), event.num_tokens)))
+            yield "data: [DONE]\n\n"
+        finally:                          # the client went away (cancelled) or the stream ended
+            if not stream.finished:
+                runner.abort(stream)
+
+    return app
+
+
+def data(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
