@@ -1,0 +1,276 @@
+"""`niyama serve` as users reach it: a real server process on 127.0.0.1 with the default model (SmolLM2-135M,
+CPU), real HTTP, the official `openai` client, Prometheus' own parser, and `niyama bench serve` against it."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+parser = pytest.importorskip("prometheus_client.parser")
+
+from niyama.qos import TIER_PRESETS, Priority  # noqa: E402
+from niyama.server.errors import APIError  # noqa: E402
+from niyama.server.qos import QoSPolicy  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+KV_TOKENS = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "niyama.cli", "serve", "--port", str(port),
+                                 "--kv-tokens", str(KV_TOKENS), "--log-level", "warning"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{log.read_text()}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log.read_text()[-3000:])
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def chat(msg: str) -> list[dict]:
+    return [{"role": "user", "content": msg}]
+
+
+def test_openai_client_chat_streaming_and_not(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    r = client.chat.completions.create(model=MODEL, messages=chat("What is the capital of France?"),
+                                       temperature=0, max_tokens=24)
+    text = r.choices[0].message.content
+    assert "Paris" in text and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+    assert r.service_tier == "Q1" and r.model_extra["niyama"] == {"tier": "Q1", "priority": "important",
+                                                                  "relegated": False}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=chat("What is the capital of France?"),
+                                                 temperature=0, max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_openai_client_completions_streaming_and_not(client):
+    r = client.completions.create(model=MODEL, prompt="The three primary colors are", temperature=0, max_tokens=12)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    parts = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The three primary colors are", temperature=0, max_tokens=12, stream=True) if c.choices]
+    assert "".join(parts) == r.choices[0].text and len(parts) >= 2
+    ids = client.completions.create(model=MODEL, prompt=[504, 1845, 3994], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+
+
+def test_concurrent_requests_match_their_solo_answers(server, client):
+    prompts = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "What color is the sky?"]
+    solo = [client.chat.completions.create(model=MODEL, messages=chat(p), temperature=0, max_tokens=20)
+            .choices[0].message.content for p in prompts]
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+        rs = await asyncio.gather(*(aclient.chat.completions.create(
+            model=MODEL, messages=chat(p), temperature=0, max_tokens=20) for p in prompts))
+        await aclient.close()
+        return [r.choices[0].message.content for r in rs]
+
+    assert asyncio.run(together()) == solo      # batched together on one engine, same greedy tokens
+
+
+def qos_of(client, **extra):
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0, extra_body=extra)
+    return r.service_tier, r.model_extra["niyama"]
+
+
+def test_qos_fields_pick_the_tier_and_priority(client):
+    assert qos_of(client, tier="Q3")[0] == "Q3"
+    assert qos_of(client, ttft_ms=2000, tbt_ms=100)[0] == "custom"
+    assert qos_of(client, ttlt_ms=60000)[0] == "custom"
+    assert qos_of(client, service_tier="priority")[0] == "Q1"
+    assert qos_of(client, service_tier="flex")[0] == "Q3"
+    assert qos_of(client, service_tier="Q2")[0] == "Q2"
+    assert qos_of(client, priority="low")[1]["priority"] == "low"
+    assert qos_of(client, priority=1)[1]["priority"] == "low"         # vLLM: larger = later
+    assert qos_of(client, priority=-3)[1] == {"tier": "Q1", "priority": "important", "relegated": False}
+
+
+BAD = [   # (path, body, status, words the message must contain)
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/completions", {"prompt": "hi", "tier": "Q9"}, 400, "unknown tier 'Q9'"),
+    ("/v1/completions", {"prompt": "hi", "ttft_ms": 0, "tbt_ms": 50}, 400, "ttft_ms must be > 0"),
+    ("/v1/completions", {"prompt": "hi", "ttlt_ms": -5}, 400, "ttlt_ms must be > 0"),
+    ("/v1/completions", {"prompt": "hi", "ttft_ms": 500}, 400, "tbt_ms is missing"),
+    ("/v1/completions", {"prompt": "hi", "tier": "Q1", "ttlt_ms": 9}, 400, "not tier and"),
+    ("/v1/completions", {"prompt": "hi", "service_tier": "turbo"}, 400, "unknown service_tier"),
+    ("/v1/completions", {"prompt": "hi", "priority": "urgent"}, 400, "unknown priority"),
+    ("/v1/completions", {"prompt": [1000] * 9000, "max_tokens": 4}, 400, "maximum context length is 8192"),
+    ("/v1/completions", {"prompt": [1000] * 5000, "max_tokens": 4}, 400, "KV blocks"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ("/v1/chat/completions", {"messages": chat("hi"), "max_tokens": -3}, 400, "max_tokens must be at least 1"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "'gpt-4' does not exist"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens must be an integer"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature must be a number"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream must be true or false"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 3}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt is required"),
+    ("/v1/completions", {"prompt": [5, 10 ** 9]}, 400, "token ids must be in [0, 49152)"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages is required"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role 'wizard'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content must be a string"),
+    ("/v1/nothing", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{b[0]}:{b[3]}" for b in BAD])
+def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, path, body, status, words):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server}{path}", content=raw, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"]
+    ok = httpx.post(f"{server}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2     # still serving
+
+
+def test_wrong_method_is_a_405_in_openai_shape(server):
+    r = httpx.get(f"{server}/v1/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+def metrics(server) -> dict[tuple, float]:
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    out = {}
+    for family in parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def test_metrics_parse_and_move(server, client):
+    before = metrics(server)
+    assert before[("niyama:kv_cache_usage_perc", ())] == 0.0
+    r = client.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=7, temperature=0,
+                                  extra_body={"tier": "Q3", "ignore_eos": True})
+    assert r.usage.completion_tokens == 7
+    after = metrics(server)
+
+    def moved(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert moved("niyama:tier_requests_total", (("tier", "Q3"),)) == 1
+    assert moved("niyama:tier_violations_total", (("tier", "Q3"),)) == 0
+    assert moved("niyama:generation_tokens_total") == 7
+    assert moved("niyama:prompt_tokens_total") == r.usage.prompt_tokens
+    assert moved("niyama:time_to_first_token_seconds_count") == 1
+    assert moved("niyama:inter_token_latency_seconds_count") == 6
+    assert moved("niyama:e2e_request_latency_seconds_count") == 1
+    assert moved("niyama:request_queue_time_seconds_count") == 1
+    assert moved("niyama:chunk_size_tokens_count") >= 1
+    assert moved("niyama:request_success_total", (("finished_reason", "length"),)) == 1
+    for tier in ("Q1", "Q2", "Q3"):
+        assert ("niyama:relegations_total", (("tier", tier),)) in after
+    assert after[("niyama:num_requests_running", ())] == 0
+
+
+def test_client_disconnect_aborts_and_frees_the_kv_cache(server):
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    before = metrics(server)
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{server}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        got = 0
+        for line in resp.iter_lines():
+            got += line.startswith("data:")
+            if got == 5:       # still reading: the request holds blocks while it streams
+                health = httpx.get(f"{server}/health", timeout=10).json()
+                assert health["kv_blocks_free"] < health["kv_blocks"]
+                break          # leaving the loop closes the stream's connection
+    deadline = time.monotonic() + 30
+    while True:
+        health = httpx.get(f"{server}/health", timeout=10).json()
+        if health["kv_blocks_free"] == health["kv_blocks"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert health["kv_blocks_free"] == health["kv_blocks"] == KV_TOKENS // 16
+    after = metrics(server)
+    key = ("niyama:request_success_total", (("finished_reason", "abort"),))
+    assert after[key] - before.get(key, 0) == 1
+    assert after[("niyama:kv_cache_usage_perc", ())] == 0.0
+    assert after[("niyama:generation_tokens_total", ())] - before.get(("niyama:generation_tokens_total", ()), 0) < 2000
+
+
+def test_bench_serve_reports_per_tier_latency(server, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--url", server, "--trace",
+                        "azure-conv", "--qps", "4", "--requests", "8", "--max-prompt-tokens", "48",
+                        "--max-output-tokens", "6", "--out", str(tmp_path), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(niyama)" in r.stdout and "QoS fields: tier names" in r.stdout
+    for tier in ("Q1", "Q2", "Q3"):
+        assert f"\n{tier} " in r.stdout
+    assert "goodput" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "records.csv")))
+    assert len(rows) == 8
+    assert all(int(row["output_tokens"]) == 6 and int(row["prompt_tokens"]) <= 48 for row in rows)
+    assert all(0 < float(row["ttft_s"]) <= float(row["ttlt_s"]) for row in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["num_requests"] == 8
+
+
+def test_bench_serve_says_when_no_server_answers(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--url",
+                        f"http://127.0.0.1:{free_port()}", "--qps", "1", "--requests", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach" in r.stderr
+
+
+def test_qos_policy_resolution_rules():
+    qos = QoSPolicy.build(TIER_PRESETS["default"], "Q2", {"flex": "Q2"})
+    assert qos.resolve({})[0].name == "Q2"
+    assert qos.resolve({"service_tier": "auto"})[0].name == "Q2"
+    assert qos.resolve({"service_tier": "flex"})[0].name == "Q2"
+    tier, prio = qos.resolve({"ttft_ms": 1500, "tbt_ms": 40, "priority": "low"})
+    assert (tier.ttft_s, tier.tbt_s, prio) == (1.5, 0.04, Priority.LOW)
+    with pytest.raises(ValueError, match="not one of"):
+        QoSPolicy.build(TIER_PRESETS["default"], "Q7")
+    with pytest.raises(APIError, match="priority must be"):
+        qos.resolve({"priority": True})
