@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .qos import Priority
 from .request import Request
 from .sim.run import SimResult
-from .workload import Workload
+from .workload import Workload, clip_lengths
 
 
 @dataclass
@@ -73,8 +72,7 @@ def request_bodies(workload: Workload, target: Target, qos: str, seed: int, voca
     limit = target.max_model_len or 1 << 30
     bodies, clipped = [], 0
     for spec in workload.specs:
-        out = min(spec.num_output_tokens, limit // 2, max_output_tokens or limit)
-        prompt = min(spec.num_prompt_tokens, limit - out, max_prompt_tokens or limit)
+        prompt, out = clip_lengths(spec, limit, max_prompt_tokens, max_output_tokens)
         clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
         body = {"model": target.model, "prompt": rng.integers(vocab[0], vocab[1], prompt).tolist(),
                 "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
@@ -154,7 +152,7 @@ def to_result(workload: Workload, outcomes: list[Outcome], bodies: list[dict], l
             continue
         spec = workload.specs[o.index]
         req = Request(o.index, o.sent_s, len(bodies[o.index]["prompt"]), bodies[o.index]["max_tokens"],
-                      tiers[spec.tier], workload.rule, spec.priority or Priority.IMPORTANT)
+                      tiers[spec.tier], workload.rule, spec.priority)
         req.first_token_s = o.token_s[0]
         req.anchor_s = max(req.first_token_s, req.first_token_deadline_s)
         req.finish_s = o.done_s

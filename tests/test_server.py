@@ -87,6 +87,9 @@ def test_openai_client_chat_streaming_and_not(client):
     assert streamed == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # no max_tokens: the room the context and this server's small KV cache leave, not a 400
+    r = client.chat.completions.create(model=MODEL, messages=chat("Say hi."), temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content
 
 
 def test_openai_client_completions_streaming_and_not(client):

@@ -15,7 +15,7 @@ import torch
 
 from ..replica import WallClock
 from ..sim.run import SimResult
-from ..workload import Workload
+from ..workload import Workload, clip_lengths
 from .engine import LLMEngine
 from .sampling import SamplingParams
 
@@ -47,8 +47,7 @@ def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
     clipped = 0
     requests = []
     for spec in workload.specs:
-        out = min(spec.num_output_tokens, limit // 2, max_output_tokens or limit)
-        prompt = min(spec.num_prompt_tokens, limit - out, max_prompt_tokens or limit)
+        prompt, out = clip_lengths(spec, limit, max_prompt_tokens, max_output_tokens)
         clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
         ids = torch.randint(0, vocab, (prompt,), generator=gen).tolist()
         seq = engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True),

@@ -57,7 +57,7 @@ def resolve(model: str | None, load_format: str = "auto") -> tuple[str, Path | M
         model = str(default_gguf_path())
     path = Path(model).expanduser()
     if not path.exists():
-        hint = f"; for random weights of a named shape use --load-format dummy" if model in SHAPES else ""
+        hint = "; for random weights of a named shape use --load-format dummy" if model in SHAPES else ""
         raise FileNotFoundError(f"model {model!r}: no such file or directory{hint}")
     if load_format == "gguf" or (load_format == "auto" and path.is_file() and path.suffix == ".gguf"):
         return "hf", convert_gguf(path)

@@ -31,7 +31,9 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
     metrics = ServerMetrics(served_name, tuple(qos.tiers))
     runner = AsyncEngine(engine, metrics)
     tok = engine.tokenizer
-    model = ModelInfo(served_name, engine.model_config.max_position, engine.model_config.vocab_size, tok)
+    kv = engine.allocator
+    kv_tokens = (kv.num_blocks - kv.num_watermark_blocks) * kv.block_size
+    model = ModelInfo(served_name, engine.model_config.max_position, kv_tokens, engine.model_config.vocab_size, tok)
     started = int(time.time())
 
     @asynccontextmanager

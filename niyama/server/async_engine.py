@@ -91,6 +91,8 @@ class AsyncEngine:
 
     async def submit(self, gen: Generation) -> Stream:
         """Queue a generation; raises ValueError if the engine refuses it (e.g. the KV cache is too small)."""
+        if not self.alive:
+            raise RuntimeError("the engine thread has stopped")
         stream = Stream(asyncio.get_running_loop(), gen)
         arrival_s = self.engine.now()       # the clock is monotonic time: safe to read from any thread
         future: concurrent.futures.Future = concurrent.futures.Future()

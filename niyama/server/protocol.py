@@ -28,6 +28,7 @@ UNSUPPORTED = {   # field -> the value that means "off" (anything else is refuse
 class ModelInfo:
     name: str                 # the served model name
     context: int              # max prompt + output tokens
+    kv_tokens: int            # the most tokens one request can ever hold in the KV cache
     vocab_size: int
     tokenizer: object | None  # niyama.engine.tokenizer.Tokenizer; None for dummy weights (token-id prompts only)
 
@@ -65,7 +66,7 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
             raise APIError(f"{key}={value!r} is not supported by niyama; leave it out", param=key)
     prompt_ids = _chat_prompt(body, model) if kind == "chat" else _completion_prompt(body, model)
     room = model.context - len(prompt_ids)
-    max_tokens = _max_tokens(body, kind, room)
+    max_tokens = _max_tokens(body, kind, min(room, model.kv_tokens - len(prompt_ids)))
     if max_tokens > room:
         raise APIError(f"this model's maximum context length is {model.context} tokens, but you asked for "
                        f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to "
@@ -117,8 +118,10 @@ def _top_k(body: dict) -> int:
 
 
 def _max_tokens(body: dict, kind: str, room: int) -> int:
+    """The requested output length; by default OpenAI's 16 for completions, and for chat all the room the
+    context and the KV cache leave."""
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    default = 16 if kind == "completion" else max(room, 1)   # OpenAI's completions default; chat: up to the context
+    default = 16 if kind == "completion" else max(room, 1)
     n = _field(body, key, int, default)
     if n < 1:
         raise APIError(f"{key} must be at least 1, got {n}", param=key)

@@ -116,3 +116,12 @@ def _arrival_times(tr: Trace, arrival: str, qps, num_requests, duration_s, diurn
                                           period_s, rng)
         return times[:num_requests] if num_requests else times
     raise ValueError(f"unknown arrival process {arrival!r}; use poisson, trace or diurnal")
+
+
+def clip_lengths(spec: RequestSpec, limit: int, max_prompt_tokens: int | None = None,
+                 max_output_tokens: int | None = None) -> tuple[int, int]:
+    """(prompt, output) lengths of `spec` cut so that they fit `limit` tokens together (the output keeps at
+    most half) and the optional caps; real engines and servers cannot take what a trace row asks for."""
+    out = min(spec.num_output_tokens, limit // 2, max_output_tokens or limit)
+    prompt = min(spec.num_prompt_tokens, limit - out, max_prompt_tokens or limit)
+    return prompt, out
