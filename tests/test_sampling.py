@@ -102,3 +102,18 @@ def test_dummy_weights_for_a_named_shape():
         tiny.add_request("text")
     with pytest.raises(ValueError, match="shape"):
         LLMEngine(model="llama-9000", load_format="dummy")
+
+
+def test_measured_profile_times_this_machine_and_leaves_the_engine_clean():
+    engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=8192, profile="measure")
+    rows = engine.calibration_rows
+    assert engine.scheduler.predictor is engine.profile and engine.profile.name == "measured-dummy-tiny-cpu"
+    assert len(rows) >= 8 and any(r[0] + r[1] > 512 for r in rows) and any(r[3] > 0 for r in rows)
+    assert all(r[4] > 0 for r in rows)
+    # a bigger prefill costs more, in the measurements and in the fitted model the scheduler plans with
+    single = {r[0]: r[4] for r in rows if r[1] == 0 and r[3] == 0}
+    assert single[1024] > single[64]
+    assert engine.profile.batch_time(1024, 0, 0, 0) > engine.profile.batch_time(64, 0, 0, 0)
+    assert engine.allocator.num_free == engine.allocator.num_blocks and not engine.executor.sequences
+    out = engine.generate([[5, 6, 7, 8] * 20], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.output_ids) == 4

@@ -37,8 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--qps", type=float, required=True, help="mean arrival rate (Poisson)")
     p.add_argument("--requests", type=int, default=40, help="number of requests (default 40)")
     p.add_argument("--profile", default="a100-llama3-8b",
-                   help="batch-time profile the scheduler plans with: a shipped name or a profile.json written by "
-                        "an earlier replay (default a100-llama3-8b)")
+                   help="batch-time profile the scheduler plans with: a shipped name, a profile.json written by "
+                        "an earlier replay, or 'measure' (time batches on this machine at start-up) "
+                        "(default a100-llama3-8b)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="clip prompts to N tokens (default: only to the model context and KV cache)")
     p.add_argument("--max-output-tokens", type=int, default=None, metavar="N", help="clip outputs to N tokens")

@@ -25,6 +25,7 @@ from ..replica import Replica, WallClock
 from ..request import Request
 from ..scheduler import make_scheduler
 from .attention import make_backend
+from .calibrate import calibrate
 from .config import ModelConfig
 from .kv_cache import PagedKVCache, kv_tokens_for_memory
 from .model import LlamaModel, rope_inv_freq
@@ -33,6 +34,9 @@ from .sampling import SamplingParams
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 from .weights import DEFAULT_MODEL, read_hf_tensors, resolve
+
+
+MEASURE = "measure"    # EngineConfig.profile: fit a profile from batches timed at start-up
 
 
 @dataclass
@@ -46,7 +50,7 @@ class EngineConfig:
     attention: str = "torch-reference"
     policy: str = "niyama"
     policy_options: dict | None = None
-    profile: str = "a100-llama3-8b"       # batch-time profile the scheduler plans with
+    profile: str = "a100-llama3-8b"       # batch-time profile the scheduler plans with; "measure": time this machine
     tiers: str = "default"
     max_num_seqs: int = 256
     seed: int = 0
@@ -87,9 +91,17 @@ class LLMEngine:
         self.allocator = BlockAllocator.for_tokens(kv_tokens)
         self.kv_cache = PagedKVCache(model_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
-        self.scheduler = make_scheduler(cfg.policy, load_profile(cfg.profile),
-                                        **{"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})})
         self.executor = ModelExecutor(self.model, self.kv_cache, make_backend(cfg.attention), self.device)
+        self.calibration_rows: list[tuple] = []
+        if cfg.profile == MEASURE:
+            profile, self.calibration_rows = calibrate(
+                self.executor, self.allocator, model_config.max_position, model_config.vocab_size,
+                name=f"measured-{self.model_name}-{self.device.type}")
+        else:
+            profile = load_profile(cfg.profile)
+        self.profile = profile
+        self.scheduler = make_scheduler(cfg.policy, profile,
+                                        **{"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})})
         self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock())
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
@@ -180,7 +192,7 @@ class LLMEngine:
         kv_gib = self.kv_cache.nbytes / 2**30
         return (f"{self.model_name}: {self.model_config.describe()}; {self.dtype} on {self.device}; "
                 f"KV cache {self.allocator.num_blocks * self.allocator.block_size} tokens ({kv_gib:.2f} GiB); "
-                f"policy {self.config.policy}; loaded in {self.load_time_s:.1f} s")
+                f"policy {self.config.policy}, batch-time profile {self.profile.name}; loaded in {self.load_time_s:.1f} s")
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
