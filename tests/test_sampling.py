@@ -117,3 +117,25 @@ def test_measured_profile_times_this_machine_and_leaves_the_engine_clean():
     assert engine.allocator.num_free == engine.allocator.num_blocks and not engine.executor.sequences
     out = engine.generate([[5, 6, 7, 8] * 20], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.output_ids) == 4
+
+
+def test_abort_frees_blocks_wherever_the_request_is():
+    engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=2048, policy="fcfs")
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    decoding = engine.add_request([3] * 40, params)
+    engine.step()                                         # prefilled: now decoding
+    paused = engine.add_request([4] * 600, params)        # longer than one 256-token chunk: a paused prefill
+    waiting = engine.add_request([5] * 40, params)
+    later = engine.add_request([6] * 40, params, arrival_s=engine.now() + 3600)   # not arrived yet
+    keep = engine.add_request([7] * 40, params)
+    engine.step()
+    assert decoding.request in engine.replica.decodes and paused.request.num_computed_tokens == 256 - 1
+    assert paused.request.block_ids and not waiting.request.block_ids
+    for seq in (decoding, paused, waiting, later):
+        assert engine.abort(seq) and seq.finish_reason == "abort"
+        assert not engine.abort(seq)                      # once only
+    assert engine.allocator.num_free == engine.allocator.num_blocks   # `keep` has not started either
+    while engine.has_work:
+        engine.step()
+    assert keep.finish_reason == "length" and len(keep.output_ids) == 30
+    assert engine.allocator.num_free == engine.allocator.num_blocks and not engine.executor.sequences
