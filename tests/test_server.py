@@ -277,3 +277,13 @@ def test_qos_policy_resolution_rules():
         QoSPolicy.build(TIER_PRESETS["default"], "Q7")
     with pytest.raises(APIError, match="priority must be"):
         qos.resolve({"priority": True})
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "niyama.cli", "serve", "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Address already in use" in r.stderr and "loaded in" not in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from .common import add_engine_options, check_policy, engine_config_from_args, parse_policy_options
@@ -63,6 +64,15 @@ def parse_service_tier_map(text: str | None) -> dict[str, str]:
     return out
 
 
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
+
+
 def run(args) -> int:
     try:
         import uvicorn
@@ -78,6 +88,7 @@ def run(args) -> int:
     options = parse_policy_options(args.policy, args.opt)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    check_port_free(args.host, args.port)      # before a model load that can take minutes
     tiers = load_tiers(args.tiers)
     qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
     engine = LLMEngine(engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
