@@ -28,7 +28,7 @@ class Outcome:
 
     index: int
     sent_s: float
-    token_s: list[float] = field(default_factory=list)   # arrival of each chunk that carried text
+    token_s: list[float] = field(default_factory=list)   # arrival of each chunk that carried text (or token ids)
     done_s: float | None = None
     num_output_tokens: int = 0
     relegated: bool = False
@@ -109,7 +109,7 @@ async def send(client, url: str, body: dict, index: int, start: float, timeout: 
                     return out
                 now = time.monotonic() - start
                 for choice in chunk.get("choices") or ():
-                    if choice.get("text"):
+                    if choice.get("text") or choice.get("token_ids"):   # token ids: a server without a tokenizer
                         out.token_s.append(now)
                 if chunk.get("usage"):
                     out.num_output_tokens = chunk["usage"].get("completion_tokens", 0)

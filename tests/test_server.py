@@ -98,8 +98,14 @@ def test_openai_client_completions_streaming_and_not(client):
     parts = [c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="The three primary colors are", temperature=0, max_tokens=12, stream=True) if c.choices]
     assert "".join(parts) == r.choices[0].text and len(parts) >= 2
-    ids = client.completions.create(model=MODEL, prompt=[504, 1845, 3994], max_tokens=3, temperature=0)
+    ids = client.completions.create(model=MODEL, prompt=[504, 1845, 3994], max_tokens=3, temperature=0,
+                                    extra_body={"return_token_ids": True})
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+    assert len(ids.choices[0].model_extra["token_ids"]) == 3
+    streamed = [c.choices[0].model_extra["token_ids"] for c in client.completions.create(
+        model=MODEL, prompt=[504, 1845, 3994], max_tokens=3, temperature=0, stream=True,
+        extra_body={"return_token_ids": True}) if c.choices and c.choices[0].finish_reason is None]
+    assert sum(streamed, []) == ids.choices[0].model_extra["token_ids"]
 
 
 def test_concurrent_requests_match_their_solo_answers(server, client):

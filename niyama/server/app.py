@@ -102,7 +102,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
         return await collect(request, stream, gen, writer)
 
     async def collect(request: Request, stream: Stream, gen: Generation, writer: ResponseWriter):
-        parts, last = [], None
+        parts, ids, last = [], [], None
         try:
             while not stream.finished:
                 try:
@@ -112,13 +112,14 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
                         return Response(status_code=499)
                     continue
                 parts.append(last.text)
+                ids.extend(last.token_ids)
         finally:
             if not stream.finished:
                 runner.abort(stream)
         if last.error:
             raise APIError(last.error, 500)
         return writer.full("".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
-                           stream.qos())
+                           stream.qos(), ids)
 
     async def sse(stream: Stream, gen: Generation, writer: ResponseWriter):
         first = True
@@ -127,8 +128,8 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
                 if event.error:
                     yield data(APIError(event.error, 500).body())
                     break
-                if event.num_tokens and (event.text or event.finish_reason is None):
-                    yield data(writer.chunk(event.text, first=first))
+                if event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids):
+                    yield data(writer.chunk(event.text, first=first, token_ids=event.token_ids))
                     first = False
                 if event.finish_reason is not None:
                     yield data(writer.chunk("", event.finish_reason, qos=stream.qos()))

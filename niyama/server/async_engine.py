@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine import LLMEngine
 from ..engine.sequence import Sequence
@@ -28,6 +28,7 @@ class Event:
     num_tokens: int                 # tokens generated so far
     finish_reason: str | None = None
     error: str | None = None        # the engine failed on this request
+    token_ids: list[int] = field(default_factory=list)   # the tokens new in this event
 
 
 class Stream:
@@ -113,11 +114,10 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.step()
+                self._publish()
             except Exception as e:            # keep serving: fail the requests in flight, free their blocks
                 log.exception("engine step failed")
                 self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
-                continue
-            self._publish()
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands; with `block`, wait (briefly) for one. False when asked to stop."""
@@ -170,8 +170,8 @@ class AsyncEngine:
                 continue
             if self.metrics is not None and n > stream.sent_tokens:
                 self.metrics.tokens_emitted(seq, n - stream.sent_tokens, self.engine.now())
+            stream.put(Event(seq.take_text(), n, seq.finish_reason, token_ids=seq.output_ids[stream.sent_tokens:n]))
             stream.sent_tokens = n
-            stream.put(Event(seq.take_text(), n, seq.finish_reason))
             if seq.finished:
                 done.append(seq)
         for seq in done:

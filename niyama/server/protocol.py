@@ -43,6 +43,7 @@ class Generation:
     stream: bool
     include_usage: bool
     model: str
+    return_token_ids: bool    # put generated token ids in the response (always without a tokenizer)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -90,8 +91,9 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
     include_usage = bool(options.get("include_usage", False))
+    return_ids = _field(body, "return_token_ids", bool, model.tokenizer is None)
     tier, priority = qos.resolve(body)
-    return Generation(kind, prompt_ids, params, tier, priority, stream, include_usage, model.name)
+    return Generation(kind, prompt_ids, params, tier, priority, stream, include_usage, model.name, return_ids)
 
 
 def _field(body: dict, key: str, kind: type, default):
@@ -203,16 +205,21 @@ class ResponseWriter:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.gen.model,
                 "service_tier": self.gen.tier.name}
 
-    def full(self, text: str, finish_reason: str, usage: dict, qos: dict) -> dict:
+    def full(self, text: str, finish_reason: str, usage: dict, qos: dict, token_ids: list[int]) -> dict:
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.gen.return_token_ids:
+            choice["token_ids"] = token_ids
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         return {**self._base(self.object), "choices": [choice], "usage": usage, "niyama": qos}
 
-    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None) -> dict:
+    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None,
+              token_ids: list[int] | None = None) -> dict:
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.gen.return_token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
         if self.chat:
             choice["delta"] = ({"role": "assistant", "content": text} if first else
                                {"content": text} if text or finish_reason is None else {})
