@@ -42,6 +42,7 @@ class Target:
     is_niyama: bool
     max_model_len: int | None
     tiers: tuple[str, ...]     # tier names the server reports (niyama only)
+    vocab_size: int | None     # niyama only
 
 
 async def discover(client, url: str, model: str | None) -> Target:
@@ -59,7 +60,8 @@ async def discover(client, url: str, model: str | None) -> Target:
     if card is None:
         raise ValueError(f"model {model!r} is not served at {url}; it serves {', '.join(m.get('id') for m in data)}")
     tiers = tuple(t.split(":")[0] for t in card.get("tiers", ()))
-    return Target(url, card["id"], card.get("owned_by") == "niyama", card.get("max_model_len"), tiers)
+    return Target(url, card["id"], card.get("owned_by") == "niyama", card.get("max_model_len"), tiers,
+                  card.get("vocab_size"))
 
 
 def request_bodies(workload: Workload, target: Target, qos: str, seed: int, vocab: tuple[int, int],
@@ -69,6 +71,8 @@ def request_bodies(workload: Workload, target: Target, qos: str, seed: int, voca
         qos = ("tier" if set(t.name for t in workload.tiers) <= set(target.tiers) else "targets") \
             if target.is_niyama else "off"
     rng = np.random.default_rng(seed)
+    if target.vocab_size and vocab[1] > target.vocab_size:      # a small vocabulary (a test model)
+        vocab = (min(vocab[0], target.vocab_size // 2), target.vocab_size)
     limit = target.max_model_len or 1 << 30
     bodies, clipped = [], 0
     for spec in workload.specs:

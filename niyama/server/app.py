@@ -75,6 +75,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
                                             "owned_by": "niyama", "max_model_len": model.context,
+                                            "vocab_size": model.vocab_size,
                                             "tiers": [t.describe() for t in qos.tiers.values()],
                                             "default_tier": qos.default_tier}]}
 
