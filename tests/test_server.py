@@ -138,6 +138,10 @@ def test_qos_fields_pick_the_tier_and_priority(client):
     assert qos_of(client, priority="low")[1]["priority"] == "low"
     assert qos_of(client, priority=1)[1]["priority"] == "low"         # vLLM: larger = later
     assert qos_of(client, priority=-3)[1] == {"tier": "Q1", "priority": "important", "relegated": False}
+    # OpenAI's "off" values of features niyama does not have are accepted
+    r = client.chat.completions.create(model=MODEL, messages=chat("Hi"), max_tokens=2, logprobs=False, n=1,
+                                       presence_penalty=0, frequency_penalty=0.0, logit_bias={})
+    assert r.usage.completion_tokens == 2
 
 
 BAD = [   # (path, body, status, words the message must contain)
@@ -160,6 +164,7 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream must be true or false"),
     ("/v1/completions", {"prompt": "hi", "top_p": 3}, 400, "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+    ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": True}, 400, "logprobs=True is not supported"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt is required"),
     ("/v1/completions", {"prompt": [5, 10 ** 9]}, 400, "token ids must be in [0, 49152)"),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages is required"),

@@ -18,9 +18,9 @@ from ..qos import Priority, Tier
 from .errors import APIError
 from .qos import QoSPolicy
 
-UNSUPPORTED = {   # field -> the value that means "off" (anything else is refused)
-    "n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "tools": None,
-    "functions": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "suffix": None,
+UNSUPPORTED = {   # field -> values that mean "off" (anything else is refused; null is always off)
+    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],),
+    "functions": ([],), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
 }
 
 
@@ -63,7 +63,7 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
                        param="model", code="model_not_found", type="not_found_error")
     for key, off in UNSUPPORTED.items():
         value = body.get(key)
-        if value is not None and value != off:
+        if value is not None and value not in off:
             raise APIError(f"{key}={value!r} is not supported by niyama; leave it out", param=key)
     prompt_ids = _chat_prompt(body, model) if kind == "chat" else _completion_prompt(body, model)
     room = model.context - len(prompt_ids)
