@@ -164,6 +164,7 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream must be true or false"),
     ("/v1/completions", {"prompt": "hi", "top_p": 3}, 400, "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1, "temperature": 0.7}, 400, "seed must be in [0, 2^63)"),
     ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": True}, 400, "logprobs=True is not supported"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt is required"),
     ("/v1/completions", {"prompt": [5, 10 ** 9]}, 400, "token ids must be in [0, 49152)"),

@@ -80,11 +80,14 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     stop_ids = _field(body, "stop_token_ids", list, [])
     if not all(_is_int(t) for t in stop_ids):
         raise APIError("stop_token_ids must be a list of integers", param="stop_token_ids")
+    seed = _field(body, "seed", int, None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise APIError(f"seed must be in [0, 2^63), got {seed}", param="seed")
     try:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=float(_field(body, "temperature", float, 1.0)),
             top_p=float(_field(body, "top_p", float, 1.0)), top_k=_top_k(body),
-            seed=_field(body, "seed", int, None), stop=tuple(stop), stop_token_ids=tuple(stop_ids),
+            seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
             ignore_eos=_field(body, "ignore_eos", bool, False))
     except ValueError as e:
         raise APIError(str(e)) from None
