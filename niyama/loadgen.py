@@ -41,7 +41,7 @@ class Target:
     model: str
     is_niyama: bool
     max_model_len: int | None
-    tiers: tuple[str, ...]     # tier names the server reports (niyama only)
+    tiers: tuple[str, ...]     # the server's tiers as `Tier.describe()` text (niyama only)
     vocab_size: int | None     # niyama only
 
 
@@ -59,16 +59,15 @@ async def discover(client, url: str, model: str | None) -> Target:
     card = next((m for m in data if m.get("id") == model), None) if model else data[0]
     if card is None:
         raise ValueError(f"model {model!r} is not served at {url}; it serves {', '.join(m.get('id') for m in data)}")
-    tiers = tuple(t.split(":")[0] for t in card.get("tiers", ()))
-    return Target(url, card["id"], card.get("owned_by") == "niyama", card.get("max_model_len"), tiers,
-                  card.get("vocab_size"))
+    return Target(url, card["id"], card.get("owned_by") == "niyama", card.get("max_model_len"),
+                  tuple(card.get("tiers", ())), card.get("vocab_size"))
 
 
 def request_bodies(workload: Workload, target: Target, qos: str, seed: int, vocab: tuple[int, int],
                    max_prompt_tokens: int | None, max_output_tokens: int | None) -> tuple[list[dict], int]:
     """One /v1/completions body per request, and how many had their lengths clipped."""
-    if qos == "auto":
-        qos = ("tier" if set(t.name for t in workload.tiers) <= set(target.tiers) else "targets") \
+    if qos == "auto":     # tier names only where the server's tier of that name has the same targets
+        qos = ("tier" if {t.describe() for t in workload.tiers} <= set(target.tiers) else "targets") \
             if target.is_niyama else "off"
     rng = np.random.default_rng(seed)
     if target.vocab_size and vocab[1] > target.vocab_size:      # a small vocabulary (a test model)
