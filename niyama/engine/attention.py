@@ -33,7 +33,8 @@ class AttentionBackend(Protocol):
     name: str
 
     def prepare(self, seqs: list[SeqSlice], num_decodes: int, block_size: int, device: torch.device) -> Any:
-        """Per-step metadata shared by every layer; the last `num_decodes` slices are decodes."""
+        """Per-step metadata shared by every layer; the last `num_decodes` slices are decodes.
+        A backend that can pad a decode-only batch (for CUDA graphs) also takes `pad_to`."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: Any) -> torch.Tensor:
@@ -138,10 +139,16 @@ def _sdpa(q, k, v, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[-3] != k.shape[-3])
 
 
-BACKENDS = {TorchReference.name: TorchReference}
+AUTO = "auto"    # triton on a GPU, the reference elsewhere
 
 
-def make_backend(name: str) -> AttentionBackend:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
+def make_backend(name: str, config, device: torch.device, max_num_seqs: int, block_size: int) -> AttentionBackend:
+    """`torch-reference` (anywhere), `triton` (CUDA; imports Triton only then), or `auto`."""
+    if name == AUTO:
+        name = "triton" if device.type == "cuda" else TorchReference.name
+    if name == TorchReference.name:
+        return TorchReference()
+    if name == "triton":
+        from .triton_backend import TritonPaged
+        return TritonPaged(config, device, max_num_seqs, block_size)
+    raise ValueError(f"unknown attention backend {name!r}; choose from auto, torch-reference, triton")

@@ -24,11 +24,13 @@ from ..qos import DeadlineRule, Priority, Tier, load_tiers
 from ..replica import Replica, WallClock
 from ..request import Request
 from ..scheduler import make_scheduler
-from .attention import make_backend
+from .attention import TorchReference, make_backend
 from .calibrate import calibrate
 from .config import ModelConfig
-from .kv_cache import PagedKVCache, kv_tokens_for_memory
+from .kv_cache import DEFAULT_CPU_KV_TOKENS, PagedKVCache
+from .memory import plan_kv_cache
 from .model import LlamaModel, rope_inv_freq
+from .ops import make_ops
 from .runner import ModelExecutor
 from .sampling import SamplingParams
 from .sequence import Sequence
@@ -37,6 +39,7 @@ from .weights import DEFAULT_MODEL, read_hf_tensors, resolve
 
 
 MEASURE = "measure"    # EngineConfig.profile: fit a profile from batches timed at start-up
+MAX_GRAPH_BATCH = 256  # decode batches up to this size replay CUDA graphs; larger ones run eagerly
 
 
 @dataclass
@@ -46,8 +49,9 @@ class EngineConfig:
     device: str | None = None             # default: cuda if available, else cpu
     dtype: str | None = None              # default: bfloat16 on cuda, float32 on cpu
     kv_tokens: int | None = None          # KV cache size; default from GPU memory, or 32768 on cpu
-    gpu_memory_utilization: float = 0.9
-    attention: str = "torch-reference"
+    gpu_memory_utilization: float = 0.9   # weights + activations of the worst step + KV cache, on a GPU
+    attention: str = "auto"               # auto (triton on cuda, else torch-reference) | triton | torch-reference
+    cuda_graphs: bool = True              # decode-only steps replay CUDA graphs (triton attention on cuda)
     policy: str = "niyama"
     policy_options: dict | None = None
     profile: str = "a100-llama3-8b"       # batch-time profile the scheduler plans with; "measure": time this machine
@@ -76,7 +80,10 @@ class LLMEngine:
         kind, source = resolve(cfg.model, cfg.load_format)
         model_config = source if kind == "dummy" else ModelConfig.from_file(source / "config.json")
         self.model_config: ModelConfig = model_config
-        self.model = build_model(model_config, self.dtype, self.device)
+        block_size = 16
+        backend = make_backend(cfg.attention, model_config, self.device, cfg.max_num_seqs, block_size)
+        fast = not isinstance(backend, TorchReference)
+        self.model = build_model(model_config, self.dtype, self.device, make_ops("triton" if fast else "torch"))
         if kind == "dummy":
             self.model.init_random(cfg.seed)
             self.tokenizer = None
@@ -86,22 +93,35 @@ class LLMEngine:
             self.tokenizer = Tokenizer(source, model_config.eos_token_ids)
             self.model_name = cfg.model or DEFAULT_MODEL
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
-        kv_tokens = cfg.kv_tokens or kv_tokens_for_memory(model_config, self.dtype, self.device,
-                                                           cfg.gpu_memory_utilization)
-        self.allocator = BlockAllocator.for_tokens(kv_tokens)
+        policy_options = {"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})}
+        profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
+        self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)
+        graph_batch = min(cfg.max_num_seqs, MAX_GRAPH_BATCH) if (
+            fast and cfg.cuda_graphs and self.device.type == "cuda") else 0
+        self.memory = None
+        kv_tokens = cfg.kv_tokens
+        if kv_tokens is None and self.device.type == "cuda":
+            self.memory = plan_kv_cache(self.model, backend, model_config, self.dtype, self.device,
+                                        cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens,
+                                        cfg.max_num_seqs, graph_batch, block_size)
+            kv_tokens = self.memory.kv_tokens
+        self.allocator = BlockAllocator.for_tokens(kv_tokens or DEFAULT_CPU_KV_TOKENS, block_size)
         self.kv_cache = PagedKVCache(model_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
-        self.executor = ModelExecutor(self.model, self.kv_cache, make_backend(cfg.attention), self.device)
+        self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
+        if fast:
+            from .cuda_graphs import DecodeGraphs, bucket_sizes
+            self.executor.pad_buckets = bucket_sizes(cfg.max_num_seqs)
+            if graph_batch:
+                self.executor.graphs = DecodeGraphs(self.model, self.kv_cache, backend, graph_batch, self.device)
+                self.executor.graphs.capture()
         self.calibration_rows: list[tuple] = []
         if cfg.profile == MEASURE:
             profile, self.calibration_rows = calibrate(
                 self.executor, self.allocator, model_config.max_position, model_config.vocab_size,
                 name=f"measured-{self.model_name}-{self.device.type}")
-        else:
-            profile = load_profile(cfg.profile)
+            self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)
         self.profile = profile
-        self.scheduler = make_scheduler(cfg.policy, profile,
-                                        **{"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})})
         self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock())
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
@@ -190,15 +210,18 @@ class LLMEngine:
 
     def describe(self) -> str:
         kv_gib = self.kv_cache.nbytes / 2**30
+        graphs = self.executor.graphs
         return (f"{self.model_name}: {self.model_config.describe()}; {self.dtype} on {self.device}; "
                 f"KV cache {self.allocator.num_blocks * self.allocator.block_size} tokens ({kv_gib:.2f} GiB); "
+                f"attention {self.executor.backend.name}, "
+                f"{f'{len(graphs.graphs)} CUDA graphs' if graphs else 'no CUDA graphs'}; "
                 f"policy {self.config.policy}, batch-time profile {self.profile.name}; loaded in {self.load_time_s:.1f} s")
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, ops=None) -> LlamaModel:
     """Allocate the model straight in `dtype` on `device` (no float32 copy of an 8B model)."""
     with torch.device("meta"):
-        model = LlamaModel(config)
+        model = LlamaModel(config, ops)
     model = model.to(dtype).to_empty(device=device)
     model.inv_freq = rope_inv_freq(config).to(device)    # rotary frequencies stay float32
     return model.eval()

@@ -19,24 +19,6 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def kv_tokens_for_memory(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                         utilization: float, block_size: int = 16) -> int:
-    """Tokens of KV that fit in `utilization` x the GPU's total memory, minus what is already in use
-    (weights, activations of a warm-up pass); on CPU, the default `DEFAULT_CPU_KV_TOKENS`."""
-    if device.type != "cuda":
-        return DEFAULT_CPU_KV_TOKENS
-    if not 0 < utilization <= 1:
-        raise ValueError(f"gpu memory utilization must be in (0, 1], got {utilization}")
-    free, total = torch.cuda.mem_get_info(device)
-    budget = utilization * total - (total - free)
-    per_token = config.kv_bytes_per_token * dtype_size(dtype)
-    tokens = int(budget // per_token) // block_size * block_size
-    if tokens < block_size:
-        raise ValueError(f"no room for a KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB "
-                         f"at utilization {utilization}")
-    return tokens
-
-
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):

@@ -17,6 +17,7 @@ from torch import nn
 from .attention import AttentionBackend
 from .config import ModelConfig
 from .kv_cache import PagedKVCache
+from .ops import TorchOps
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -37,20 +38,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(wavelen < orig / high, inv, out)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32, scale in the model dtype (as the reference implementation does)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE; x `[T, heads, D]`, cos/sin `[T, 1, D]`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -63,27 +50,21 @@ class DecoderLayer(nn.Module):
         self.input_norm = nn.Parameter(torch.empty(c.hidden_size), requires_grad=False)
         self.post_attention_norm = nn.Parameter(torch.empty(c.hidden_size), requires_grad=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, backend: AttentionBackend, meta) -> torch.Tensor:
+    def forward(self, x, delta, rope, k_cache, v_cache, backend: AttentionBackend, meta, ops):
+        """Add the previous layer's output `delta` to the residual stream `x`; return (x, this layer's output)."""
         c = self.c
-        t = x.shape[0]
-        h = rms_norm(x, self.input_norm, c.rms_norm_eps)
-        qkv = F.linear(h, self.qkv_proj)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q = qkv[:, :q_size].view(t, c.num_heads, c.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(t, c.num_kv_heads, c.head_dim)
-        v = qkv[:, q_size + kv_size:].view(t, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = backend.forward(q, k, v.contiguous(), k_cache, v_cache, meta)
-        x = x + F.linear(attn.reshape(t, q_size), self.o_proj)
-        h = rms_norm(x, self.post_attention_norm, c.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        x, h = ops.add_rms_norm(x, delta, self.input_norm, c.rms_norm_eps)
+        q, k, v = ops.rope_qkv(F.linear(h, self.qkv_proj), c.num_heads, c.num_kv_heads, c.head_dim, rope)
+        attn = backend.forward(q, k, v, k_cache, v_cache, meta)                       # [T, H, D]
+        x, h = ops.add_rms_norm(x, F.linear(attn.flatten(1), self.o_proj), self.post_attention_norm, c.rms_norm_eps)
+        return x, F.linear(ops.silu_mul(F.linear(h, self.gate_up_proj)), self.down_proj)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ops=None):
         super().__init__()
         self.config = config
+        self.ops = ops or TorchOps()       # elementwise stages: TorchOps, or triton_ops.TritonOps on CUDA
         self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
@@ -96,13 +77,12 @@ class LlamaModel(nn.Module):
                 backend: AttentionBackend, meta) -> torch.Tensor:
         """Hidden states `[T, hidden]` of the flat batch (final norm applied)."""
         x = F.embedding(input_ids, self.embed)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        rope = self.ops.rope_state(positions, self.inv_freq, x.dtype)
+        delta = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv.layer(i)
-            x = layer(x, cos, sin, k_cache, v_cache, backend, meta)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, delta = layer(x, delta, rope, k_cache, v_cache, backend, meta, self.ops)
+        return self.ops.add_rms_norm(x, delta, self.norm, self.config.rms_norm_eps)[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,12 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of `logits` `[n, vocab]` (float32)."""
+    return sample_on_device(logits, params, generators).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The tokens as a tensor on the logits' device; nothing waits for the GPU."""
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:
@@ -54,4 +60,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
             probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out.tolist()
+    return out

@@ -46,6 +46,11 @@ class Scheduler:
         self.config = config
         self.waiting = WaitingQueue(order)
 
+    @property
+    def max_batch_tokens(self) -> int:
+        """The most tokens one plan can hold: every decode, or the largest budget (the engine sizes memory by it)."""
+        return max(self.config.max_num_seqs, self.config.chunk_size)
+
     # --- policy hooks ----------------------------------------------------
     def token_budget(self, now: float, num_decodes: int, decode_context: int, min_slack: float,
                      kv: BlockAllocator) -> int:

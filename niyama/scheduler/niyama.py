@@ -71,6 +71,12 @@ class NiyamaScheduler(Scheduler):
         self.prefill_rate = PrefillRate(config.prefill_rate_init, config.prefill_rate_decay)
         self.name = name
 
+    @property
+    def max_batch_tokens(self) -> int:
+        cfg = self.config
+        budgets = cfg.chunk_candidates + cfg.low_memory_candidates if cfg.dynamic_chunking else (cfg.chunk_size,)
+        return max(cfg.max_num_seqs, *budgets)
+
     def token_budget(self, now: float, num_decodes: int, decode_context: int, min_slack: float,
                      kv: BlockAllocator) -> int:
         cfg = self.config
