@@ -63,6 +63,11 @@ class TritonPaged:
         self.part_ml = torch.empty(worst * self.num_heads * 2, dtype=torch.float32, device=device)
         self.scale_log2 = LOG2E / math.sqrt(config.head_dim)
         self._tables: dict[int, tuple[list, np.ndarray]] = {}
+        # launch settings (benchmarks/attention_bench.py times the alternatives)
+        self.prefill_launch = {128: dict(BLOCK_N=64, num_warps=8, num_stages=3),
+                               64: dict(BLOCK_N=64, num_warps=4, num_stages=2),
+                               16: dict(BLOCK_N=64, num_warps=4, num_stages=2)}
+        self.decode_launch = dict(BLOCK_N=64, num_warps=4, num_stages=2)
 
     def num_splits(self, batch: int) -> int:
         """Splits of each decode's context: enough programs to fill the GPU twice, a power of two."""
@@ -148,8 +153,8 @@ class TritonPaged:
                 q, k_cache, v_cache, out, meta.tile_seq, meta.tile_m0, meta.seq_q_start, meta.seq_q_len,
                 meta.seq_ctx, meta.prefill_tables, meta.prefill_tables.stride(0), self.scale_log2,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1), cb, ct, ch,
-                GROUP=self.group, HEAD_DIM=d, BLOCK_SIZE=self.block_size, BLOCK_M=meta.block_m, BLOCK_N=64,
-                num_warps=8 if meta.block_m == 128 else 4, num_stages=3 if meta.block_m == 128 else 2)
+                GROUP=self.group, HEAD_DIM=d, BLOCK_SIZE=self.block_size, BLOCK_M=meta.block_m,
+                **self.prefill_launch[meta.block_m])
         if meta.num_decodes:
             b, splits, r0 = meta.num_decodes, meta.num_splits, meta.num_prefill_rows
             qd, od = q[r0:], out[r0:]
@@ -159,7 +164,7 @@ class TritonPaged:
                 qd, k_cache, v_cache, part_acc, part_ml, meta.decode_tables, meta.decode_tables.stride(0),
                 meta.decode_ctx, self.scale_log2, qd.stride(0), qd.stride(1), cb, ct, ch,
                 GROUP=self.group, GROUP_PAD=max(16, triton.next_power_of_2(self.group)), HEAD_DIM=d,
-                BLOCK_SIZE=self.block_size, BLOCK_N=64, NUM_SPLITS=splits, num_warps=4, num_stages=2)
+                BLOCK_SIZE=self.block_size, NUM_SPLITS=splits, **self.decode_launch)
             combine_splits[(b, self.num_heads)](part_acc, part_ml, od, od.stride(0), od.stride(1),
                                                 HEAD_DIM=d, NUM_SPLITS=splits, num_warps=4)
         return out
