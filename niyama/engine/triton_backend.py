@@ -64,7 +64,7 @@ class TritonPaged:
         self.scale_log2 = LOG2E / math.sqrt(config.head_dim)
         self._tables: dict[int, tuple[list, np.ndarray]] = {}
         # launch settings (benchmarks/attention_bench.py times the alternatives)
-        self.prefill_launch = {128: dict(BLOCK_N=64, num_warps=8, num_stages=3),
+        self.prefill_launch = {128: dict(BLOCK_N=128, num_warps=8, num_stages=2),
                                64: dict(BLOCK_N=64, num_warps=4, num_stages=2),
                                16: dict(BLOCK_N=64, num_warps=4, num_stages=2)}
         self.decode_launch = dict(BLOCK_N=64, num_warps=4, num_stages=2)
