@@ -40,22 +40,83 @@ def group(name: str) -> str:
     return name[:60]
 
 
+def idle_gaps(kernels: list, reps: int) -> dict:
+    """GPU idle time between consecutive kernels of a step (gaps over 2 ms separate steps: the host
+    builds the next synthetic step there), and the largest gaps with the kernels around them."""
+    kernels.sort(key=lambda k: k[0])
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(kernels, kernels[1:]) if b[0] - a[1] < 2000]
+    top = sorted(gaps, reverse=True)[:6]
+    return {"idle_ms_per_step": sum(g[0] for g in gaps) / reps / 1e3,
+            "gaps_over_20us_per_step": sum(g[0] > 20 for g in gaps) / reps,
+            "largest_us": [(round(g[0], 1), group(g[1]), group(g[2])) for g in top]}
+
+
+def host_timed(engine):
+    """Host seconds spent inside model.forward (enqueueing kernels; a hidden sync would show here)."""
+    model = engine.executor.model
+    spent = []
+    orig = model.forward
+
+    def forward(*a, **kw):
+        t0 = time.perf_counter()
+        out = orig(*a, **kw)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    model.forward = forward
+    return spent
+
+
 def profile_figure(steps: SyntheticSteps, prefill: int, decodes: int, context: int, reps: int) -> dict:
     for _ in range(3):
         steps.run(prefill, decodes, context)
+    spent = host_timed(steps.engine)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         walls = [steps.run(prefill, decodes, context) for _ in range(reps)]
+    del steps.engine.executor.model.forward
     by_group: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    kernels = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             g = by_group[group(ev.name)]
             g[0] += ev.device_time_total / reps / 1e3          # ms per step
             g[1] += 1 / reps
+            kernels.append((ev.time_range.start, ev.time_range.end, ev.name))
     busy = sum(v[0] for v in by_group.values())
     top = sorted(by_group.items(), key=lambda kv: -kv[1][0])[:14]
     return {"wall_ms": sorted(walls)[len(walls) // 2] * 1e3, "busy_ms": busy,
-            "kernels_per_step": round(sum(v[1] for v in by_group.values())),
+            "host_forward_ms": sorted(spent)[len(spent) // 2] * 1e3 if spent else None,
+            "kernels_per_step": round(sum(v[1] for v in by_group.values())), **idle_gaps(kernels, reps),
             "groups": {k: {"ms": round(v[0], 4), "count": round(v[1], 1)} for k, v in top}}
+
+
+def launch_costs(engine) -> dict:
+    """Host microseconds per call of each op the forward launches (no sync: the GPU absorbs the work)."""
+    import torch.nn.functional as F
+
+    c, dev = engine.model_config, engine.device
+    ops, backend, layer = engine.model.ops, engine.executor.backend, engine.model.layers[0]
+    x = torch.randn(64, c.hidden_size, device=dev, dtype=engine.dtype)
+    qkv = torch.randn(64, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, device=dev, dtype=engine.dtype)
+    gate_up = torch.randn(64, 2 * c.intermediate_size, device=dev, dtype=engine.dtype)
+    positions = torch.arange(64, device=dev)
+    rope = ops.rope_state(positions, engine.model.inv_freq, engine.dtype)
+    cases = {"add_rms_norm (triton)": lambda: ops.add_rms_norm(x, x, layer.input_norm, 1e-5),
+             "silu_mul (triton)": lambda: ops.silu_mul(gate_up),
+             "rope_qkv (triton)": lambda: ops.rope_qkv(qkv, c.num_heads, c.num_kv_heads, c.head_dim, rope),
+             "F.linear": lambda: F.linear(x, layer.o_proj),
+             "torch add": lambda: x + x}
+    out = {}
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        out[name] = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+    return out
 
 
 def main() -> int:
@@ -71,9 +132,20 @@ def main() -> int:
     results = {}
     for name, (p, d, c) in FIGURES.items():
         r = results[name] = profile_figure(steps, p, d, c, args.reps)
-        print(f"\n{name}: wall {r['wall_ms']:.2f} ms, GPU busy {r['busy_ms']:.2f} ms, {r['kernels_per_step']} kernels")
+        timing = engine.executor.last_timing
+        r["last_timing_ms"] = {k: round(v * 1e3, 3) for k, v in vars(timing).items()}
+        if engine.executor.graphs is not None and d and not p:
+            g = engine.executor.graphs.get(engine.executor.bucket(d))
+            r["graph_run_host_ms"] = [round(v * 1e3, 3) for v in g.host_s]
+        print(f"\n{name}: wall {r['wall_ms']:.2f} ms, GPU busy {r['busy_ms']:.2f} ms, idle between kernels "
+              f"{r['idle_ms_per_step']:.2f} ms, host in forward {r['host_forward_ms'] or 0:.2f} ms, "
+              f"{r['kernels_per_step']} kernels; largest gaps (us) {r['largest_us'][:4]}")
+        print(f"   host stages (ms): {r['last_timing_ms']}  graph run (prepare, copies, replay): "
+              f"{r.get('graph_run_host_ms')}")
         for k, v in r["groups"].items():
             print(f"   {v['ms']:8.3f} ms  x{v['count']:<6} {k}")
+    results["launch_us"] = launch_costs(engine)
+    print("\nhost us per launch:", {k: round(v, 1) for k, v in results["launch_us"].items()})
     graphs = engine.executor.graphs
     if graphs is not None:       # host cost of one replay call (the GPU runs it meanwhile)
         g = graphs.get(128)

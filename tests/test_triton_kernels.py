@@ -144,16 +144,46 @@ def test_elementwise_ops_match_torch():
         assert rel_err(a, b) < TOL
 
 
+def run_engine(opts: dict, prompts, params, force=None, weights_from=None):
+    """Greedy outputs and every sampled row's logits per prompt; `force`: teacher-force these tokens."""
+    from niyama.engine import LLMEngine
+
+    engine = LLMEngine(**opts)
+    if weights_from is not None:
+        with torch.no_grad():
+            for mine, theirs in zip(engine.model.parameters(), weights_from.model.parameters()):
+                mine.copy_(theirs)
+    first = engine.replica._num_added
+    seen: dict[int, list] = {}
+
+    def hook(seqs, rows):
+        for s, row in zip(seqs, rows):
+            got = seen.setdefault(s.request.request_id - first, [])
+            got.append(row.clone())
+            if force is not None:
+                row.fill_(float("-inf"))
+                row[force[s.request.request_id - first][len(got) - 1]] = 0.0
+
+    engine.executor.logits_hook = hook
+    steps = []
+    engine.replica.on_step.append(lambda plan, res, end: steps.append((len(plan.prefills), plan.num_decodes)))
+    tokens = [s.output_ids for s in engine.generate(prompts, params)]
+    assert any(p and d for p, d in steps), "no mixed prefill + decode step was exercised"
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    return engine, tokens, [torch.stack(seen[i]).float() for i in range(len(prompts))]
+
+
 def test_engine_on_the_triton_path_matches_the_reference():
     """The whole engine on the fast path (fused ops, paged attention, padded decodes; CUDA graphs on a
     GPU) over mixed chunked batches, against the reference engine with the same random weights.
     In the interpreter (float32) the greedy tokens are identical. On a GPU (bfloat16) two correct
-    implementations break near-ties differently and then diverge, so there the graph path must give
-    exactly the eager fast path's tokens, and the fast path, fed the reference's tokens (teacher
-    forcing), must give the reference's logits within bfloat16 error at every step."""
+    implementations break near-ties differently and then diverge, so there every engine is fed the
+    bf16 reference's tokens (teacher forcing) and: the graph path's logits equal the eager fast path's
+    bit for bit, and the fast path is as close to a float32 oracle (same weights, reference path) as
+    the bf16 reference is."""
     import gc
 
-    from niyama.engine import LLMEngine, SamplingParams
+    from niyama.engine import SamplingParams
 
     shape = "llama-3-8b" if GPU else "tiny"
     opts = dict(model=shape, load_format="dummy", device=DEVICE.type, dtype="bfloat16" if GPU else "float32",
@@ -162,38 +192,24 @@ def test_engine_on_the_triton_path_matches_the_reference():
     vocab = SHAPES[shape].vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 40, 100, 17)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    variants = {"reference": dict(attention="torch-reference"), "eager": dict(attention="triton", cuda_graphs=False)}
-    if GPU:
-        variants["graphs"] = dict(attention="triton", cuda_graphs=True)
-    tokens, logits = {}, {}
-    for name, variant in variants.items():
-        engine = LLMEngine(**variant, **opts)
-        assert (engine.executor.graphs is not None) == (name == "graphs")
-        seen = logits[name] = {}
-        force = None if name == "reference" or not GPU else tokens["reference"]
-        first = engine.replica._num_added
-
-        def hook(seqs, rows, seen=seen, force=force, first=first):
-            for s, row in zip(seqs, rows):
-                got = seen.setdefault(s.request.request_id - first, [])
-                got.append(row.clone())
-                if force is not None:     # teacher forcing: greedy picks the reference's token
-                    row.fill_(float("-inf"))
-                    row[force[s.request.request_id - first][len(got) - 1]] = 0.0
-
-        engine.executor.logits_hook = hook
-        steps = []
-        engine.replica.on_step.append(lambda plan, res, end: steps.append((len(plan.prefills), plan.num_decodes)))
-        tokens[name] = [s.output_ids for s in engine.generate(prompts, params)]
-        assert any(p and d for p, d in steps), "no mixed prefill + decode step was exercised"
-        assert engine.allocator.num_free == engine.allocator.num_blocks
+    ref, ref_tokens, ref_logits = run_engine({**opts, "attention": "torch-reference"}, prompts, params)
+    if not GPU:
+        del ref
+        _, tokens, _ = run_engine({**opts, "attention": "triton"}, prompts, params)
+        assert tokens == ref_tokens
+        return
+    oracle, _, oracle_logits = run_engine({**opts, "attention": "torch-reference", "dtype": "float32"}, prompts,
+                                          params, force=ref_tokens, weights_from=ref)
+    del ref, oracle
+    gc.collect()
+    fast = {}
+    for graphs in (False, True):
+        engine, _, fast[graphs] = run_engine({**opts, "attention": "triton", "cuda_graphs": graphs}, prompts, params,
+                                             force=ref_tokens)
+        assert (engine.executor.graphs is not None) == graphs
         del engine
         gc.collect()
-    if not GPU:
-        assert tokens["eager"] == tokens["reference"]
-        return
-    # graphs vs eager: both teacher-forced to the same tokens, so compare their logits bit for bit
     for i in range(len(prompts)):
-        assert all(torch.equal(a, b) for a, b in zip(logits["graphs"][i], logits["eager"][i]))
-        for a, b in zip(logits["eager"][i], logits["reference"][i]):
-            assert rel_err(a, b) < TOL
+        assert torch.equal(fast[True][i], fast[False][i]), f"prompt {i}: graph and eager logits differ"
+        fast_err, ref_err = rel_err(fast[False][i], oracle_logits[i]), rel_err(ref_logits[i], oracle_logits[i])
+        assert fast_err <= 1.5 * ref_err + 1e-3, (i, fast_err, ref_err)

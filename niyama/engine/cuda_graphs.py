@@ -10,6 +10,8 @@ context lengths) and a decode batch of n <= b requests is padded to b: padding r
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .triton_backend import PagedMeta, TritonPaged
@@ -27,19 +29,24 @@ class DecodeGraph:
         self.batch = batch
         self.graph = torch.cuda.CUDAGraph()
         self.logits: torch.Tensor | None = None
+        self.host_s = (0.0, 0.0, 0.0)    # last run: prepare, copy inputs, replay call (host seconds)
 
     def run(self, step) -> torch.Tensor:
         """Fill the static inputs for `step` (a runner.StepInputs, decode-only) and replay; logits `[b, vocab]`."""
         o = self.owner
         b = self.batch
+        t0 = time.perf_counter()
         meta = o.backend.prepare(step.slices, step.num_decodes, o.block_size, o.device, pad_to=b)
+        t1 = time.perf_counter()
         pad = [0] * (b - step.num_decodes)
         o.ids[:b].copy_(torch.tensor(step.ids + pad), non_blocking=True)
         o.positions[:b].copy_(torch.tensor(step.positions + pad), non_blocking=True)
         o.slots[:b].copy_(meta.slots)
         o.ctx[:b].copy_(meta.decode_ctx)
         o.tables[:b, :meta.decode_tables.shape[1]].copy_(meta.decode_tables)
+        t2 = time.perf_counter()
         self.graph.replay()
+        self.host_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)
         return self.logits
 
 

@@ -68,7 +68,7 @@ class ModelExecutor:
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult:
         t0 = time.perf_counter()
         step = self._layout(plan, decodes)
-        pad_to = self._bucket(step) if not plan.prefills else None
+        pad_to = self.bucket(step.num_decodes) if not plan.prefills else None
         graph = self.graphs.get(pad_to) if self.graphs is not None and pad_to else None
         if graph is not None:
             t1 = time.perf_counter()
@@ -124,9 +124,8 @@ class ModelExecutor:
                 raise RuntimeError(f"scheduler gave {len(s.block_ids)} KV blocks for {s.context_len} tokens")
         return StepInputs(ids, positions, slices, plan.num_decodes, sample_rows, sampled)
 
-    def _bucket(self, step: StepInputs) -> int | None:
-        """The padded size of a decode-only batch, or None (no padding: the batch as it is)."""
-        n = step.num_decodes
+    def bucket(self, n: int) -> int | None:
+        """The padded size of a decode-only batch of n, or None (no padding: the batch as it is)."""
         return next((b for b in self.pad_buckets if b >= n), None) if n else None
 
     def _forward_eager(self, step: StepInputs, pad_to: int | None) -> tuple[torch.Tensor | None, float]:

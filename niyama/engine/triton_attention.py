@@ -114,13 +114,14 @@ def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
 
 
 @triton.jit
-def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml,
+def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
                      tables, table_stride, ctx_lens, scale_log2,
-                     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch,
+                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch,
                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Partial attention of decode b, KV head kvh, over split `split` of its context.
-    part_acc `[B, heads, NUM_SPLITS, HEAD_DIM]` (unnormalised), part_ml `[B, heads, NUM_SPLITS, 2]` (max, sum)."""
+    """Partial attention of decode b, KV head kvh, over split `split` of its context, into
+    part_acc `[B, heads, NUM_SPLITS, HEAD_DIM]` (unnormalised) and part_ml `[B, heads, NUM_SPLITS, 2]`
+    (max, sum); with one split, the normalised output straight into out `[B, heads, HEAD_DIM]`."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -156,6 +157,10 @@ def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+        return
     base = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split     # [GROUP_PAD]
     tl.store(part_acc + base[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
     tl.store(part_ml + base * 2, m_i, mask=g_ok)
