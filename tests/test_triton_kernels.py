@@ -61,7 +61,9 @@ def make_batch(prefills: list[tuple[int, int]], decodes: list[int], config, num_
     return slices, q, k, v, k_cache, v_cache
 
 
-def check_attention(prefills, decodes, shape="tiny", seed=0, pad_to=None):
+def check_attention(prefills, decodes, shape="tiny", seed=0, bucket=None):
+    """The reference and the Triton backend on one random batch; `bucket`: the padded layout of that
+    many rows (as CUDA graphs run it) instead of the exact one."""
     config = SHAPES[shape]
     gen = torch.Generator().manual_seed(seed)
     need = sum(-(-(a + b) // BS) for a, b in prefills) + sum(-(-c // BS) for c in decodes)
@@ -69,9 +71,10 @@ def check_attention(prefills, decodes, shape="tiny", seed=0, pad_to=None):
     ref_kc, ref_vc = kc.clone(), vc.clone()
     ref = TorchReference()
     expect = ref.forward(q, k, v, ref_kc, ref_vc, ref.prepare(slices, len(decodes), BS, DEVICE))
-    fast = TritonPaged(config, DEVICE, max_num_seqs=max(len(slices), pad_to or 0), block_size=BS)
-    meta = fast.prepare(slices, len(decodes), BS, DEVICE, pad_to=pad_to)
-    pad = (pad_to or len(decodes)) - len(decodes)
+    fast = TritonPaged(config, DEVICE, max_num_seqs=max(len(slices), bucket or 0), block_size=BS)
+    layout = fast.bucket_layout(bucket) if bucket else None
+    meta = fast.prepare(slices, len(decodes), BS, DEVICE, layout=layout)
+    pad = (bucket or q.shape[0]) - q.shape[0]
     if pad:   # padding rows: random queries whose outputs are ignored and whose K/V must go nowhere
         q, k, v = (torch.cat([x, torch.randn((pad,) + x.shape[1:], generator=gen).to(DEVICE, DTYPE)]) for x in (q, k, v))
     fast.part_acc.fill_(float("nan"))
@@ -100,7 +103,12 @@ def test_mixed_batch_with_ragged_lengths():
 
 
 def test_padded_decode_rows_write_nothing():
-    check_attention([], [5, 40, 77], seed=3, pad_to=8)
+    check_attention([], [5, 40, 77], seed=3, bucket=8)
+
+
+def test_mixed_batch_in_a_bucket_layout():
+    # two chunks and three decodes padded to 256 rows: unused tiles and decode slots must do nothing
+    check_attention([(30, 70), (0, 20)], [9, 130, 48], seed=7, bucket=256)
 
 
 def test_gqa_group_that_is_not_a_power_of_two():
@@ -144,11 +152,15 @@ def test_elementwise_ops_match_torch():
         assert rel_err(a, b) < TOL
 
 
-def run_engine(opts: dict, prompts, params, force=None, weights_from=None):
-    """Greedy outputs and every sampled row's logits per prompt; `force`: teacher-force these tokens."""
+def run_engine(opts: dict, prompts, params, force=None, weights_from=None, max_bucket=None):
+    """Greedy outputs and every sampled row's logits per prompt; `force`: teacher-force these tokens;
+    `max_bucket`: steps of more tokens than this get exact (unpadded) layouts."""
     from niyama.engine import LLMEngine
+    from niyama.engine.cuda_graphs import bucket_sizes
 
     engine = LLMEngine(**opts)
+    if max_bucket is not None:
+        engine.executor.use_buckets(bucket_sizes(8, max_rows=max_bucket), graphs=False)
     if weights_from is not None:
         with torch.no_grad():
             for mine, theirs in zip(engine.model.parameters(), weights_from.model.parameters()):
@@ -195,8 +207,9 @@ def test_engine_on_the_triton_path_matches_the_reference():
     ref, ref_tokens, ref_logits = run_engine({**opts, "attention": "torch-reference"}, prompts, params)
     if not GPU:
         del ref
-        _, tokens, _ = run_engine({**opts, "attention": "triton"}, prompts, params)
-        assert tokens == ref_tokens
+        for max_bucket in (None, 16):     # every step in a bucket layout; the prefill steps in exact ones
+            _, tokens, _ = run_engine({**opts, "attention": "triton"}, prompts, params, max_bucket=max_bucket)
+            assert tokens == ref_tokens
         return
     oracle, _, oracle_logits = run_engine({**opts, "attention": "torch-reference", "dtype": "float32"}, prompts,
                                           params, force=ref_tokens, weights_from=ref)

@@ -1,89 +1,86 @@
-"""CUDA graphs of decode-only steps, one per bucket batch size.
+"""CUDA graphs of whole steps, one per bucket size of the flat batch.
 
-A decode step of an 8B model launches ~10 kernels per layer; launched one by one from Python the GPU
-waits on the host (a batch-1 step measured 18.7 ms eager for ~5 ms of GPU work). A graph replays the
-whole forward plus the logits in one launch. Graphs need fixed shapes and fixed addresses, so each
-bucket size `b` owns views of static input buffers (token ids, positions, KV slots, block tables,
-context lengths) and a decode batch of n <= b requests is padded to b: padding rows write no KV
-(slot -1) and their logits are ignored. All graphs share one memory pool, captured largest first.
+Launched one by one from Python, a step's ~400 kernels cost more host time than the GPU needs for a
+small batch (measured on the H100: 18.7 ms eager for a ~5 ms batch-1 decode; ~45 us of host time per
+Triton launch). A graph replays the step's host-to-device copy of its packed inputs and the whole
+forward in one launch. Graphs need fixed shapes and addresses, so each bucket size owns a fixed
+`Layout` (triton_backend.py) whose views of one static device buffer are the step's inputs, and a
+step of n <= bucket tokens (any mix of prefill chunks and decodes that fits) is padded to it. The
+inputs are packed on the host into one pinned buffer, which the graph's first node copies over. All
+graphs share one memory pool, captured largest first. Logits are taken outside the graph, only for
+the rows to sample.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from .triton_backend import PagedMeta, TritonPaged
+from .triton_backend import Layout, TritonPaged
+
+MAX_GRAPH_ROWS = 1024     # steps of more tokens run eagerly (they are GPU-bound: host launches keep up)
 
 
-def bucket_sizes(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, then every multiple of 16 up to `max_batch` (and `max_batch` itself)."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
-    return tuple(sorted(set(sizes)))
+def bucket_sizes(max_num_seqs: int, max_rows: int = MAX_GRAPH_ROWS) -> tuple[int, ...]:
+    """1, 2, 4, 8, every multiple of 16 up to max_num_seqs (decode batches), then every 64 up to max_rows."""
+    small = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16)) + [max_num_seqs]
+    return tuple(sorted(set(b for b in small if b <= max_rows) | set(range(max(small) + 64, max_rows + 1, 64))))
 
 
-class DecodeGraph:
-    def __init__(self, owner: "DecodeGraphs", batch: int):
-        self.owner = owner
-        self.batch = batch
+class StepBuffers:
+    """The pinned host buffer a step is packed into and the device buffer it is copied to."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.host_t = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.host = self.host_t.numpy()
+        self.dev = torch.zeros(size, dtype=torch.int32, device=device)
+        self.free = torch.cuda.Event() if device.type == "cuda" else None   # the last copy out of `host` is done
+
+    def upload(self, layout: Layout) -> torch.Tensor:
+        return self.dev[:layout.size].copy_(self.host_t[:layout.size], non_blocking=True)
+
+    def wait_until_free(self) -> None:
+        """A step that samples nothing does not wait for the GPU: before packing the next one over
+        the pinned buffer, make sure the previous copy out of it has run."""
+        if self.free is not None:
+            self.free.synchronize()
+
+    def mark_used(self) -> None:
+        if self.free is not None:
+            self.free.record()
+
+
+class StepGraph:
+    def __init__(self, layout: Layout):
+        self.layout = layout
         self.graph = torch.cuda.CUDAGraph()
-        self.logits: torch.Tensor | None = None
-        self.host_s = (0.0, 0.0, 0.0)    # last run: prepare, copy inputs, replay call (host seconds)
-
-    def run(self, step) -> torch.Tensor:
-        """Fill the static inputs for `step` (a runner.StepInputs, decode-only) and replay; logits `[b, vocab]`."""
-        o = self.owner
-        b = self.batch
-        t0 = time.perf_counter()
-        meta = o.backend.prepare(step.slices, step.num_decodes, o.block_size, o.device, pad_to=b)
-        t1 = time.perf_counter()
-        pad = [0] * (b - step.num_decodes)
-        o.ids[:b].copy_(torch.tensor(step.ids + pad), non_blocking=True)
-        o.positions[:b].copy_(torch.tensor(step.positions + pad), non_blocking=True)
-        o.slots[:b].copy_(meta.slots)
-        o.ctx[:b].copy_(meta.decode_ctx)
-        o.tables[:b, :meta.decode_tables.shape[1]].copy_(meta.decode_tables)
-        t2 = time.perf_counter()
-        self.graph.replay()
-        self.host_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)
-        return self.logits
+        self.hidden: torch.Tensor | None = None
+        self.sample_rows: torch.Tensor | None = None
 
 
-class DecodeGraphs:
-    def __init__(self, model, kv, backend: TritonPaged, max_batch: int, device: torch.device):
-        self.model, self.kv, self.backend, self.device = model, kv, backend, device
-        self.block_size = kv.block_size
-        self.buckets = bucket_sizes(max_batch)
-        n = self.buckets[-1]
-        self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.int32, device=device)
-        self.ctx = torch.ones(n, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(n, backend.max_blocks, dtype=torch.int32, device=device)
-        self._none = torch.zeros(0, dtype=torch.int32, device=device)
-        self.graphs: dict[int, DecodeGraph] = {}
+class StepGraphs:
+    def __init__(self, model, kv, backend: TritonPaged, buffers: StepBuffers, buckets: tuple[int, ...]):
+        self.model, self.kv, self.backend, self.buffers = model, kv, backend, buffers
+        self.graphs: dict[int, StepGraph] = {}
+        self.buckets = buckets
 
-    def _meta(self, b: int) -> PagedMeta:
-        e = self._none
-        return PagedMeta(self.slots[:b], 0, e, e, e, e, e, e.view(0, 1), 16, b, self.tables[:b], self.ctx[:b],
-                         self.backend.num_splits(b))
+    def _forward(self, layout: Layout):
+        dev = self.buffers.upload(layout)
+        ids, positions, sample_rows, meta = self.backend.meta(dev, layout)
+        return self.model(ids, positions, self.kv, self.backend, meta), sample_rows
 
     @torch.inference_mode()
-    def capture(self, progress=None) -> None:
+    def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
-            g = DecodeGraph(self, b)
-            meta = self._meta(b)
+            g = StepGraph(self.backend.bucket_layout(b))
+            self.backend.pack([], 0, [], [], [], g.layout, self.buffers.host)     # all padding
             for _ in range(2):      # compile the kernels and settle the allocator outside the capture
-                self.model.logits(self.model(self.ids[:b], self.positions[:b], self.kv, self.backend, meta))
-            torch.cuda.synchronize(self.device)
+                self._forward(g.layout)
+            torch.cuda.synchronize()
             with torch.cuda.graph(g.graph, pool=pool):
-                g.logits = self.model.logits(self.model(self.ids[:b], self.positions[:b], self.kv, self.backend, meta))
+                g.hidden, g.sample_rows = self._forward(g.layout)
             self.graphs[b] = g
-            if progress is not None:
-                progress(b)
-        torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize()
 
-    def get(self, batch: int) -> DecodeGraph | None:
-        return self.graphs.get(batch)
+    def get(self, bucket: int) -> StepGraph | None:
+        return self.graphs.get(bucket)

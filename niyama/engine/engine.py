@@ -39,7 +39,6 @@ from .weights import DEFAULT_MODEL, read_hf_tensors, resolve
 
 
 MEASURE = "measure"    # EngineConfig.profile: fit a profile from batches timed at start-up
-MAX_GRAPH_BATCH = 256  # decode batches up to this size replay CUDA graphs; larger ones run eagerly
 
 
 @dataclass
@@ -51,7 +50,7 @@ class EngineConfig:
     kv_tokens: int | None = None          # KV cache size; default from GPU memory, or 32768 on cpu
     gpu_memory_utilization: float = 0.9   # weights + activations of the worst step + KV cache, on a GPU
     attention: str = "auto"               # auto (triton on cuda, else torch-reference) | triton | torch-reference
-    cuda_graphs: bool = True              # decode-only steps replay CUDA graphs (triton attention on cuda)
+    cuda_graphs: bool = True              # steps of <= 1024 tokens replay CUDA graphs (triton attention on cuda)
     policy: str = "niyama"
     policy_options: dict | None = None
     profile: str = "a100-llama3-8b"       # batch-time profile the scheduler plans with; "measure": time this machine
@@ -96,25 +95,24 @@ class LLMEngine:
         policy_options = {"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})}
         profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
         self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)
-        graph_batch = min(cfg.max_num_seqs, MAX_GRAPH_BATCH) if (
-            fast and cfg.cuda_graphs and self.device.type == "cuda") else 0
+        graphs = fast and cfg.cuda_graphs and self.device.type == "cuda"
+        buckets = ()
+        if fast:
+            from .cuda_graphs import bucket_sizes
+            buckets = bucket_sizes(cfg.max_num_seqs)
         self.memory = None
         kv_tokens = cfg.kv_tokens
         if kv_tokens is None and self.device.type == "cuda":
             self.memory = plan_kv_cache(self.model, backend, model_config, self.dtype, self.device,
                                         cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens,
-                                        cfg.max_num_seqs, graph_batch, block_size)
+                                        cfg.max_num_seqs, buckets[-1] if graphs else 0, block_size)
             kv_tokens = self.memory.kv_tokens
         self.allocator = BlockAllocator.for_tokens(kv_tokens or DEFAULT_CPU_KV_TOKENS, block_size)
         self.kv_cache = PagedKVCache(model_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
         self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
         if fast:
-            from .cuda_graphs import DecodeGraphs, bucket_sizes
-            self.executor.pad_buckets = bucket_sizes(cfg.max_num_seqs)
-            if graph_batch:
-                self.executor.graphs = DecodeGraphs(self.model, self.kv_cache, backend, graph_batch, self.device)
-                self.executor.graphs.capture()
+            self.executor.use_buckets(buckets, graphs)
         self.calibration_rows: list[tuple] = []
         if cfg.profile == MEASURE:
             profile, self.calibration_rows = calibrate(

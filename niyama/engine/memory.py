@@ -4,8 +4,8 @@ Before the KV cache exists, the engine runs the worst batches the scheduler can 
 real model, on a throwaway cache of just the blocks they touch, and reads the allocator's peak:
 - the largest flat batch: one prefill chunk filling `max_batch_tokens` minus one token per other
   sequence, beside `max_num_seqs - 1` decodes, with logits for every sequence (eager path);
-- the largest decode batch (the biggest CUDA-graph bucket), whose activations the graphs' memory
-  pool keeps for good.
+- the largest CUDA-graph bucket (1,024 tokens), whose activations the graphs' memory pool keeps for
+  good.
 The KV cache gets `utilization x total memory`, minus what is in use (weights, CUDA context, the
 attention scratch), minus both peaks. Attention itself needs no memory that grows with context: the
 Triton backend reads the cache in place and its split-K scratch is allocated up front for
@@ -29,7 +29,7 @@ class MemoryPlan:
     total_bytes: int
     in_use_bytes: int          # weights, CUDA context, scratch: in use before the KV cache
     step_peak_bytes: int       # activations of the largest flat batch (eager)
-    graph_pool_bytes: int      # activations of the largest decode batch (held by the graph pool)
+    graph_pool_bytes: int      # activations of the largest graph bucket (held by the graph pool)
     kv_tokens: int
 
     def describe(self) -> str:
@@ -41,7 +41,7 @@ class MemoryPlan:
 
 @torch.inference_mode()
 def _peak_bytes(model, backend, config: ModelConfig, dtype, device, prefill_tokens: int, num_decodes: int,
-                block_size: int, pad_to: int | None = None) -> int:
+                block_size: int, bucket: int | None = None) -> int:
     """Peak allocation above the current level while one batch (and its logits) runs on a throwaway cache."""
     prefill_blocks = -(-prefill_tokens // block_size)
     kv = PagedKVCache(config, prefill_blocks + num_decodes + 1, block_size, dtype, device)
@@ -51,8 +51,8 @@ def _peak_bytes(model, backend, config: ModelConfig, dtype, device, prefill_toke
         row = prefill_tokens
     for j in range(num_decodes):
         slices.append(SeqSlice(row + j, 1, 1, [prefill_blocks + j]))
-    rows = row + (pad_to or num_decodes)
-    kw = {"pad_to": pad_to} if pad_to else {}
+    rows = bucket or row + num_decodes
+    kw = {"layout": backend.bucket_layout(bucket)} if bucket else {}
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (rows,), device=device, generator=gen)
     positions = torch.zeros(rows, dtype=torch.long, device=device)
@@ -71,7 +71,7 @@ def _peak_bytes(model, backend, config: ModelConfig, dtype, device, prefill_toke
 
 
 def plan_kv_cache(model, backend, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  utilization: float, max_batch_tokens: int, max_num_seqs: int, max_graph_batch: int,
+                  utilization: float, max_batch_tokens: int, max_num_seqs: int, max_graph_rows: int,
                   block_size: int = 16) -> MemoryPlan:
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu memory utilization must be in (0, 1], got {utilization}")
@@ -79,9 +79,10 @@ def plan_kv_cache(model, backend, config: ModelConfig, dtype: torch.dtype, devic
     prefill = max(1, max_batch_tokens - num_decodes)
     step_peak = _peak_bytes(model, backend, config, dtype, device, prefill, num_decodes, block_size)
     graph_peak = 0
-    if max_graph_batch:
-        graph_peak = _peak_bytes(model, backend, config, dtype, device, 0, max_graph_batch, block_size,
-                                 pad_to=max_graph_batch)
+    if max_graph_rows:
+        decodes = min(max_graph_rows, max_num_seqs) - 1
+        graph_peak = _peak_bytes(model, backend, config, dtype, device, max_graph_rows - decodes, decodes,
+                                 block_size, bucket=max_graph_rows)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free

@@ -6,10 +6,10 @@ recomputes exactly what it had) followed by one token per running decode.
 A token is sampled for every decode and for every chunk that completes its
 prefill. The measured wall time of the whole step goes back to the loop.
 
-A decode-only step replays a CUDA graph when the executor has them
-(cuda_graphs.py); with a backend that pads, the eager path pads the batch to
-the same bucket size, so both paths run the same shapes. Reading the sampled
-tokens back is the step's only wait for the GPU.
+With the triton backend a step of up to the largest bucket size (1,024
+tokens) replays the CUDA graph of its bucket (cuda_graphs.py); without graphs
+the eager path pads the step to the same bucket layout, so both run the same
+shapes. Reading the sampled tokens back is the step's only wait for the GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..replica import StepResult
@@ -57,27 +58,39 @@ class ModelExecutor:
         self.device = device
         self.sequences: dict[Request, Sequence] = {}
         self.num_steps = 0
-        self.graphs = None            # cuda_graphs.DecodeGraphs, set by the engine on a GPU
-        self.pad_buckets: tuple[int, ...] = ()   # decode-only batches pad to these sizes (padding backends)
+        # A backend that packs steps (triton) gets fixed bucket layouts for steps of up to the largest
+        # bucket (CUDA graphs when captured, the same padded shapes eagerly when not).
+        self.buckets: tuple[int, ...] = ()
+        self.buffers = None           # cuda_graphs.StepBuffers
+        self.graphs = None            # cuda_graphs.StepGraphs
         self.last_timing = StepTiming()
         # Optional observer of every sampling step: hook(sequences, logits [n, vocab] float32). It runs
         # before sampling and may edit the logits in place (checks use that to force tokens).
         self.logits_hook = None
 
+    def use_buckets(self, buckets: tuple[int, ...], graphs: bool) -> None:
+        """Pack steps for the triton backend; capture a CUDA graph per bucket if `graphs`."""
+        from .cuda_graphs import StepBuffers, StepGraphs
+
+        self.buckets = buckets
+        self._layouts = {b: self.backend.bucket_layout(b) for b in buckets}
+        self.buffers = StepBuffers(max(lay.size for lay in self._layouts.values()), self.device)
+        if graphs:
+            self.graphs = StepGraphs(self.model, self.kv, self.backend, self.buffers, buckets)
+            self.graphs.capture()
+
     @torch.inference_mode()
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult:
         t0 = time.perf_counter()
         step = self._layout(plan, decodes)
-        pad_to = self.bucket(step.num_decodes) if not plan.prefills else None
-        graph = self.graphs.get(pad_to) if self.graphs is not None and pad_to else None
-        if graph is not None:
-            t1 = time.perf_counter()
-            logits = graph.run(step)
+        if self.buffers is not None:
+            hidden, sample_rows, t1 = self._run_packed(step)
         else:
-            logits, t1 = self._forward_eager(step, pad_to)
-        logits = logits[:len(step.sampled)] if step.sampled else None
+            hidden, sample_rows, t1 = self._run_reference(step)
         stopped = []
-        if logits is not None:
+        t2 = t3 = time.perf_counter()
+        if step.sampled:
+            logits = self.model.logits(hidden.index_select(0, sample_rows[:len(step.sampled)]))
             if self.logits_hook is not None:
                 self.logits_hook(step.sampled, logits)
             on_device = sample_on_device(logits, [s.params for s in step.sampled], [s.generator for s in step.sampled])
@@ -88,8 +101,6 @@ class ModelExecutor:
                 seq.append(token)
                 if seq.finish_reason == "stop":
                     stopped.append(seq.request)
-        else:
-            t2 = t3 = time.perf_counter()
         self.num_steps += 1
         end = time.perf_counter()
         self.last_timing = StepTiming(t1 - t0, t2 - t1, t3 - t2, end - t3)
@@ -124,21 +135,40 @@ class ModelExecutor:
                 raise RuntimeError(f"scheduler gave {len(s.block_ids)} KV blocks for {s.context_len} tokens")
         return StepInputs(ids, positions, slices, plan.num_decodes, sample_rows, sampled)
 
-    def bucket(self, n: int) -> int | None:
-        """The padded size of a decode-only batch of n, or None (no padding: the batch as it is)."""
-        return next((b for b in self.pad_buckets if b >= n), None) if n else None
+    def bucket(self, num_rows: int, num_prefills: int = 0, num_decodes: int = 0) -> int | None:
+        """The smallest bucket whose layout holds the step, or None (an exact eager layout)."""
+        for b in self.buckets:
+            if self.backend.fits(self._layouts[b], num_rows, num_prefills, num_decodes):
+                return b
+        return None
 
-    def _forward_eager(self, step: StepInputs, pad_to: int | None) -> tuple[torch.Tensor | None, float]:
-        dev = self.device
-        pad = (pad_to or step.num_decodes) - step.num_decodes
-        kw = {"pad_to": pad_to} if pad_to else {}
-        meta = self.backend.prepare(step.slices, step.num_decodes, self.kv.block_size, dev, **kw)
-        ids = torch.tensor(step.ids + [0] * pad, device=dev)
-        positions = torch.tensor(step.positions + [0] * pad, device=dev)
+    def _run_packed(self, step: StepInputs):
+        num_prefills = len(step.slices) - step.num_decodes
+        b = self.bucket(len(step.ids), num_prefills, step.num_decodes)
+        layout = self._layouts[b] if b else self.backend.exact_layout(step.slices, step.num_decodes)
+        buffers = self.buffers
+        buffers.wait_until_free()
+        big = layout.size > len(buffers.host)
+        host = np.empty(layout.size, dtype=np.int32) if big else buffers.host
+        dense = self.backend.pack(step.slices, step.num_decodes, step.ids, step.positions, step.sample_rows, layout,
+                                  host)
+        graph = self.graphs.get(b) if self.graphs is not None and b else None
         t1 = time.perf_counter()
-        hidden = self.model(ids, positions, self.kv, self.backend, meta)
-        if not step.sampled:
-            return None, t1
-        if pad_to:    # every row, padding included: the graph computes the same shapes
-            return self.model.logits(hidden), t1
-        return self.model.logits(hidden[torch.tensor(step.sample_rows, device=dev)]), t1
+        if graph is not None:
+            graph.graph.replay()
+            hidden, sample_rows = graph.hidden, graph.sample_rows
+        else:
+            dev = torch.from_numpy(host).to(self.device) if big else buffers.upload(layout)
+            ids, positions, sample_rows, meta = self.backend.meta(dev, layout, dense)
+            hidden = self.model(ids, positions, self.kv, self.backend, meta)
+        buffers.mark_used()
+        return hidden, sample_rows, t1
+
+    def _run_reference(self, step: StepInputs):
+        dev = self.device
+        meta = self.backend.prepare(step.slices, step.num_decodes, self.kv.block_size, dev)
+        ids = torch.tensor(step.ids, device=dev)
+        positions = torch.tensor(step.positions, device=dev)
+        sample_rows = torch.tensor(step.sample_rows, dtype=torch.long, device=dev)
+        t1 = time.perf_counter()
+        return self.model(ids, positions, self.kv, self.backend, meta), sample_rows, t1

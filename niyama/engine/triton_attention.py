@@ -56,6 +56,8 @@ def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
     tile = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.load(tile_seq + tile)
+    if s < 0:                                # an unused tile of a fixed-size (CUDA graph) grid
+        return
     m0 = tl.load(tile_m0 + tile)
     q_start = tl.load(seq_q_start + s)
     q_len = tl.load(seq_q_len + s)
@@ -115,17 +117,22 @@ def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
 
 @triton.jit
 def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
-                     tables, table_stride, ctx_lens, scale_log2,
+                     tables, table_stride, ctx_lens, row0_ptr, scale_log2,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch,
                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """Partial attention of decode b, KV head kvh, over split `split` of its context, into
     part_acc `[B, heads, NUM_SPLITS, HEAD_DIM]` (unnormalised) and part_ml `[B, heads, NUM_SPLITS, 2]`
-    (max, sum); with one split, the normalised output straight into out `[B, heads, HEAD_DIM]`."""
+    (max, sum); with one split, the normalised output straight into out. Decode b's query and output
+    row is `row0 + b` (row0 read from the device: in a CUDA graph the prefill rows before it vary);
+    a decode of context 0 is an unused slot of a fixed-size grid."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_lens + b)
+    if ctx == 0:
+        return
+    row = tl.load(row0_ptr).to(tl.int64) + b
     split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, ctx)
@@ -136,8 +143,7 @@ def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
     d = tl.arange(0, HEAD_DIM)
     g_ok = g < GROUP
     heads = kvh * GROUP + g
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -158,7 +164,7 @@ def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
         m_i = m_new
 
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
         return
     base = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split     # [GROUP_PAD]
@@ -168,12 +174,14 @@ def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
 
 
 @triton.jit
-def combine_splits(part_acc, part_ml, out_ptr, stride_ot, stride_oh,
+def combine_splits(part_acc, part_ml, out_ptr, ctx_lens, row0_ptr, stride_ot, stride_oh,
                    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out[b, head] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits (M = max m_s);
+    """out[row0 + b, head] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits (M = max m_s);
     an empty split has m = -inf, l = 0 and weighs nothing."""
     b = tl.program_id(0)
     head = tl.program_id(1)
+    if tl.load(ctx_lens + b) == 0:
+        return
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
     base = (b.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + s
@@ -182,4 +190,5 @@ def combine_splits(part_acc, part_ml, out_ptr, stride_ot, stride_oh,
     w = tl.exp2(m - tl.max(m, 0))
     acc = tl.load(part_acc + base[:, None] * HEAD_DIM + d[None, :])
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    row = tl.load(row0_ptr).to(tl.int64) + b
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))

@@ -1,15 +1,17 @@
 """`TritonPaged`: the GPU attention backend, reading the paged KV cache in place.
 
-Per step, `prepare` packs every integer the kernels need (slot of each new token, prefill tiles,
-block tables, context lengths) into one int32 array and copies it to the device once; each layer's
-`forward` then launches `write_kv`, `prefill_attention` over the prefill rows and
-`decode_attention` + `combine_splits` over the decode rows (triton_attention.py). The decode
-split-K scratch is allocated once, for the largest batch (`max_num_seqs`), so attention needs no
-memory that grows with batch x context.
+Each step's integers (token ids, positions, the KV slot of each new token, the rows to sample, prefill
+tiles, block tables, context lengths) are packed into one int32 array by `pack` and reach the device
+in one copy; `meta` cuts the device copy into named views. Each layer's `forward` then launches
+`write_kv`, `prefill_attention` over the prefill rows and `decode_attention` (+ `combine_splits` when
+the context is split) over the decode rows (triton_attention.py).
 
-A decode-only step may run with its batch padded to a bucket size (`pad_to`): the padding rows write
-nowhere (slot -1) and attend to one cached token of block 0. CUDA graphs are captured at the bucket
-sizes, and the eager path pads the same way, so both run identical kernels on identical shapes.
+A `Layout` gives the capacity of every section. An eager step of any size gets an exact layout. A step
+of at most `max_graph_rows` tokens gets the layout of its bucket (cuda_graphs.py): padded rows write
+no KV (slot -1), unused tiles and decode slots are marked (-1, context 0) and their programs exit at
+once, and the decode rows start at a row read from the device. So one CUDA graph per bucket size runs
+any mix of prefill chunks and decodes that fits it, and the eager path runs the same padded shapes
+when graphs are off (identical results). The split-K scratch is allocated once for the largest batch.
 """
 
 from __future__ import annotations
@@ -26,25 +28,47 @@ from .triton_attention import combine_splits, decode_attention, prefill_attentio
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
-DENSE_MIN_TOKENS = 256   # a prompt's first chunk this long or longer may run on cuDNN's attention (below)
+DENSE_MIN_TOKENS = 256     # a prompt's first chunk this long or longer may run on cuDNN's attention (below)
+GRAPH_BLOCK_M = 64         # prefill tile height inside bucket layouts
+MAX_GRAPH_PREFILLS = 8     # prefill chunks a bucket layout holds; a step with more runs eagerly
+
+
+@dataclass(frozen=True)
+class Layout:
+    rows: int          # tokens in the flat batch, padding included
+    prefills: int      # prefill chunks
+    tiles: int         # BLOCK_M tiles of prefill query rows (the prefill kernel's grid)
+    decodes: int       # decode slots (the decode kernel's grid)
+    width: int         # block-table columns
+    block_m: int
+    num_splits: int
+    dense: bool        # prompts' first chunks may go to cuDNN (eager layouts only)
+
+    @property
+    def sections(self) -> dict[str, int]:
+        r, p, t, d, w = self.rows, self.prefills, self.tiles, self.decodes, self.width
+        return {"ids": r, "positions": r, "slots": r, "sample_rows": r, "tile_seq": t, "tile_m0": t,
+                "q_start": p, "q_len": p, "ctx": p, "p_tables": p * w, "d_tables": d * w, "d_ctx": d, "row0": 1}
+
+    @property
+    def size(self) -> int:
+        return sum(self.sections.values())
 
 
 @dataclass
 class PagedMeta:
-    slots: torch.Tensor               # [T] cache slot of each new token (-1: padding, not written)
-    num_prefill_rows: int
-    tile_seq: torch.Tensor            # [tiles] prefill slice of each BLOCK_M tile of query rows
-    tile_m0: torch.Tensor             # [tiles] first row of the tile within its slice
-    seq_q_start: torch.Tensor         # [P] per prefill slice: first row, query rows, context after the step
+    slots: torch.Tensor               # [rows] cache slot of each new token (-1: padding, not written)
+    tile_seq: torch.Tensor            # [tiles] prefill chunk of each BLOCK_M tile of query rows (-1: unused)
+    tile_m0: torch.Tensor             # [tiles] first row of the tile within its chunk
+    seq_q_start: torch.Tensor         # [P] per prefill chunk: first row, query rows, context after the step
     seq_q_len: torch.Tensor
     seq_ctx: torch.Tensor
     prefill_tables: torch.Tensor      # [P, width] block ids
-    block_m: int
-    num_decodes: int                  # decode rows (padding included) after the prefill rows
-    decode_tables: torch.Tensor       # [B, width]
-    decode_ctx: torch.Tensor          # [B]
-    num_splits: int
-    dense: tuple[tuple[int, int], ...] = ()   # (first row, rows) of prefill chunks with no cached context
+    decode_tables: torch.Tensor       # [D, width]
+    decode_ctx: torch.Tensor          # [D] (0: unused slot)
+    row0: torch.Tensor                # [1] first decode row
+    layout: Layout
+    dense: tuple[tuple[int, int], ...] = ()   # (first row, rows) of chunks that go to cuDNN
 
 
 class TritonPaged:
@@ -56,7 +80,8 @@ class TritonPaged:
         self.group = config.num_heads // config.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.block_size = block_size
-        self.max_blocks = -(-config.max_position // block_size)      # width of a block table row
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks = -(-config.max_position // block_size)      # width of a full block-table row
         self.device = device
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.target_programs = 2 * sms
@@ -65,64 +90,109 @@ class TritonPaged:
         self.part_ml = torch.empty(worst * self.num_heads * 2, dtype=torch.float32, device=device)
         self.scale_log2 = LOG2E / math.sqrt(config.head_dim)
         self._tables: dict[int, tuple[list, np.ndarray]] = {}
-        self.dense = device.type == "cuda" and self._probe_dense(config)
         # launch settings (benchmarks/attention_bench.py times the alternatives)
         self.prefill_launch = {128: dict(BLOCK_N=128, num_warps=8, num_stages=2),
                                64: dict(BLOCK_N=64, num_warps=4, num_stages=2),
                                16: dict(BLOCK_N=64, num_warps=4, num_stages=2)}
         self.decode_launch = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+        self.dense = device.type == "cuda" and self._probe_dense()
 
     def num_splits(self, batch: int) -> int:
         """Splits of each decode's context: enough programs to fill the GPU twice, a power of two."""
         want = -(-self.target_programs // (max(1, batch) * self.num_kv_heads))
         return min(MAX_SPLITS, triton.next_power_of_2(want))
 
-    # --- per step ------------------------------------------------------------
-    def prepare(self, seqs: list[SeqSlice], num_decodes: int, block_size: int, device: torch.device,
-                pad_to: int | None = None) -> PagedMeta:
+    # --- layouts ---------------------------------------------------------------
+    def exact_layout(self, seqs: list[SeqSlice], num_decodes: int) -> Layout:
+        prefills = seqs[:len(seqs) - num_decodes]
+        longest = max((s.q_len for s in prefills), default=0)
+        rows = sum(s.q_len for s in prefills)
+        block_m = 16 if longest <= 16 else 64 if rows <= 512 else 128
+        tiles = sum(-(-s.q_len // block_m) for s in prefills)
+        width = max((-(-s.context_len // self.block_size) for s in seqs), default=1)
+        return Layout(rows + num_decodes, len(prefills), tiles, num_decodes, width, block_m,
+                      self.num_splits(num_decodes), self.dense)
+
+    def bucket_layout(self, rows: int) -> Layout:
+        """The fixed layout of a CUDA-graph bucket of `rows` tokens: any mix of chunks and decodes that fits."""
+        prefills = min(rows, MAX_GRAPH_PREFILLS)
+        decodes = min(rows, self.max_num_seqs)
+        return Layout(rows, prefills, -(-rows // GRAPH_BLOCK_M) + prefills, decodes, self.max_blocks, GRAPH_BLOCK_M,
+                      self.num_splits(decodes), False)
+
+    @staticmethod
+    def fits(layout: Layout, num_rows: int, num_prefills: int, num_decodes: int) -> bool:
+        return num_rows <= layout.rows and num_prefills <= layout.prefills and num_decodes <= layout.decodes
+
+    # --- per step --------------------------------------------------------------
+    def pack(self, seqs: list[SeqSlice], num_decodes: int, ids: list[int], positions: list[int],
+             sample_rows: list[int], layout: Layout, buf: np.ndarray) -> tuple[tuple[int, int], ...]:
+        """Write the step into `buf` (int32, at least `layout.size`); return the chunks that go to cuDNN."""
+        bs = self.block_size
+        v = {}
+        at = 0
+        for name, n in layout.sections.items():
+            v[name] = buf[at:at + n]
+            at += n
         num_prefills = len(seqs) - num_decodes
         prefills, decodes = seqs[:num_prefills], seqs[num_prefills:]
-        num_prefill_rows = sum(s.q_len for s in prefills)
-        batch = pad_to or num_decodes
+        num_rows = len(ids)
+        v["ids"][:num_rows] = ids
+        v["ids"][num_rows:] = 0
+        v["positions"][:num_rows] = positions
+        v["positions"][num_rows:] = 0
+        v["sample_rows"][:len(sample_rows)] = sample_rows
+        slots = v["slots"]
+        slots[num_rows:] = -1
+        p_tables = v["p_tables"].reshape(layout.prefills, layout.width)
+        d_tables = v["d_tables"].reshape(layout.decodes, layout.width)
         dense = tuple((s.q_start, s.q_len) for s in prefills
-                      if self.dense and s.q_len == s.context_len and s.q_len >= DENSE_MIN_TOKENS)
-        paged = [i for i, s in enumerate(prefills) if (s.q_start, s.q_len) not in dense]
-        paged_rows = sum(prefills[i].q_len for i in paged)
-        block_m = 16 if max((prefills[i].q_len for i in paged), default=0) <= 16 else 64 if paged_rows <= 512 else 128
-        tiles = [(i, m0) for i in paged for m0 in range(0, prefills[i].q_len, block_m)]
-        width = max((-(-s.context_len // block_size) for s in seqs), default=1)
-        rows = num_prefill_rows + batch
-        sizes = (rows, len(tiles), len(tiles), num_prefills, num_prefills, num_prefills,
-                 num_prefills * width, batch * width, batch)
-        buf = np.zeros(sum(sizes), dtype=np.int32)
-        parts = np.split(buf, np.cumsum(sizes)[:-1])
-        slots, tile_seq, tile_m0, q_start, q_len, ctx, p_tables, d_tables, d_ctx = parts
-        p_tables, d_tables = p_tables.reshape(num_prefills, width), d_tables.reshape(batch, width)
+                      if layout.dense and s.q_len == s.context_len and s.q_len >= DENSE_MIN_TOKENS)
+        tile = 0
         for i, s in enumerate(prefills):
             blocks = self._table(s.block_ids)
-            first = s.context_len - s.q_len
-            pos = np.arange(first, s.context_len)
-            slots[s.q_start:s.q_start + s.q_len] = blocks[pos // block_size] * block_size + pos % block_size
-            q_start[i], q_len[i], ctx[i] = s.q_start, s.q_len, s.context_len
-            n = min(len(blocks), width)
+            pos = np.arange(s.context_len - s.q_len, s.context_len)
+            slots[s.q_start:s.q_start + s.q_len] = blocks[pos // bs] * bs + pos % bs
+            v["q_start"][i], v["q_len"][i], v["ctx"][i] = s.q_start, s.q_len, s.context_len
+            n = min(len(blocks), layout.width)
             p_tables[i, :n] = blocks[:n]
-        if tiles:
-            tile_seq[:], tile_m0[:] = zip(*tiles)
-        slots[num_prefill_rows:] = -1
-        d_ctx[:] = 1
+            if (s.q_start, s.q_len) in dense:
+                continue
+            m0 = np.arange(0, s.q_len, layout.block_m)
+            v["tile_seq"][tile:tile + len(m0)] = i
+            v["tile_m0"][tile:tile + len(m0)] = m0
+            tile += len(m0)
+        v["tile_seq"][tile:] = -1
+        first = num_rows - num_decodes
         for j, s in enumerate(decodes):
             blocks = self._table(s.block_ids)
             p = s.context_len - 1
-            slots[num_prefill_rows + j] = blocks[p // block_size] * block_size + p % block_size
-            n = min(len(blocks), width)
+            slots[first + j] = blocks[p // bs] * bs + p % bs
+            n = min(len(blocks), layout.width)
             d_tables[j, :n] = blocks[:n]
-            d_ctx[j] = s.context_len
+            v["d_ctx"][j] = s.context_len
+        v["d_ctx"][num_decodes:] = 0
+        v["row0"][0] = first
         self._forget_unused(seqs)
-        dev = torch.from_numpy(buf).to(device, non_blocking=True)
-        dslots, dtile_seq, dtile_m0, dq_start, dq_len, dctx, dp_tables, dd_tables, dd_ctx = torch.split(dev, sizes)
-        return PagedMeta(dslots, num_prefill_rows, dtile_seq, dtile_m0, dq_start, dq_len, dctx,
-                         dp_tables.view(num_prefills, width), block_m, batch, dd_tables.view(batch, width), dd_ctx,
-                         self.num_splits(batch), dense)
+        return dense
+
+    def meta(self, dev: torch.Tensor, layout: Layout, dense=()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedMeta]:
+        """Views of the device copy of a packed step: ids, positions, sample rows, and the attention metadata."""
+        names = list(layout.sections)
+        v = dict(zip(names, torch.split(dev[:layout.size], list(layout.sections.values()))))
+        meta = PagedMeta(v["slots"], v["tile_seq"], v["tile_m0"], v["q_start"], v["q_len"], v["ctx"],
+                         v["p_tables"].view(layout.prefills, layout.width),
+                         v["d_tables"].view(layout.decodes, layout.width), v["d_ctx"], v["row0"], layout, dense)
+        return v["ids"], v["positions"], v["sample_rows"], meta
+
+    def prepare(self, seqs: list[SeqSlice], num_decodes: int, block_size: int, device: torch.device,
+                layout: Layout | None = None) -> PagedMeta:
+        """Attention metadata alone (for tests and benchmarks; the runner packs ids and positions too)."""
+        layout = layout or self.exact_layout(seqs, num_decodes)
+        rows = sum(s.q_len for s in seqs)
+        buf = np.zeros(layout.size, dtype=np.int32)
+        dense = self.pack(seqs, num_decodes, [0] * rows, [0] * rows, [], layout, buf)
+        return self.meta(torch.from_numpy(buf).to(device), layout, dense)[3]
 
     def _table(self, block_ids: list[int]) -> np.ndarray:
         """The request's block ids as an int32 array, converted once and extended as the request grows.
@@ -146,7 +216,8 @@ class TritonPaged:
     # --- prompts' first chunks: cuDNN ------------------------------------------
     # A chunk with no cached context needs no paging: its keys are its own rows. cuDNN's fused
     # attention ran such chunks 1.6-1.8x faster than the Triton kernel on the H100 (attention_bench:
-    # 8192 tokens 0.96 vs 1.53 ms a layer), so it takes them where the probe below finds it working.
+    # 8192 tokens 0.96 vs 1.53 ms a layer), so eager steps give it those chunks where the probe below
+    # finds it working.
     def _dense_attention(self, q, k, v) -> torch.Tensor:
         """Causal attention of one chunk over itself; q `[n, H, D]`, k/v `[n, KVH, D]` -> `[n, H, D]`."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -157,7 +228,7 @@ class TritonPaged:
                                                                    enable_gqa=self.group > 1)
         return out[0].transpose(0, 1)
 
-    def _probe_dense(self, config) -> bool:
+    def _probe_dense(self) -> bool:
         """Whether cuDNN attention runs here on strided GQA inputs and matches plain math."""
         gen = torch.Generator(device=self.device).manual_seed(0)
         n, h, kvh, d = 300, self.num_heads, self.num_kv_heads, self.head_dim
@@ -177,6 +248,7 @@ class TritonPaged:
         """q `[T, H, D]`, k/v `[T, KVH, D]` (strided views are fine), caches `[blocks, 16, KVH, D]` -> `[T, H, D]`."""
         t = q.shape[0]
         d = self.head_dim
+        lay = meta.layout
         cb, ct, ch = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
         write_kv[(t,)](k, v, k_cache, v_cache, meta.slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                        cb, ct, ch, NUM_KV_HEADS=self.num_kv_heads,
@@ -185,25 +257,24 @@ class TritonPaged:
         out = q.new_empty((t, self.num_heads, d))
         for r0, n in meta.dense:
             out[r0:r0 + n] = self._dense_attention(q[r0:r0 + n], k[r0:r0 + n], v[r0:r0 + n])
-        tiles = meta.tile_seq.shape[0]
-        if tiles:
-            prefill_attention[(tiles, self.num_heads)](
+        if lay.tiles:
+            prefill_attention[(lay.tiles, self.num_heads)](
                 q, k_cache, v_cache, out, meta.tile_seq, meta.tile_m0, meta.seq_q_start, meta.seq_q_len,
-                meta.seq_ctx, meta.prefill_tables, meta.prefill_tables.stride(0), self.scale_log2,
+                meta.seq_ctx, meta.prefill_tables, lay.width, self.scale_log2,
                 q.stride(0), q.stride(1), out.stride(0), out.stride(1), cb, ct, ch,
-                GROUP=self.group, HEAD_DIM=d, BLOCK_SIZE=self.block_size, BLOCK_M=meta.block_m,
-                **self.prefill_launch[meta.block_m])
-        if meta.num_decodes:
-            b, splits, r0 = meta.num_decodes, meta.num_splits, meta.num_prefill_rows
-            qd, od = q[r0:], out[r0:]
+                GROUP=self.group, HEAD_DIM=d, BLOCK_SIZE=self.block_size, BLOCK_M=lay.block_m,
+                **self.prefill_launch[lay.block_m])
+        if lay.decodes:
+            b, splits = lay.decodes, lay.num_splits
             part_acc = self.part_acc[:b * self.num_heads * splits * d]
             part_ml = self.part_ml[:b * self.num_heads * splits * 2]
             decode_attention[(b, self.num_kv_heads, splits)](
-                qd, k_cache, v_cache, part_acc, part_ml, od, meta.decode_tables, meta.decode_tables.stride(0),
-                meta.decode_ctx, self.scale_log2, qd.stride(0), qd.stride(1), od.stride(0), od.stride(1), cb, ct, ch,
-                GROUP=self.group, GROUP_PAD=max(16, triton.next_power_of_2(self.group)), HEAD_DIM=d,
+                q, k_cache, v_cache, part_acc, part_ml, out, meta.decode_tables, lay.width,
+                meta.decode_ctx, meta.row0, self.scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                cb, ct, ch, GROUP=self.group, GROUP_PAD=max(16, triton.next_power_of_2(self.group)), HEAD_DIM=d,
                 BLOCK_SIZE=self.block_size, NUM_SPLITS=splits, **self.decode_launch)
             if splits > 1:
-                combine_splits[(b, self.num_heads)](part_acc, part_ml, od, od.stride(0), od.stride(1),
-                                                    HEAD_DIM=d, NUM_SPLITS=splits, num_warps=4)
+                combine_splits[(b, self.num_heads)](part_acc, part_ml, out, meta.decode_ctx, meta.row0,
+                                                    out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=splits,
+                                                    num_warps=4)
         return out
