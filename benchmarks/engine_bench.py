@@ -114,7 +114,7 @@ TARGETS = {
     "prefill 8192": (">= 36K tok/s", lambda f: f["niyama_tok_s"] >= 36e3),
     "mixed 256+64x2048": ("<= 1.2x sum of floors", lambda f: f["niyama_over_floor"] <= 1.2),
     "offline": (">= 20K processed tok/s", lambda f: f["processed_tok_s"] >= 20e3),
-    "cpu overhead": ("<= 1 ms/step", lambda f: f["overhead_s"] <= 1e-3),
+    "cpu overhead": ("<= 1 ms/step", lambda f: f.get("host_critical_s", f["overhead_s"]) <= 1e-3),
 }
 
 
@@ -284,13 +284,18 @@ def instrumented(engine: LLMEngine):
     executor's `last_timing` if it has one; the wrappers are instance attributes, removed afterwards."""
     executor, scheduler = engine.executor, engine.scheduler
     execute, schedule = executor.execute, scheduler.schedule
-    log = {"execute_wall": [], "execute_span": [], "schedule": [], "last_timing": []}
+    log = {"execute_wall": [], "execute_span": [], "gpu_span": [], "schedule": [], "last_timing": []}
+    if hasattr(executor, "record_gpu_span") and engine.device.type == "cuda":
+        executor.record_gpu_span = True
 
     def timed_execute(plan, decodes):
         t0 = time.perf_counter()
         span, result = device_seconds(lambda: execute(plan, decodes), engine.device)
         log["execute_wall"].append(time.perf_counter() - t0)
         log["execute_span"].append(span)
+        events = getattr(executor, "last_gpu_span", None)
+        if events is not None:     # from the step's first launch to its last (host packing excluded)
+            log["gpu_span"].append(events[0].elapsed_time(events[1]) / 1e3)
         timing = getattr(executor, "last_timing", None)
         if timing is not None:
             log["last_timing"].append(dataclasses.asdict(timing) if dataclasses.is_dataclass(timing)
@@ -308,6 +313,8 @@ def instrumented(engine: LLMEngine):
         yield log
     finally:
         del executor.execute, scheduler.schedule
+        if hasattr(executor, "record_gpu_span"):
+            executor.record_gpu_span = False
 
 
 def measure_overhead(engine: LLMEngine, sizes: Sizes) -> dict:
@@ -344,6 +351,11 @@ def measure_overhead(engine: LLMEngine, sizes: Sizes) -> dict:
            "step_wall_s": med(walls), "execute_span_s": med(log["execute_span"]),
            "execute_wall_s": med(log["execute_wall"]), "schedule_s": med(log["schedule"]),
            "overhead_s": med(w - s for w, s in zip(walls, log["execute_span"])), "last_timing": None}
+    if log["gpu_span"]:
+        # the honest figure: all host time on the step's critical path (scheduling, packing the inputs,
+        # handling the tokens); the GPU span runs from the step's first launch to its sampled tokens
+        out["gpu_span_s"] = med(log["gpu_span"])
+        out["host_critical_s"] = med(w - g for w, g in zip(walls, log["gpu_span"]))
     if log["last_timing"]:
         fields = [k for k, v in log["last_timing"][0].items() if isinstance(v, float)]
         out["last_timing"] = {k: med(t[k] for t in log["last_timing"]) for k in fields}
@@ -486,7 +498,9 @@ def run_engine_sections(args, sizes: Sizes, sections: set[str], results: dict, s
         o = results["overhead"]
         print("  niyama cpu overhead: " + (o.get("error") or
               f"step {ms(o['step_wall_s'])}, execute span {ms(o['execute_span_s'])}, overhead "
-              f"{ms(o['overhead_s'])}, schedule {ms(o['schedule_s'])}, last_timing {o['last_timing']}"), flush=True)
+              f"{ms(o['overhead_s'])}, host on the critical path {ms(o.get('host_critical_s', float('nan')))} "
+              f"(GPU span {ms(o.get('gpu_span_s', float('nan')))}), schedule {ms(o['schedule_s'])}, "
+              f"last_timing {o['last_timing']}"), flush=True)
         save()
 
 
@@ -583,7 +597,8 @@ def table(results: dict) -> str:
                      ratio, target_cell(name, fig)))
     o = results.get("overhead")
     if o:
-        rows.append(("cpu overhead", o.get("error") or f"{ms(o['overhead_s'])}/step at {o['running']}",
+        host = o.get("host_critical_s", o.get("overhead_s"))
+        rows.append(("cpu overhead", o.get("error") or f"{ms(host)}/step at {o['running']}",
                      "-", "-", "-", target_cell("cpu overhead", o)))
     off = results.get("offline")
     if off:

@@ -143,15 +143,6 @@ def main() -> int:
             print(f"   {v['ms']:8.3f} ms  x{v['count']:<6} {k}")
     results["launch_us"] = launch_costs(engine)
     print("\nhost us per launch:", {k: round(v, 1) for k, v in results["launch_us"].items()})
-    graphs = engine.executor.graphs
-    if graphs is not None:       # host cost of one replay call (the GPU runs it meanwhile)
-        g = graphs.get(128).graph
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        g.replay()
-        results["graph_replay_call_ms"] = (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
-        print(f"\nreplay() call of the batch-128 graph: {results['graph_replay_call_ms']:.3f} ms of host time")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

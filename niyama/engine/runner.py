@@ -64,6 +64,10 @@ class ModelExecutor:
         self.buffers = None           # cuda_graphs.StepBuffers
         self.graphs = None            # cuda_graphs.StepGraphs
         self.last_timing = StepTiming()
+        # Set True to time each step's GPU span with CUDA events (`last_gpu_span`: start, end events
+        # around everything the step enqueues); benchmarks use it to separate host and GPU time.
+        self.record_gpu_span = False
+        self.last_gpu_span = None
         # Optional observer of every sampling step: hook(sequences, logits [n, vocab] float32). It runs
         # before sampling and may edit the logits in place (checks use that to force tokens).
         self.logits_hook = None
@@ -94,6 +98,7 @@ class ModelExecutor:
             if self.logits_hook is not None:
                 self.logits_hook(step.sampled, logits)
             on_device = sample_on_device(logits, [s.params for s in step.sampled], [s.generator for s in step.sampled])
+            self._mark(1)
             t2 = time.perf_counter()
             tokens = on_device.tolist()
             t3 = time.perf_counter()
@@ -135,6 +140,14 @@ class ModelExecutor:
                 raise RuntimeError(f"scheduler gave {len(s.block_ids)} KV blocks for {s.context_len} tokens")
         return StepInputs(ids, positions, slices, plan.num_decodes, sample_rows, sampled)
 
+    def _mark(self, end: int) -> float:
+        """Host time now; with `record_gpu_span`, also a CUDA event (0: before the step's first launch)."""
+        if self.record_gpu_span:
+            if not end:
+                self.last_gpu_span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.last_gpu_span[end].record()
+        return time.perf_counter()
+
     def bucket(self, num_rows: int, num_prefills: int = 0, num_decodes: int = 0) -> int | None:
         """The smallest bucket whose layout holds the step, or None (an exact eager layout)."""
         for b in self.buckets:
@@ -153,7 +166,7 @@ class ModelExecutor:
         dense = self.backend.pack(step.slices, step.num_decodes, step.ids, step.positions, step.sample_rows, layout,
                                   host)
         graph = self.graphs.get(b) if self.graphs is not None and b else None
-        t1 = time.perf_counter()
+        t1 = self._mark(0)
         if graph is not None:
             graph.graph.replay()
             hidden, sample_rows = graph.hidden, graph.sample_rows
@@ -170,5 +183,5 @@ class ModelExecutor:
         ids = torch.tensor(step.ids, device=dev)
         positions = torch.tensor(step.positions, device=dev)
         sample_rows = torch.tensor(step.sample_rows, dtype=torch.long, device=dev)
-        t1 = time.perf_counter()
+        t1 = self._mark(0)
         return self.model(ids, positions, self.kv, self.backend, meta), sample_rows, t1

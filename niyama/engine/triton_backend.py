@@ -164,17 +164,28 @@ class TritonPaged:
             tile += len(m0)
         v["tile_seq"][tile:] = -1
         first = num_rows - num_decodes
-        for j, s in enumerate(decodes):
-            blocks = self._table(s.block_ids)
-            p = s.context_len - 1
-            slots[first + j] = blocks[p // bs] * bs + p % bs
-            n = min(len(blocks), layout.width)
-            d_tables[j, :n] = blocks[:n]
-            v["d_ctx"][j] = s.context_len
+        if decodes:
+            self._pack_decodes(decodes, first, slots, d_tables, v["d_ctx"])
         v["d_ctx"][num_decodes:] = 0
         v["row0"][0] = first
         self._forget_unused(seqs)
         return dense
+
+    def _pack_decodes(self, decodes: list[SeqSlice], first: int, slots, d_tables, d_ctx) -> None:
+        """The decode part of `pack` in a few numpy calls (one Python pass per decode: at 128 decodes a
+        per-decode numpy assignment cost ~1 ms of host time per step on the GPU machine)."""
+        bs = self.block_size
+        n = len(decodes)
+        tables = [self._table(s.block_ids) for s in decodes]
+        ctx = np.fromiter((s.context_len for s in decodes), dtype=np.int64, count=n)
+        used = np.minimum((ctx + bs - 1) // bs, d_tables.shape[1])         # table columns each decode reads
+        flat = np.concatenate([t[:u] for t, u in zip(tables, used.tolist())])
+        starts = np.cumsum(used) - used
+        row = np.repeat(np.arange(n), used)
+        d_tables[row, np.arange(len(flat)) - np.repeat(starts, used)] = flat
+        last = flat[starts + (ctx - 1) // bs]
+        slots[first:first + n] = last * bs + (ctx - 1) % bs
+        d_ctx[:n] = ctx
 
     def meta(self, dev: torch.Tensor, layout: Layout, dense=()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedMeta]:
         """Views of the device copy of a packed step: ids, positions, sample rows, and the attention metadata."""
