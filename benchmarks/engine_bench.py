@@ -246,15 +246,15 @@ class SyntheticSteps:
         e.executor.sequences[req] = seq
         return seq
 
-    def run(self, prefill: int, decodes: int, context: int) -> float:
-        """Wall seconds of one `execute` of a `prefill`-token chunk (from position 0) beside `decodes`
-        decodes at `context`."""
+    def run(self, prefill: int, decodes: int, context: int, prefix: int = 0) -> float:
+        """Wall seconds of one `execute` of a `prefill`-token chunk (after `prefix` cached tokens) beside
+        `decodes` decodes at `context`."""
         e, made = self.engine, []
         try:
             chunks = []
             if prefill:
-                made.append(self._sequence(prefill, 0))
-                chunks = [PrefillChunk(made[-1].request, 0, prefill)]
+                made.append(self._sequence(prefix + prefill, 0))
+                chunks = [PrefillChunk(made[-1].request, prefix, prefill)]
             for _ in range(decodes):
                 made.append(self._sequence(context, 1))
             plan = BatchPlan(0, decodes, decodes * context, chunks, prefill + decodes, math.inf)
@@ -425,10 +425,12 @@ def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s
     wl = make_workload("sharegpt", 1.0, num_requests=num_requests, seed=0)
     wl = dataclasses.replace(wl, specs=[dataclasses.replace(s, arrival_s=0.0) for s in wl.specs])
     tokens = {"processed": 0, "generated": 0}
+    steps = []
 
     def count(plan, result, end):
         tokens["processed"] += plan.num_tokens
         tokens["generated"] += plan.num_decodes + sum(c.completes_prefill for c in plan.prefills)
+        steps.append((plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, result.duration_s))
 
     def progress(unfinished):
         if time.perf_counter() - t0 > budget_s:
@@ -452,7 +454,25 @@ def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s
             "steps": engine.replica.iteration, "clipped": clipped, "processed_tokens": tokens["processed"],
             "generated_tokens": tokens["generated"], "output_tok_s": tokens["generated"] / wall,
             "processed_tok_s": tokens["processed"] / wall, "preemptions": engine.replica.num_preemptions,
-            "kv_tokens": engine.allocator.num_blocks * engine.allocator.block_size}
+            "relegations": engine.replica.num_relegations, "profile": engine.profile.name,
+            "kv_tokens": engine.allocator.num_blocks * engine.allocator.block_size, "step_kinds": step_kinds(steps)}
+
+
+def step_kinds(steps: list[tuple]) -> dict:
+    """Where the offline run's time went: steps by kind, their count, mean tokens and time."""
+    kinds = {"prefill only": lambda p, d: p and not d, "decode only": lambda p, d: d and not p,
+             "mixed": lambda p, d: p and d}
+    out = {}
+    for name, test in kinds.items():
+        rows = [s for s in steps if test(s[0], s[1])]
+        if rows:
+            out[name] = {"steps": len(rows), "seconds": round(sum(r[3] for r in rows), 2),
+                         "mean_prefill_tokens": round(statistics.mean(r[0] for r in rows)),
+                         "mean_decodes": round(statistics.mean(r[1] for r in rows), 1),
+                         "mean_decode_context": round(statistics.mean(r[2] / r[1] for r in rows if r[1])) if any(
+                             r[1] for r in rows) else 0,
+                         "mean_step_ms": round(1e3 * statistics.mean(r[3] for r in rows), 2)}
+    return out
 
 
 # --- the run ------------------------------------------------------------------------
@@ -625,6 +645,8 @@ def main() -> int:
     ap.add_argument("--offline-requests", type=int, help="default 1000 (quick: 20)")
     ap.add_argument("--offline-budget-s", type=float, default=210.0, help="stop the offline run after this long")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--offline-profile", default=None,
+                    help="batch-time profile of the offline run's engine (default: the engine's default)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/engine_bench.json")
     args = ap.parse_args()
@@ -670,7 +692,8 @@ def main() -> int:
         free_memory(args.device)
         print(f"transformers done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     if "offline" in sections:
-        engine = make_engine(args)       # default settings: the KV cache from free memory
+        # default settings: the KV cache from free memory, the default policy and batch-time profile
+        engine = make_engine(args, **({"profile": args.offline_profile} if args.offline_profile else {}))
         results["offline_engine"] = engine_info(engine)
         results["offline"] = measure_offline(engine, sizes, args.offline_requests or sizes.offline_requests,
                                              args.offline_budget_s)
@@ -678,7 +701,8 @@ def main() -> int:
         free_memory(args.device)
         off = results["offline"]
         print(f"offline: {off['status']}: {off['wall_s']:.3g} s, {tok_s(off['output_tok_s'])} generated, "
-              f"{tok_s(off['processed_tok_s'])} processed ({time.perf_counter() - t_start:.0f} s)", flush=True)
+              f"{tok_s(off['processed_tok_s'])} processed ({time.perf_counter() - t_start:.0f} s); "
+              f"profile {off.get('profile')}, steps {off.get('step_kinds')}", flush=True)
     finish_figures(results)
     results["wall_s"] = time.perf_counter() - t_start
     save()

@@ -67,12 +67,13 @@ def host_timed(engine):
     return spent
 
 
-def profile_figure(steps: SyntheticSteps, prefill: int, decodes: int, context: int, reps: int) -> dict:
+def profile_figure(steps: SyntheticSteps, prefill: int, decodes: int, context: int, reps: int,
+                   prefix: int = 0) -> dict:
     for _ in range(3):
-        steps.run(prefill, decodes, context)
+        steps.run(prefill, decodes, context, prefix)
     spent = host_timed(steps.engine)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        walls = [steps.run(prefill, decodes, context) for _ in range(reps)]
+        walls = [steps.run(prefill, decodes, context, prefix) for _ in range(reps)]
     del steps.engine.executor.model.forward
     by_group: dict[str, list] = defaultdict(lambda: [0.0, 0])
     kernels = []
@@ -124,14 +125,21 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/engine_profile.json")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--figure", action="append", default=[], metavar="PREFILL,DECODES,CONTEXT[,PREFIX]",
+                    help="profile this step instead of the default figures (repeatable); PREFIX: tokens cached "
+                         "before the prefill chunk")
     args = ap.parse_args()
+    figures = {}
+    for f in args.figure:
+        p, d, c, *rest = (int(x) for x in f.split(","))
+        figures[f"mixed {p}(+{rest[0] if rest else 0} cached)+{d}x{c}"] = (p, d, c, *rest)
     engine = LLMEngine(model="llama-3-8b", load_format="dummy", device="cuda", dtype="bfloat16", kv_tokens=300_000,
                        cuda_graphs=not args.no_cuda_graphs)
     print(engine.describe(), flush=True)
     steps = SyntheticSteps(engine)
     results = {}
-    for name, (p, d, c) in FIGURES.items():
-        r = results[name] = profile_figure(steps, p, d, c, args.reps)
+    for name, (p, d, c, *prefix) in (figures or FIGURES).items():
+        r = results[name] = profile_figure(steps, p, d, c, args.reps, *prefix)
         timing = engine.executor.last_timing
         r["last_timing_ms"] = {k: round(v * 1e3, 3) for k, v in vars(timing).items()}
 
