@@ -109,6 +109,7 @@ def test_padded_decode_rows_write_nothing():
 def test_mixed_batch_in_a_bucket_layout():
     # two chunks and three decodes padded to 256 rows: unused tiles and decode slots must do nothing
     check_attention([(30, 70), (0, 20)], [9, 130, 48], seed=7, bucket=256)
+    check_attention([(30, 200), (0, 20)], [9, 130, 48], seed=8, bucket=512)     # 128-row tiles
 
 
 def test_gqa_group_that_is_not_a_power_of_two():
@@ -125,7 +126,8 @@ def test_long_contexts_on_gpu(ctx):
 
 @pytest.mark.skipif(not GPU, reason="GPU only")
 def test_large_mixed_batch_on_gpu():
-    check_attention([(0, 2048), (1000, 256)], [2048] * 64 + [7, 4000], shape="llama-3-8b", seed=9)
+    # the 1000-token first chunk goes to cuDNN (padded to 1024), the other to the Triton kernel
+    check_attention([(0, 1000), (1000, 256)], [2048] * 64 + [7, 4000], shape="llama-3-8b", seed=9)
 
 
 def test_elementwise_ops_match_torch():

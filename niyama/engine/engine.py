@@ -113,6 +113,8 @@ class LLMEngine:
         self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
         if fast:
             self.executor.use_buckets(buckets, graphs)
+            if self.device.type == "cuda":
+                backend.warm_up(*self.kv_cache.layer(0), self.scheduler.max_batch_tokens)
         self.calibration_rows: list[tuple] = []
         if cfg.profile == MEASURE:
             profile, self.calibration_rows = calibrate(

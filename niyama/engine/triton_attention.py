@@ -46,7 +46,7 @@ def _kv_offsets(table, n, limit, stride_cb, stride_ct, kv_off, BLOCK_SIZE: tl.co
     return blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kv_off
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])    # one compiled kernel for every table width
 def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
                       tile_seq, tile_m0, seq_q_start, seq_q_len, seq_ctx, tables, table_stride,
                       scale_log2,
@@ -115,7 +115,7 @@ def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])
 def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
                      tables, table_stride, ctx_lens, row0_ptr, scale_log2,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch,

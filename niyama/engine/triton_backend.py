@@ -16,6 +16,7 @@ when graphs are off (identical results). The split-K scratch is allocated once f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .triton_attention import combine_splits, decode_attention, prefill_attentio
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 DENSE_MIN_TOKENS = 256     # a prompt's first chunk this long or longer may run on cuDNN's attention (below)
+DENSE_PAD = 256            # ... padded to a multiple of this: cuDNN plans one kernel per length, once
 GRAPH_BLOCK_M = (64, 128)  # prefill tile height inside bucket layouts: below 512 rows, and from 512 up
 MAX_GRAPH_PREFILLS = 8     # prefill chunks a bucket layout holds; a step with more runs eagerly
 
@@ -232,15 +234,43 @@ class TritonPaged:
     # attention ran such chunks 1.6-1.8x faster than the Triton kernel on the H100 (attention_bench:
     # 8192 tokens 0.96 vs 1.53 ms a layer), so eager steps give it those chunks where the probe below
     # finds it working.
+    # cuDNN builds an execution plan for each new length, which took long enough to show as a 0.6 s
+    # step in a served trace; so lengths are padded up to a multiple of DENSE_PAD (causal: the padding
+    # rows come last and no real row sees them) and `warm_up` builds every plan at start-up.
     def _dense_attention(self, q, k, v) -> torch.Tensor:
         """Causal attention of one chunk over itself; q `[n, H, D]`, k/v `[n, KVH, D]` -> `[n, H, D]`."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))        # [1, heads, n, D]
+        n = q.shape[0]
+        padded = -(-n // DENSE_PAD) * DENSE_PAD
+        q4, k4, v4 = (torch.nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padded - n)).unsqueeze(0)
+                      for x in (q, k, v))                                              # [1, heads, padded, D]
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             out = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True,
                                                                    enable_gqa=self.group > 1)
-        return out[0].transpose(0, 1)
+        return out[0, :, :n].transpose(0, 1)
+
+    def warm_up(self, k_cache, v_cache, max_tokens: int) -> None:
+        """Compile what eager steps may need later, so that no step pays for it mid-run: the prefill
+        kernel at each tile height and the cuDNN plan of every padded chunk length up to `max_tokens`.
+        Writes into the first blocks of the given (still empty) caches."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        for q_len in (16, 40, 600):      # tile heights 16, 64, 128 of exact layouts
+            if -(-q_len // self.block_size) > k_cache.shape[0]:
+                continue
+            seqs = [SeqSlice(0, q_len, q_len, list(range(-(-q_len // self.block_size))))]
+            q = torch.randn(q_len, h, d, generator=gen, device=self.device, dtype=k_cache.dtype)
+            k = torch.randn(q_len, kvh, d, generator=gen, device=self.device, dtype=k_cache.dtype)
+            meta = self.prepare(seqs, 0, self.block_size, self.device,
+                                layout=dataclasses.replace(self.exact_layout(seqs, 0), dense=False))
+            self.forward(q, k, k, k_cache, v_cache, meta)
+        if self.dense:
+            for n in range(DENSE_PAD, max_tokens + DENSE_PAD, DENSE_PAD):
+                q = torch.randn(n, h, d, generator=gen, device=self.device, dtype=k_cache.dtype)
+                k = torch.randn(n, kvh, d, generator=gen, device=self.device, dtype=k_cache.dtype)
+                self._dense_attention(q, k, k)
+        torch.cuda.synchronize(self.device)
 
     def _probe_dense(self) -> bool:
         """Whether cuDNN attention runs here on strided GQA inputs and matches plain math."""
