@@ -228,3 +228,50 @@ def test_engine_on_the_triton_path_matches_the_reference():
         assert torch.equal(fast[True][i], fast[False][i]), f"prompt {i}: graph and eager logits differ"
         fast_err, ref_err = rel_err(fast[False][i], oracle_logits[i]), rel_err(ref_logits[i], oracle_logits[i])
         assert fast_err <= 1.5 * ref_err + 1e-3, (i, fast_err, ref_err)
+
+
+@pytest.mark.skipif(not GPU, reason="GPU memory planning")
+def test_worst_case_step_fits_at_the_default_memory_settings():
+    """An engine sized by its start-up plan (default --gpu-memory-utilization 0.9) runs the largest flat
+    batch its scheduler can plan (the largest token budget: one prefill chunk after a long cached prefix,
+    beside max_num_seqs - 1 decodes) through its full KV cache, CUDA graphs captured, and stays within
+    the memory it was given."""
+    import math
+
+    from niyama.engine import LLMEngine, SamplingParams
+    from niyama.engine.sequence import Sequence
+    from niyama.qos import TIER_PRESETS, DeadlineRule
+    from niyama.request import Request
+    from niyama.scheduler import BatchPlan, PrefillChunk
+
+    engine = LLMEngine(model="llama-3-8b", load_format="dummy", device="cuda")
+    cfg, alloc = engine.config, engine.allocator
+    total = torch.cuda.mem_get_info()[1]
+    decodes = cfg.max_num_seqs - 1
+    chunk = engine.scheduler.max_batch_tokens - decodes
+    prefix = 4096
+    context = min(2048, (alloc.num_blocks * alloc.block_size - prefix - chunk) // decodes - alloc.block_size)
+    made = []
+
+    def request(tokens: int, outputs: int) -> Request:
+        req = Request(-1 - len(made), 0.0, tokens - outputs, outputs + 1, TIER_PRESETS["default"][0], DeadlineRule())
+        seq = Sequence(req, [7] * (tokens - outputs), SamplingParams(max_tokens=outputs + 1, temperature=0,
+                                                                      ignore_eos=True), None, (), None)
+        seq.output_ids = [7] * outputs
+        alloc.allocate(req, alloc.blocks_for(tokens + 1))
+        engine.executor.sequences[req] = seq
+        made.append(req)
+        return req
+
+    long_prompt = request(prefix + chunk, 0)
+    decoding = [request(context, 1) for _ in range(decodes)]
+    plan = BatchPlan(0, decodes, decodes * context, [PrefillChunk(long_prompt, prefix, chunk)], chunk + decodes,
+                     math.inf)
+    torch.cuda.reset_peak_memory_stats()
+    engine.executor.execute(plan, decoding)
+    peak = torch.cuda.max_memory_allocated()
+    print(f"{engine.memory.describe()}; worst step peak {peak / 2**30:.1f} GiB of {total / 2**30:.1f}")
+    assert peak <= cfg.gpu_memory_utilization * total
+    for req in made:
+        alloc.release(req)
+    assert alloc.num_free == alloc.num_blocks
