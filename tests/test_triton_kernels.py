@@ -275,3 +275,11 @@ def test_worst_case_step_fits_at_the_default_memory_settings():
     for req in made:
         alloc.release(req)
     assert alloc.num_free == alloc.num_blocks
+
+
+def test_triton_backend_refuses_a_cpu_outside_the_interpreter(monkeypatch):
+    from niyama.engine.attention import make_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        make_backend("triton", SHAPES["tiny"], torch.device("cpu"), 8, BS)

@@ -52,7 +52,13 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-tokens", type=int, default=None,
                    help="KV cache size in tokens (default: from free GPU memory, 32768 on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of GPU memory the engine may fill, weights + KV (default 0.9)")
+                   help="fraction of GPU memory the engine may fill: weights, the worst step's activations, "
+                        "CUDA graphs and the KV cache (default 0.9)")
+    g.add_argument("--attention", default="auto", choices=("auto", "triton", "torch-reference"),
+                   help="attention backend: auto = triton (paged kernels, fused ops) on a GPU, the PyTorch "
+                        "reference on a CPU (default auto)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every step eagerly (default: steps of up to 1,024 tokens replay CUDA graphs on a GPU)")
 
 
 def engine_config_from_args(args, **extra):
@@ -62,7 +68,8 @@ def engine_config_from_args(args, **extra):
     if args.kv_tokens is not None and args.kv_tokens < 16:
         raise ValueError("--kv-tokens must be at least one 16-token block")
     return EngineConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-                        kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+                        kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+                        attention=args.attention, cuda_graphs=not args.no_cuda_graphs, **extra)
 
 
 def scenario_from_args(args, trace: str, policy: str) -> Scenario:

@@ -10,6 +10,7 @@ the correctness oracle for faster backends.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -149,6 +150,12 @@ def make_backend(name: str, config, device: torch.device, max_num_seqs: int, blo
     if name == TorchReference.name:
         return TorchReference()
     if name == "triton":
-        from .triton_backend import TritonPaged
+        if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            raise ValueError("the triton attention backend runs on a CUDA GPU (on a CPU only in Triton's "
+                             "interpreter, TRITON_INTERPRET=1, for tests); use --attention torch-reference")
+        try:
+            from .triton_backend import TritonPaged
+        except ImportError as e:
+            raise ValueError(f"the triton attention backend needs the triton package ({e})") from e
         return TritonPaged(config, device, max_num_seqs, block_size)
     raise ValueError(f"unknown attention backend {name!r}; choose from auto, torch-reference, triton")
