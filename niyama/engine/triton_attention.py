@@ -46,6 +46,15 @@ def _kv_offsets(table, n, limit, stride_cb, stride_ct, kv_off, BLOCK_SIZE: tl.co
     return blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kv_off
 
 
+@triton.jit
+def _softmax_step(qk, v, m_i, l_i, acc):
+    """Fold one tile of scores `qk` (log2 units) and its values `v` into the running (max, sum, output)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
 @triton.jit(do_not_specialize=["table_stride"])    # one compiled kernel for every table width
 def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
                       tile_seq, tile_m0, seq_q_start, seq_q_len, seq_ctx, tables, table_stride,
@@ -83,14 +92,8 @@ def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
         n = start + tl.arange(0, BLOCK_N)
         off = _kv_offsets(table, n, full_end, stride_cb, stride_ct, kv_off, BLOCK_SIZE)
         k = tl.load(k_cache + off[None, :] + d[:, None])                       # [HEAD_DIM, BLOCK_N]
-        qk = tl.dot(q, k) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + off[:, None] + d[None, :])                       # [BLOCK_N, HEAD_DIM]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(tl.dot(q, k) * scale_log2, v, m_i, l_i, acc)
 
     # loop 2: the diagonal band, causal mask (a row's first key here is always visible: no -inf rows)
     end = tl.minimum(ctx, first + m0 + BLOCK_M)
@@ -99,16 +102,10 @@ def prefill_attention(q_ptr, k_cache, v_cache, out_ptr,
         off = _kv_offsets(table, n, end, stride_cb, stride_ct, kv_off, BLOCK_SIZE)
         n_ok = n < end
         k = tl.load(k_cache + off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)
-        qk = tl.dot(q, k) * scale_log2
-        visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        qk = tl.where(visible, tl.dot(q, k) * scale_log2, float("-inf"))
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -153,15 +150,9 @@ def decode_attention(q_ptr, k_cache, v_cache, part_acc, part_ml, out_ptr,
         n_ok = n < hi
         off = _kv_offsets(table, n, hi, stride_cb, stride_ct, kv_off, BLOCK_SIZE)
         k = tl.load(k_cache + off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)
-        qk = tl.dot(q, k) * scale_log2
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        qk = tl.where(n_ok[None, :], tl.dot(q, k) * scale_log2, float("-inf"))
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc)
 
     if NUM_SPLITS == 1:
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
