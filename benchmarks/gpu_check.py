@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-lens", default="37,211,650,1500")
     ap.add_argument("--kv-tokens", type=int, default=65536)
+    ap.add_argument("--attention", default="torch-reference", choices=("torch-reference", "triton"),
+                    help="the engine path to check (the results in benchmarks/results are the reference's)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,7 +128,7 @@ def main() -> int:
         hf = LlamaForCausalLM._from_config(LlamaConfig(**shape.to_hf()), dtype=dtype).eval()
     print(f"transformers {args.shape} in {dtype} on {device}: {time.perf_counter() - t0:.1f} s", flush=True)
     engine = LLMEngine(model=args.shape, load_format="dummy", device=args.device, dtype=args.dtype,
-                       kv_tokens=args.kv_tokens, policy="fcfs")
+                       kv_tokens=args.kv_tokens, policy="fcfs", attention=args.attention)
     engine.model.load_hf_weights(dict(hf.state_dict()))
     print(engine.describe(), flush=True)
 
