@@ -35,7 +35,7 @@ class AttentionBackend(Protocol):
 
     def prepare(self, seqs: list[SeqSlice], num_decodes: int, block_size: int, device: torch.device) -> Any:
         """Per-step metadata shared by every layer; the last `num_decodes` slices are decodes.
-        A backend that can pad a decode-only batch (for CUDA graphs) also takes `pad_to`."""
+        (The triton backend also takes a `layout`: the padded capacities of a CUDA-graph bucket.)"""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: Any) -> torch.Tensor:

@@ -48,7 +48,7 @@ class EngineConfig:
     device: str | None = None             # default: cuda if available, else cpu
     dtype: str | None = None              # default: bfloat16 on cuda, float32 on cpu
     kv_tokens: int | None = None          # KV cache size; default from GPU memory, or 32768 on cpu
-    gpu_memory_utilization: float = 0.9   # weights + activations of the worst step + KV cache, on a GPU
+    gpu_memory_utilization: float = 0.9   # GPU share for weights, the worst step, CUDA graphs and the KV cache
     attention: str = "auto"               # auto (triton on cuda, else torch-reference) | triton | torch-reference
     cuda_graphs: bool = True              # steps of <= 1024 tokens replay CUDA graphs (triton attention on cuda)
     policy: str = "niyama"
@@ -215,7 +215,8 @@ class LLMEngine:
                 f"KV cache {self.allocator.num_blocks * self.allocator.block_size} tokens ({kv_gib:.2f} GiB); "
                 f"attention {self.executor.backend.name}, "
                 f"{f'{len(graphs.graphs)} CUDA graphs' if graphs else 'no CUDA graphs'}; "
-                f"policy {self.config.policy}, batch-time profile {self.profile.name}; loaded in {self.load_time_s:.1f} s")
+                f"policy {self.config.policy}, batch-time profile {self.profile.name}; loaded in {self.load_time_s:.1f} s"
+                + (f"\nmemory plan: {self.memory.describe()}" if self.memory else ""))
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, ops=None) -> LlamaModel:
