@@ -136,7 +136,14 @@ class Replica:
         if plan.is_empty:
             raise RuntimeError(f"scheduler made no progress at t={now:.3f} with {len(self.scheduler.waiting)} "
                                f"waiting and {self.kv.num_free} free KV blocks")
-        result = self.executor.execute(plan, self.decodes)
+        try:
+            result = self.executor.execute(plan, self.decodes)
+        except Exception:
+            # the batch did not run: paused prefills go back to the queue (decodes never left their set),
+            # so that every request is still somewhere `abort` finds it and no block is lost
+            for chunk in plan.prefills:
+                self.scheduler.requeue(chunk.request)
+            raise
         self.clock.advance(result.duration_s)
         end = self.clock.now()
         self._apply(plan, result, end)
@@ -144,6 +151,16 @@ class Replica:
         for hook in self.on_step:
             hook(plan, result, end)
         return plan
+
+    def live_requests(self):
+        """Every request the replica holds: not yet arrived, waiting or paused, decoding."""
+        yield from (entry[2] for entry in self._pending)
+        yield from self.scheduler.waiting
+        yield from self.decodes
+
+    def check_blocks(self) -> None:
+        """KV conservation: every block is free or held by exactly one live request (AssertionError if not)."""
+        self.kv.check(self.live_requests())
 
     def run(self, progress=None) -> list[Request]:
         """Step until every added request finished. `progress(n)` gets the finished count."""

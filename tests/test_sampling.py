@@ -70,11 +70,49 @@ def test_steps_report_measured_time(engine, prompt):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-    (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"),
+    (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"), (dict(temperature=1e-40), "at least 0.01"),
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampler_survives_extreme_filters_and_logits():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.tensor([[3.0, 1.0, -2.0], [float("nan"), 0.0, 1.0], [float("-inf")] * 3])
+    # top_p that float32 rounds to 0 keeps the top token; rows without a usable distribution fall back to
+    # greedy instead of failing the step (and the other rows with it)
+    params = [SamplingParams(top_p=1e-300), SamplingParams(temperature=0.01), SamplingParams(temperature=2.0)]
+    for _ in range(20):
+        tokens = sample(logits, params, [gen, gen, gen])
+        assert tokens[0] == 0 and all(0 <= t < 3 for t in tokens)
+
+
+def test_a_failed_step_loses_no_request_and_no_block():
+    """A step that raises (here: the logits hook, inside the real executor) leaves every request where
+    the loop can find it: paused prefills back in the queue, decodes in the decode set; aborting them
+    all returns every block."""
+    engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=2048, policy="fcfs")
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    decoding = engine.add_request([3] * 40, params)
+    engine.step()
+    prefilling = engine.add_request([4] * 600, params)          # mid-prefill when the step fails
+
+    def fail(seqs, logits):
+        raise RuntimeError("injected fault")
+
+    engine.executor.logits_hook = fail
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert prefilling.request.block_ids and prefilling.request in engine.replica.scheduler.waiting
+    engine.executor.logits_hook = None
+    for seq in (decoding, prefilling):
+        assert engine.abort(seq)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    engine.replica.check_blocks()
+    after = engine.generate([[9] * 20], params)[0]              # and the engine still serves
+    assert len(after.output_ids) == 30
 
 
 def test_bad_requests_are_refused_clearly(engine, prompt):

@@ -163,6 +163,7 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature must be a number"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream must be true or false"),
     ("/v1/completions", {"prompt": "hi", "top_p": 3}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 1e-40}, 400, "temperature must be 0 (greedy) or at least"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
     ("/v1/completions", {"prompt": "hi", "seed": -1, "temperature": 0.7}, 400, "seed must be in [0, 2^63)"),
     ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": True}, 400, "logprobs=True is not supported"),
@@ -251,6 +252,25 @@ def test_client_disconnect_aborts_and_frees_the_kv_cache(server):
     assert after[key] - before.get(key, 0) == 1
     assert after[("niyama:kv_cache_usage_perc", ())] == 0.0
     assert after[("niyama:generation_tokens_total", ())] - before.get(("niyama:generation_tokens_total", ()), 0) < 2000
+
+
+def test_hostile_sampling_values_leave_other_streams_and_the_cache_alone(server):
+    """A tiny temperature (NaN logits once) is refused; a top_p float32 rounds to 0 is served greedily; a
+    stream running meanwhile gets all its tokens, and every block is free at the end."""
+    body = {"prompt": "Count to fifty.", "max_tokens": 60, "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{server}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        chunks = [next(lines) for _ in range(3)]
+        bad = c.post(f"{server}/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "temperature": 1e-40})
+        odd = c.post(f"{server}/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "top_p": 1e-300})
+        chunks += list(lines)
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+    assert odd.status_code == 200 and odd.json()["usage"]["completion_tokens"] == 4
+    events = [json.loads(x[5:]) for x in chunks if x.startswith("data:") and x != "data: [DONE]"]
+    assert "error" not in json.dumps(events) and events[-1]["choices"][0]["finish_reason"] == "length"
+    health = httpx.get(f"{server}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["kv_blocks_free"] == health["kv_blocks"]
 
 
 def test_bench_serve_reports_per_tier_latency(server, tmp_path):

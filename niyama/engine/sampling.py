@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# Below this a temperature turns float32 logits into inf and the softmax into NaN (a request sent 1e-40
+# and failed the whole step); vLLM clamps to the same value. 0 means greedy.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -21,8 +26,10 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -56,8 +63,14 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
         probs = torch.softmax(row, dim=-1)
         if p.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
-            # drop tokens once the mass before them already reaches top_p (the first always stays)
+            # drop tokens once the mass before them already reaches top_p; the first always stays (a top_p
+            # that float32 rounds to 0 must not drop every token)
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
+            drop[0] = False
             probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        # one request's odd logits must not fail the step for everyone: without a usable distribution, greedy
+        usable = torch.isfinite(probs).all() & (probs.sum() > 0)
+        probs = torch.where(usable, torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0),
+                            torch.nn.functional.one_hot(out[i], probs.shape[-1]).to(probs.dtype))
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return out

@@ -69,7 +69,8 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
         if not runner.alive:
             raise APIError("the engine thread has stopped", 503, type="server_error")
         kv = engine.allocator
-        return {"status": "ok", "model": served_name, "kv_blocks_free": kv.num_free, "kv_blocks": kv.num_blocks}
+        status = {"status": "degraded", "reason": runner.degraded} if runner.degraded else {"status": "ok"}
+        return {**status, "model": served_name, "kv_blocks_free": kv.num_free, "kv_blocks": kv.num_blocks}
 
     @app.get("/v1/models")
     async def models():

@@ -73,6 +73,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[Sequence, Stream] = {}
         self._stop = threading.Event()
+        self.degraded: str | None = None     # why /health says "degraded" (KV blocks lost after a failure)
         self._thread = threading.Thread(target=self._run, name="niyama-engine", daemon=True)
         if metrics is not None:
             engine.replica.on_step.append(metrics.observe_step)
@@ -115,9 +116,9 @@ class AsyncEngine:
             try:
                 self.engine.step()
                 self._publish()
-            except Exception as e:            # keep serving: fail the requests in flight, free their blocks
+            except Exception:                 # keep serving: fail the requests in flight, free their blocks
                 log.exception("engine step failed")
-                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                self._fail_all("internal error: the engine step running this request failed (see the server log)")
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands; with `block`, wait (briefly) for one. False when asked to stop."""
@@ -189,3 +190,8 @@ class AsyncEngine:
                 log.exception("abort after a failed step")
             stream.put(Event("", len(seq.output_ids), error=message))
         self._active.clear()
+        try:
+            self.engine.replica.check_blocks()
+        except AssertionError as e:
+            log.error("KV blocks lost after a failed step: %s", e)
+            self.degraded = f"KV blocks lost after a failed step: {e}"
