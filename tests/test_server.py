@@ -32,13 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(tmp_path_factory, *extra: str):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "niyama.cli", "serve", "--port", str(port),
-                                 "--kv-tokens", str(KV_TOKENS), "--log-level", "warning"],
+                                 "--kv-tokens", str(KV_TOKENS), "--log-level", "warning", *extra],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -52,13 +51,53 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail(f"server did not start:\n{log.read_text()}")
         time.sleep(0.3)
-    yield url
+    return url, (proc, log)
+
+
+def stop_server(handle) -> None:
+    proc, log = handle
     proc.terminate()
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
     print(log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    url, proc = start_server(tmp_path_factory)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A server with an API key, a 4 KiB body limit and room for one request in flight."""
+    url, proc = start_server(tmp_path_factory, "--api-key", "sesame", "--max-request-bytes", "4096",
+                             "--max-queued", "1")
+    yield url
+    stop_server(proc)
+
+
+def test_api_key_body_limit_and_queue_bound(guarded):
+    key = {"Authorization": "Bearer sesame"}
+    body = {"prompt": "Hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{guarded}/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{guarded}/health", timeout=10).status_code == 200         # open, as in vLLM
+    assert httpx.get(f"{guarded}/metrics", timeout=10).status_code == 200
+    assert httpx.post(f"{guarded}/v1/completions", json=body, headers=key, timeout=30).status_code == 200
+    big = httpx.post(f"{guarded}/v1/completions", json={"prompt": "x" * 5000}, headers=key, timeout=30)
+    assert big.status_code == 413 and "4096" in big.json()["error"]["message"]
+    long = {"prompt": "Tell a story.", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{guarded}/v1/completions", json=long, headers=key) as r:
+        lines = r.iter_lines()
+        next(lines)                                       # in flight now: the one request the server holds
+        full = c.post(f"{guarded}/v1/completions", json=body, headers=key)
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert httpx.post(f"{guarded}/v1/completions", json=body, headers=key, timeout=30).status_code == 200
 
 
 @pytest.fixture
@@ -173,10 +212,14 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role 'wizard'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content must be a string"),
     ("/v1/nothing", {}, 404, "Not Found"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nests too deeply"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "\\ud800 hi"}', 400, "lone surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "lone surrogate"),
 ]
 
 
-@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{b[0]}:{b[3]}" for b in BAD])
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{b[0]}:{b[3][:40]}" for b in BAD])
 def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, path, body, status, words):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(f"{server}{path}", content=raw, headers={"Content-Type": "application/json"}, timeout=30)
@@ -185,6 +228,31 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, path, body, status, 
     assert words in err["message"] and err["type"]
     ok = httpx.post(f"{server}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2     # still serving
+
+
+def test_a_body_that_is_not_json_by_its_content_type_gets_a_415(server):
+    # a page in any browser may POST text/plain cross-origin without asking: it must not be served
+    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": "hi"}', headers={"Content-Type": "text/plain"},
+                   timeout=10)
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+
+
+def test_a_non_streaming_client_that_leaves_is_aborted_at_once(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
+    before = metrics(server)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=1.5)
+    left = time.monotonic()
+    while True:
+        health = httpx.get(f"{server}/health", timeout=10).json()
+        if health["kv_blocks_free"] == health["kv_blocks"] or time.monotonic() - left > 30:
+            break
+        time.sleep(0.05)
+    freed_s = time.monotonic() - left
+    assert health["kv_blocks_free"] == health["kv_blocks"] and freed_s < 1.0, freed_s
+    after = metrics(server)
+    key = ("niyama:request_success_total", (("finished_reason", "abort"),))
+    assert after[key] - before.get(key, 0) == 1
 
 
 def test_wrong_method_is_a_405_in_openai_shape(server):

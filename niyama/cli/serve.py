@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import socket
 import sys
 
@@ -30,6 +32,14 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: --model as given, or smollm2-135m-instruct)")
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--api-key", default=os.environ.get("NIYAMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open) "
+                        "(default: $NIYAMA_API_KEY, else none)")
+    g.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
+                   help="largest request body; larger ones get 413 (default 16 MiB)")
+    g.add_argument("--max-queued", type=int, default=1024,
+                   help="most requests in flight (waiting + running); beyond, 429 with Retry-After (default 1024)")
     q = p.add_argument_group("QoS")
     q.add_argument("--tiers", default="default",
                    help="tier set: 'default' (Q1 TTFT 6 s + TBT 50 ms, Q2 TTLT 600 s, Q3 TTLT 1800 s), "
@@ -73,11 +83,20 @@ def check_port_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(args) -> int:
     try:
         import uvicorn
 
-        from ..server.app import build_app
+        from ..server.app import Limits, build_app
     except ImportError as e:
         raise ImportError(f"{e.name} is missing: the server needs `pip install 'niyama[serve]'`") from None
     from ..engine import LLMEngine
@@ -89,6 +108,10 @@ def run(args) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     check_port_free(args.host, args.port)      # before a model load that can take minutes
+    limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None)
+    if not limits.api_key and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use "
+              f"the model; set --api-key or NIYAMA_API_KEY", file=sys.stderr)
     tiers = load_tiers(args.tiers)
     qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
     engine = LLMEngine(engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
@@ -97,6 +120,6 @@ def run(args) -> int:
     print(engine.describe(), file=sys.stderr)
     print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier})", file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(engine, name, qos), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(build_app(engine, name, qos, limits), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0

@@ -7,17 +7,20 @@ Every error leaves as OpenAI-style JSON; bad input is a 4xx and the server keeps
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, Stream
+from .async_engine import AsyncEngine, Event, Stream
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import Generation, ModelInfo, ResponseWriter, parse_body, parse_generation, usage
@@ -26,8 +29,21 @@ from .qos import QoSPolicy
 log = logging.getLogger("niyama.server")
 
 
-def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 * 2**20    # a larger body gets 413 before it is read
+    max_queued: int = 1024              # requests in flight (waiting + running); beyond: 429 + Retry-After
+    api_key: str | None = None          # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1024 or self.max_queued < 1:
+            raise ValueError("the body limit must be >= 1 KiB and the queue bound >= 1")
+
+
+def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = None) -> FastAPI:
     """`engine`: an LLMEngine, owned by the app from now on (its loop runs on the app's engine thread)."""
+    limits = limits or Limits()
+    in_flight = [0]                      # requests submitted and not yet finished (event loop only)
     metrics = ServerMetrics(served_name, tuple(qos.tiers))
     runner = AsyncEngine(engine, metrics)
     tok = engine.tokenizer
@@ -47,7 +63,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
@@ -60,8 +76,9 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request, exc: Exception):
-        log.exception("unhandled error")
-        err = APIError(f"internal error: {type(exc).__name__}: {exc}", 500)
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error (request %s)", ref)      # the details stay in the log
+        err = APIError(f"internal error (request {ref}); the server log has the details", 500)
         return JSONResponse(err.body(), status_code=500)
 
     @app.get("/health")
@@ -93,7 +110,11 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
         return await generate(request, "chat")
 
     async def generate(request: Request, kind: str):
-        gen = parse_generation(parse_body(await request.body()), kind, model, qos)
+        check_key(request)
+        gen = parse_generation(parse_body(await read_body(request)), kind, model, qos)
+        if in_flight[0] >= limits.max_queued:
+            raise APIError(f"the server holds {in_flight[0]} requests, its limit; retry shortly", 429,
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         try:
             stream = await runner.submit(gen)
         except ValueError as e:          # the engine's own checks (e.g. more KV than the cache has)
@@ -103,19 +124,51 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
             return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
         return await collect(request, stream, gen, writer)
 
+    def check_key(request: Request) -> None:
+        if limits.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+            raise APIError("incorrect or missing API key: send 'Authorization: Bearer <key>'", 401,
+                           code="invalid_api_key")
+
+    async def read_body(request: Request) -> bytes:
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise APIError(f"Content-Type must be application/json, got {kind!r} (curl: add "
+                           "-H 'Content-Type: application/json')", 415)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise APIError(f"the request body is {declared} bytes; the limit is {limits.max_body_bytes}", 413)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limits.max_body_bytes:
+                raise APIError(f"the request body is over the limit of {limits.max_body_bytes} bytes", 413)
+        return bytes(body)
+
+    async def watch_disconnect(request: Request, stream: Stream) -> None:
+        """The body is read, so the next ASGI message is the client leaving: abort at once, and end the
+        handler's wait (an aborted request gets no more events from the engine)."""
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                runner.abort(stream)
+                stream.queue.put_nowait(Event("", 0, finish_reason="abort"))
+                return
+
     async def collect(request: Request, stream: Stream, gen: Generation, writer: ResponseWriter):
         parts, ids, last = [], [], None
+        in_flight[0] += 1
+        watcher = asyncio.create_task(watch_disconnect(request, stream))
         try:
-            while not stream.finished:
-                try:
-                    last = await asyncio.wait_for(stream.__anext__(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
+            async for last in stream:
                 parts.append(last.text)
                 ids.extend(last.token_ids)
+                if watcher.done():
+                    return Response(status_code=499)
         finally:
+            watcher.cancel()
+            in_flight[0] -= 1
             if not stream.finished:
                 runner.abort(stream)
         if last.error:
@@ -125,6 +178,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
 
     async def sse(stream: Stream, gen: Generation, writer: ResponseWriter):
         first = True
+        in_flight[0] += 1
         try:
             async for event in stream:
                 if event.error:
@@ -139,6 +193,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy) -> FastAPI:
                         yield data(writer.usage_chunk(usage(len(gen.prompt_ids), event.num_tokens)))
             yield "data: [DONE]\n\n"
         finally:                          # the client went away (cancelled) or the stream ended
+            in_flight[0] -= 1
             if not stream.finished:
                 runner.abort(stream)
 

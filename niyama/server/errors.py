@@ -5,8 +5,9 @@ from __future__ import annotations
 
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers or {}
         self.message = message
         self.status = status
         self.param = param

@@ -49,10 +49,18 @@ class Generation:
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise APIError("the request body nests too deeply; send a flat JSON object") from None
+    except ValueError as e:       # bad JSON, bad UTF-8, an integer of more digits than Python converts
+        raise APIError(f"the request body is not valid JSON ({str(e)[:120]}); send a JSON object") from None
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:      # a lone surrogate ("\ud800") is valid JSON but no text: the tokenizer would fail on it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError("the request body contains invalid Unicode (a lone surrogate such as \\ud800)") from None
+    except RecursionError:
+        raise APIError("the request body nests too deeply; send a flat JSON object") from None
     return body
 
 
