@@ -111,7 +111,9 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
 
     async def generate(request: Request, kind: str):
         check_key(request)
-        gen = parse_generation(parse_body(await read_body(request)), kind, model, qos)
+        raw = await read_body(request)
+        # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
+        gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
         if in_flight[0] >= limits.max_queued:
             raise APIError(f"the server holds {in_flight[0]} requests, its limit; retry shortly", 429,
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})

@@ -1,0 +1,62 @@
+"""Hostile and malformed requests against a real server on 127.0.0.1 (default model, CPU): every one gets
+an answer below 500, a good request still succeeds afterwards, and every KV block is free at the end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from test_server import start_server, stop_server  # noqa: E402
+
+FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "stream",
+          "ignore_eos", "tier", "priority", "ttft_ms", "tbt_ms", "ttlt_ms", "service_tier", "model", "n",
+          "stream_options", "return_token_ids")
+# JSON text, not Python values: NaN and Infinity are literals Python's parser accepts
+VALUES = ("null", "true", "-1", "0", "1e308", "-1e308", "1e-300", "NaN", "Infinity", "-Infinity", "1" + "0" * 5000,
+          '"x"', '""', '"\\u0000\\u001b[31m"', '"\\ud800"', "[]", "[[[]]]", "{}", '{"a": [1, 2]}', "[1, \"a\", null]",
+          '"' + "a" * 3000 + '"', "[" + ",".join(["99999999"] * 50) + "]")
+
+
+def bodies(rng: random.Random) -> list[bytes]:
+    out = []
+    base = {"prompt": "Hi", "max_tokens": 3}
+    for field, value in itertools.product(FIELDS, VALUES):
+        text = json.dumps(base)[:-1] + f', "{field}": {value}}}'
+        out.append(text.encode())
+    for field in FIELDS:        # chat messages with hostile content beside a hostile field (a repeated key: the last wins)
+        out.append(f'{{"messages": [{{"role": "user", "content": {rng.choice(VALUES)}}}], "max_tokens": 3, '
+                   f'"{field}": {rng.choice(VALUES)}}}'.encode())
+    out += [b"", b"{", b"null", b"[]", b'"text"', b"\xff\xfe\x00garbage", b'{"prompt": "\xc3\x28"}',
+            b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", b'{"messages": "' + b"x" * 100_000 + b'"}']
+    return out
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    url, handle = start_server(tmp_path_factory)
+    yield url
+    stop_server(handle)
+
+
+def test_no_hostile_body_gets_a_5xx_or_leaks_a_block(fuzz_server):
+    rng = random.Random(0)
+    cases = [(path, body) for body in bodies(rng) for path in ("/v1/completions", "/v1/chat/completions")]
+    assert len(cases) > 800
+    statuses = {}
+    with httpx.Client(timeout=120) as c:
+        for path, body in cases:
+            r = c.post(f"{fuzz_server}{path}", content=body, headers={"Content-Type": "application/json"})
+            statuses.setdefault(r.status_code, []).append((path, body[:80]))
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], body[:80]
+        assert not [s for s in statuses if s >= 500], {s: v[:3] for s, v in statuses.items() if s >= 500}
+        ok = c.post(f"{fuzz_server}/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        health = c.get(f"{fuzz_server}/health").json()
+    assert health["status"] == "ok" and health["kv_blocks_free"] == health["kv_blocks"]
+    print(f"{len(cases)} hostile requests: " + ", ".join(f"{s}: {len(v)}" for s, v in sorted(statuses.items())))
