@@ -60,3 +60,50 @@ def test_no_hostile_body_gets_a_5xx_or_leaks_a_block(fuzz_server):
         health = c.get(f"{fuzz_server}/health").json()
     assert health["status"] == "ok" and health["kv_blocks_free"] == health["kv_blocks"]
     print(f"{len(cases)} hostile requests: " + ", ".join(f"{s}: {len(v)}" for s, v in sorted(statuses.items())))
+
+
+def test_disconnect_storm_returns_every_block(fuzz_server):
+    """40 clients, streaming and not, leave at random points while others finish; within 1 s of the last
+    leaving, every KV block is free and a new request is served."""
+    import asyncio
+    import time
+
+    rng = random.Random(1)
+
+    async def one(client: httpx.AsyncClient, k: int) -> None:
+        body = {"prompt": f"Story {k}:", "max_tokens": rng.choice([5, 40, 400]), "ignore_eos": True,
+                "stream": k % 2 == 0}
+        try:
+            if body["stream"]:
+                async with client.stream("POST", f"{fuzz_server}/v1/completions", json=body) as r:
+                    stop_after = rng.randrange(1, 30)
+                    async for i, _ in _enumerate(r.aiter_lines()):
+                        if i == stop_after:
+                            return                        # leaving mid-stream closes the connection
+            else:
+                await client.post(f"{fuzz_server}/v1/completions", json=body, timeout=rng.uniform(0.2, 3.0))
+        except httpx.TimeoutException:
+            pass                                          # a non-streaming client that gave up
+
+    async def storm() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.gather(*(one(client, k) for k in range(40)))
+
+    asyncio.run(storm())
+    left = time.monotonic()
+    while True:
+        health = httpx.get(f"{fuzz_server}/health", timeout=10).json()
+        if health["kv_blocks_free"] == health["kv_blocks"] or time.monotonic() - left > 30:
+            break
+        time.sleep(0.05)
+    assert health["kv_blocks_free"] == health["kv_blocks"], health
+    assert time.monotonic() - left < 1.0
+    ok = httpx.post(f"{fuzz_server}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200
+
+
+async def _enumerate(lines):
+    i = 0
+    async for line in lines:
+        yield i, line
+        i += 1
