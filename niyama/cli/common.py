@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..options import parse_assignments
-from ..predictor import PROFILES
+from ..predictor import DEFAULT_PROFILE, PROFILES
 from ..scheduler import POLICIES, policy_options
 from ..sim.run import DEFAULT_KV_TOKENS
 from ..sim.scenario import Scenario
@@ -24,8 +24,8 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
 
 def add_replica_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("replica")
-    g.add_argument("--profile", default="a100-llama3-8b",
-                   help=f"batch-time profile: {', '.join(PROFILES)} or a JSON file (default a100-llama3-8b)")
+    g.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"batch-time profile: {', '.join(PROFILES)} or a JSON file (default {DEFAULT_PROFILE})")
     g.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
                    help=f"KV cache capacity in tokens (default {DEFAULT_KV_TOKENS}: Llama-3-8B on 80 GB)")
     g.add_argument("--noise", type=float, default=0.0,

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from ..predictor import DEFAULT_PROFILE
 from .common import add_engine_options, check_policy, engine_config_from_args, parse_policy_options
 
 EXAMPLES = """examples:
@@ -50,10 +51,10 @@ def add_parser(sub) -> None:
                         "priority,scale=the first interactive tier, flex=the last tier)")
     s = p.add_argument_group("scheduling")
     s.add_argument("--policy", default="niyama", help="scheduling policy, see `niyama policies` (default niyama)")
-    s.add_argument("--profile", default="a100-llama3-8b",
+    s.add_argument("--profile", default=DEFAULT_PROFILE,
                    help="batch-time profile the scheduler plans with: a shipped name, a profile.json from "
                         "`niyama replay`, or 'measure' (time batches on this machine at start-up: ~20 s on a "
-                        "2-core CPU, instant on a GPU) (default a100-llama3-8b)")
+                        f"2-core CPU, instant on a GPU) (default {DEFAULT_PROFILE})")
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
     s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
     add_engine_options(p)
@@ -100,7 +101,7 @@ def run(args) -> int:
     except ImportError as e:
         raise ImportError(f"{e.name} is missing: the server needs `pip install 'niyama[serve]'`") from None
     from ..engine import LLMEngine
-    from ..qos import load_tiers
+    from ..qos import DeadlineRule, load_tiers
     from ..server.qos import QoSPolicy
 
     check_policy(args.policy)
@@ -115,7 +116,8 @@ def run(args) -> int:
     tiers = load_tiers(args.tiers)
     qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
     engine = LLMEngine(engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
-                                               tiers=args.tiers, max_num_seqs=args.max_num_seqs))
+                                               max_num_seqs=args.max_num_seqs))
+    engine.set_tiers(tiers, DeadlineRule())      # the tiers read once above, also what the QoS policy resolves to
     name = args.served_model_name or engine.model_name
     print(engine.describe(), file=sys.stderr)
     print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier})", file=sys.stderr)

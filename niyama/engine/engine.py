@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kv import BlockAllocator
-from ..predictor import load_profile
+from ..predictor import DEFAULT_PROFILE, load_profile
 from ..qos import DeadlineRule, Priority, Tier, load_tiers
 from ..replica import Replica, WallClock
 from ..request import Request
@@ -53,7 +53,7 @@ class EngineConfig:
     cuda_graphs: bool = True              # steps of <= 1024 tokens replay CUDA graphs (triton attention on cuda)
     policy: str = "niyama"
     policy_options: dict | None = None
-    profile: str = "a100-llama3-8b"       # batch-time profile the scheduler plans with; "measure": time this machine
+    profile: str = DEFAULT_PROFILE        # batch-time profile the scheduler plans with; "measure": time this machine
     tiers: str = "default"
     max_num_seqs: int = 256
     seed: int = 0

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..metrics.summary import RunSummary, summarize
 from ..options import parse_assignments
+from ..predictor import DEFAULT_PROFILE
 from ..scheduler import policy_options
 from ..sim.capacity import CapacityJob, CapacityResult, run_capacity_jobs
 from ..sim.parallel import run_parallel
@@ -52,7 +53,7 @@ class Context:
     root: Path                                   # each experiment writes into root / its name
     quick: bool = False
     seed: int = 0
-    profile: str = "a100-llama3-8b"
+    profile: str = DEFAULT_PROFILE
     kv_tokens: int = DEFAULT_KV_TOKENS
     noise: float = 0.0
     policy_overrides: dict = field(default_factory=dict)   # --opt: applied to every policy with the knob

@@ -6,6 +6,6 @@ here. Profiles are named per model x hardware; see `profiles.py`.
 
 from .base import BatchTimePredictor
 from .linear import TwoRegimeLinear
-from .profiles import PROFILES, load_profile
+from .profiles import DEFAULT_PROFILE, PROFILES, load_profile
 
-__all__ = ["BatchTimePredictor", "TwoRegimeLinear", "PROFILES", "load_profile"]
+__all__ = ["BatchTimePredictor", "TwoRegimeLinear", "DEFAULT_PROFILE", "PROFILES", "load_profile"]

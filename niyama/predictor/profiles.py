@@ -16,6 +16,9 @@ A100_LLAMA3_8B = TwoRegimeLinear(
                              decode_context=1.663409e-7, prefill_context=2.727223e-6, intercept=0.005004),
 )
 
+# What the scheduler and the simulator plan with unless told otherwise: the paper's A100 fit.
+DEFAULT_PROFILE = "a100-llama3-8b"
+
 PROFILES = {p.name: p for p in (A100_LLAMA3_8B,)}
 
 

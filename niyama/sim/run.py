@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kv import BlockAllocator
-from ..predictor import load_profile
+from ..predictor import DEFAULT_PROFILE, load_profile
 from ..replica import Replica
 from ..request import Request
 from ..scheduler import make_scheduler
@@ -31,7 +31,7 @@ class SimResult:
         return max(r.finish_s for r in self.requests) - self.workload.last_arrival_s
 
 
-def simulate(workload: Workload, policy: str = "niyama", *, profile: str = "a100-llama3-8b",
+def simulate(workload: Workload, policy: str = "niyama", *, profile: str = DEFAULT_PROFILE,
              kv_tokens: int = DEFAULT_KV_TOKENS, noise: float = 0.0, seed: int = 0,
              policy_options: dict | None = None, on_step=None, progress=None) -> SimResult:
     predictor = load_profile(profile)

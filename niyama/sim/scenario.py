@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..predictor import DEFAULT_PROFILE
 from ..workload import Workload, make_workload
 from ..workload.build import DEFAULT_DURATION_S
 from .run import DEFAULT_KV_TOKENS, SimResult, simulate
@@ -19,7 +20,7 @@ from .run import DEFAULT_KV_TOKENS, SimResult, simulate
 class Scenario:
     trace: str
     policy: str
-    profile: str = "a100-llama3-8b"
+    profile: str = DEFAULT_PROFILE
     kv_tokens: int = DEFAULT_KV_TOKENS
     noise: float = 0.0
     seed: int = 0
