@@ -54,6 +54,16 @@ def start_server(tmp_path_factory, *extra: str):
     return url, (proc, log)
 
 
+def wait_all_blocks_free(url: str, limit_s: float = 30) -> tuple[dict, float]:
+    """Poll /health until every KV block is free (or `limit_s` passes): the last health body, seconds waited."""
+    start = time.monotonic()
+    while True:
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        if health["kv_blocks_free"] == health["kv_blocks"] or time.monotonic() - start > limit_s:
+            return health, time.monotonic() - start
+        time.sleep(0.05)
+
+
 def stop_server(handle) -> None:
     proc, log = handle
     proc.terminate()
@@ -242,13 +252,7 @@ def test_a_non_streaming_client_that_leaves_is_aborted_at_once(server):
     before = metrics(server)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server}/v1/completions", json=body, timeout=1.5)
-    left = time.monotonic()
-    while True:
-        health = httpx.get(f"{server}/health", timeout=10).json()
-        if health["kv_blocks_free"] == health["kv_blocks"] or time.monotonic() - left > 30:
-            break
-        time.sleep(0.05)
-    freed_s = time.monotonic() - left
+    health, freed_s = wait_all_blocks_free(server)
     assert health["kv_blocks_free"] == health["kv_blocks"] and freed_s < 1.0, freed_s
     after = metrics(server)
     key = ("niyama:request_success_total", (("finished_reason", "abort"),))

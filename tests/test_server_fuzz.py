@@ -11,7 +11,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from test_server import start_server, stop_server  # noqa: E402
+from test_server import start_server, stop_server, wait_all_blocks_free  # noqa: E402
 
 FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "stream",
           "ignore_eos", "tier", "priority", "ttft_ms", "tbt_ms", "ttlt_ms", "service_tier", "model", "n",
@@ -66,7 +66,6 @@ def test_disconnect_storm_returns_every_block(fuzz_server):
     """40 clients, streaming and not, leave at random points while others finish; within 1 s of the last
     leaving, every KV block is free and a new request is served."""
     import asyncio
-    import time
 
     rng = random.Random(1)
 
@@ -90,14 +89,8 @@ def test_disconnect_storm_returns_every_block(fuzz_server):
             await asyncio.gather(*(one(client, k) for k in range(40)))
 
     asyncio.run(storm())
-    left = time.monotonic()
-    while True:
-        health = httpx.get(f"{fuzz_server}/health", timeout=10).json()
-        if health["kv_blocks_free"] == health["kv_blocks"] or time.monotonic() - left > 30:
-            break
-        time.sleep(0.05)
-    assert health["kv_blocks_free"] == health["kv_blocks"], health
-    assert time.monotonic() - left < 1.0
+    health, freed_s = wait_all_blocks_free(fuzz_server)
+    assert health["kv_blocks_free"] == health["kv_blocks"] and freed_s < 1.0, (health, freed_s)
     ok = httpx.post(f"{fuzz_server}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200
 
