@@ -21,12 +21,16 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 import triton
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine_bench import measure_ceilings  # noqa: E402
 
 from niyama.engine.attention import SeqSlice  # noqa: E402
 from niyama.engine.config import SHAPES  # noqa: E402
@@ -43,15 +47,9 @@ def median_ms(fn, reps: int = 30) -> float:
 
 
 def ceilings(dev) -> dict:
-    n = 1 << 30                                     # 2 GiB of bf16, read + written
-    a = torch.randn(n, dtype=torch.bfloat16, device=dev)
-    b = torch.empty_like(a)
-    copy_ms = median_ms(lambda: b.copy_(a))
-    del a, b
-    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
-    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
-    mm_ms = median_ms(lambda: x @ y)
-    return {"copy_GBps": 2 * 2 * n / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192 ** 3 / mm_ms / 1e9}
+    """engine_bench's ceilings (2 GiB copy, 8192^3 bf16 GEMM on random data) in this bench's units."""
+    c = measure_ceilings(SimpleNamespace(copy_bytes=2**31, gemm_n=8192), dev, torch.bfloat16)
+    return {"copy_GBps": c["copy_bytes_per_s"] / 1e9, "bf16_TFLOPs": c["gemm_flops_per_s"] / 1e12}
 
 
 def make_cache(config, num_blocks, dev, gen):

@@ -100,3 +100,55 @@ async def _enumerate(lines):
     async for line in lines:
         yield i, line
         i += 1
+
+
+def test_a_failed_engine_step_fails_its_requests_and_returns_every_block():
+    """The server's failure path, in process with a real (tiny, random) engine: a step raises (injected
+    through the executor's logits hook) while one request decodes and one is mid-prefill; both get an
+    error event without exception internals, every KV block is back, /health's state stays ok, and the
+    engine serves the next request."""
+    import asyncio
+
+    from niyama.engine import LLMEngine, SamplingParams
+    from niyama.qos import Priority
+    from niyama.server.async_engine import AsyncEngine
+    from niyama.server.protocol import Generation
+
+    engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=4096, policy="fcfs")
+    tier = engine.tiers[engine.default_tier]
+    runner = AsyncEngine(engine)
+
+    def gen(n_prompt: int, n_out: int) -> Generation:
+        return Generation("completion", [5] * n_prompt, SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True),
+                          tier, Priority.IMPORTANT, True, False, "tiny", True)
+
+    faults = []
+
+    def hook(seqs, logits):
+        mid_prefill = [s for s in engine.executor.sequences.values()
+                       if len(s.prompt_ids) == 1500 and 0 < s.request.num_computed_tokens < 1500]
+        if mid_prefill and not faults:           # a step with the long prompt between its chunks
+            faults.append(len(seqs))
+            raise RuntimeError("injected fault: secret detail")
+
+    engine.executor.logits_hook = hook
+
+    async def run():
+        runner.start()
+        try:
+            decoding = await runner.submit(gen(20, 2000))
+            prefilling = await runner.submit(gen(1500, 10))      # six 256-token chunks
+            events = [[e async for e in s] for s in (decoding, prefilling)]
+            after = await runner.submit(gen(10, 5))
+            return events, [e async for e in after]
+        finally:
+            runner.shutdown()
+
+    events, after = asyncio.run(run())
+    assert faults, "the fault was never injected"
+    for stream_events in events:
+        last = stream_events[-1]
+        assert last.error and "internal error" in last.error and "secret" not in last.error
+    assert after[-1].finish_reason == "length" and after[-1].num_tokens == 5
+    assert engine.allocator.num_free == engine.allocator.num_blocks and runner.degraded is None
+    engine.replica.check_blocks()

@@ -111,12 +111,12 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
 
     async def generate(request: Request, kind: str):
         check_key(request)
+        if in_flight[0] >= limits.max_queued:       # before reading and tokenizing: overload costs nothing more
+            raise APIError(f"the server holds {in_flight[0]} requests, its limit; retry shortly", 429,
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         raw = await read_body(request)
         # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
         gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
-        if in_flight[0] >= limits.max_queued:
-            raise APIError(f"the server holds {in_flight[0]} requests, its limit; retry shortly", 429,
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         try:
             stream = await runner.submit(gen)
         except ValueError as e:          # the engine's own checks (e.g. more KV than the cache has)
