@@ -243,7 +243,7 @@ class SyntheticSteps:
                        None, (), None)
         seq.output_ids = prompt[-outputs:] if outputs else []
         e.allocator.allocate(req, e.allocator.blocks_for(context + 1))
-        e.executor.sequences[req] = seq
+        e.executor.add(seq)
         return seq
 
     def run(self, prefill: int, decodes: int, context: int, prefix: int = 0) -> float:
@@ -265,8 +265,9 @@ class SyntheticSteps:
             return time.perf_counter() - t0
         finally:
             for s in made:
-                e.executor.sequences.pop(s.request, None)
+                e.executor.release(s.request)
                 e.allocator.release(s.request)
+            e.executor.take_released()
 
 
 def time_figure(steps: SyntheticSteps, fig: dict, sizes: Sizes) -> dict:

@@ -31,6 +31,9 @@ class StepResult:
 class Executor(Protocol):
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult: ...
 
+    def release(self, req: Request) -> None:
+        """`req` finished (or was aborted): drop whatever the executor keeps for it."""
+
 
 class VirtualClock:
     """Simulated time: jumps by each batch's duration, and to the next arrival when idle."""
@@ -57,6 +60,10 @@ class WallClock:
     def now(self) -> float:
         return time.monotonic() - self._t0
 
+    def at(self, monotonic_s: float) -> float:
+        """This clock's reading at `time.monotonic()` == `monotonic_s` (the same in every process)."""
+        return monotonic_s - self._t0
+
     def advance(self, duration_s: float) -> None:
         pass
 
@@ -67,7 +74,8 @@ class WallClock:
 
 
 class Replica:
-    def __init__(self, scheduler: Scheduler, executor: Executor, kv: BlockAllocator, clock=None):
+    def __init__(self, scheduler: Scheduler, executor: Executor, kv: BlockAllocator, clock=None,
+                 keep_finished: bool = True):
         self.scheduler = scheduler
         self.executor = executor
         self.kv = kv
@@ -75,6 +83,9 @@ class Replica:
         self.decodes = RunningDecodes(kv.block_size)
         self.iteration = 0
         self.iteration_end_s: list[float] = []    # token times come from here (see running.py)
+        # A simulation keeps every finished request for its report; a server, which runs for days, keeps none
+        # (the executor hands each finished request's output out through `release`).
+        self.keep_finished = keep_finished
         self.finished: list[Request] = []
         self.num_preemptions = 0
         self.num_relegations = 0
@@ -109,7 +120,7 @@ class Replica:
 
     def abort(self, req: Request) -> bool:
         """Stop `req` between iterations wherever it is (not arrived, waiting, paused prefill, decoding) and
-        free its KV blocks; it joins `finished`. False if it had already finished."""
+        free its KV blocks; it finishes like any other request. False if it had already finished."""
         if req.phase is Phase.DONE:
             return False
         if req in self.decodes:
@@ -167,7 +178,7 @@ class Replica:
         while self.has_work:
             self.step()
             if progress is not None:
-                progress(len(self.finished))
+                progress(self._num_finished)
         return self.finished
 
     def _apply(self, plan: BatchPlan, result: StepResult, end: float) -> None:
@@ -199,8 +210,10 @@ class Replica:
         self.iteration = i + 1
 
     def _finish(self, req: Request, end: float) -> None:
-        req.phase = Phase.DONE
+        req.move_to(Phase.DONE)
         req.finish_s = end
         self.kv.release(req)
-        self.finished.append(req)
+        self.executor.release(req)
+        if self.keep_finished:
+            self.finished.append(req)
         self._num_finished += 1

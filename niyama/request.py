@@ -20,6 +20,15 @@ class Phase(enum.IntEnum):
     DONE = 3
 
 
+# The lifecycle, in one place: every phase change goes through `Request.move_to`, which refuses any other.
+#   WAITING -> PREFILL   the scheduler admits it (takes its KV blocks)
+#   PREFILL -> DECODE    its prefill's last chunk emitted a token
+#   DECODE  -> WAITING   preempted for KV space: recompute prompt + generated tokens later
+#   any     -> DONE      finished, stopped early or aborted (its blocks return)
+TRANSITIONS = {Phase.WAITING: (Phase.PREFILL, Phase.DONE), Phase.PREFILL: (Phase.DECODE, Phase.DONE),
+               Phase.DECODE: (Phase.WAITING, Phase.DONE), Phase.DONE: ()}
+
+
 class Request:
     """A request in flight.
 
@@ -70,6 +79,11 @@ class Request:
         self.decode_iter0 = -1     # iteration that emitted token `decode_token0`
         self.decode_token0 = 0
         self.decode_seq = -1       # validity tag for lazy heap entries
+
+    def move_to(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise RuntimeError(f"request {self.request_id}: no transition {self.phase.name} -> {phase.name}")
+        self.phase = phase
 
     # --- derived ---------------------------------------------------------
     @property

@@ -51,7 +51,7 @@ class RunningDecodes:
         assert req.num_output_tokens < req.max_output_tokens, "a finished request does not decode"
         self._seq += 1
         seq = self._seq
-        req.phase = Phase.DECODE
+        req.move_to(Phase.DECODE)
         req.decode_iter0 = iteration
         req.decode_token0 = req.num_output_tokens
         req.decode_seq = seq

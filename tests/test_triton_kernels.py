@@ -259,7 +259,7 @@ def test_worst_case_step_fits_at_the_default_memory_settings():
                                                                       ignore_eos=True), None, (), None)
         seq.output_ids = [7] * outputs
         alloc.allocate(req, alloc.blocks_for(tokens + 1))
-        engine.executor.sequences[req] = seq
+        engine.executor.add(seq)
         made.append(req)
         return req
 
@@ -273,7 +273,9 @@ def test_worst_case_step_fits_at_the_default_memory_settings():
     print(f"{engine.memory.describe()}; worst step peak {peak / 2**30:.1f} GiB of {total / 2**30:.1f}")
     assert peak <= cfg.gpu_memory_utilization * total
     for req in made:
+        engine.executor.release(req)
         alloc.release(req)
+    engine.executor.take_released()
     assert alloc.num_free == alloc.num_blocks
 
 

@@ -54,7 +54,7 @@ def calibrate(executor: ModelExecutor, allocator, max_len: int, vocab_size: int,
                      None, (), None)
         s.output_ids = prompt[-outputs:] if outputs else []
         allocator.allocate(req, allocator.blocks_for(context + 1))
-        executor.sequences[req] = s
+        executor.add(s)
         return s
 
     def timed(prefill: int, start: int, decodes: int, ctx: int) -> float:
@@ -74,8 +74,9 @@ def calibrate(executor: ModelExecutor, allocator, max_len: int, vocab_size: int,
             return executor.execute(plan, decode_reqs).duration_s
         finally:
             for s in made:
-                executor.sequences.pop(s.request, None)
+                executor.release(s.request)
                 allocator.release(s.request)
+            executor.take_released()
 
     rows = []
     timed(16, 0, 1, 32)                      # warm-up: first-call allocations, kernel selection

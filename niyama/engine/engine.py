@@ -22,7 +22,7 @@ from ..kv import BlockAllocator
 from ..predictor import DEFAULT_PROFILE, load_profile
 from ..qos import DeadlineRule, Priority, Tier, load_tiers
 from ..replica import Replica, WallClock
-from ..request import Request
+from ..request import Phase, Request
 from ..scheduler import make_scheduler
 from .attention import TorchReference, make_backend
 from .calibrate import calibrate
@@ -87,9 +87,11 @@ class LLMEngine:
             self.model.init_random(cfg.seed)
             self.tokenizer = None
             self.model_name = f"dummy-{cfg.model}"
+            self.tokenizer_path = None
         else:
             self.model.load_hf_weights(read_hf_tensors(source, self.device))
             self.tokenizer = Tokenizer(source, model_config.eos_token_ids)
+            self.tokenizer_path = str(source)
             self.model_name = cfg.model or DEFAULT_MODEL
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
         policy_options = {"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})}
@@ -122,7 +124,7 @@ class LLMEngine:
                 name=f"measured-{self.model_name}-{self.device.type}")
             self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)
         self.profile = profile
-        self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock())
+        self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock(), keep_finished=False)
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
@@ -131,9 +133,10 @@ class LLMEngine:
     # --- requests ----------------------------------------------------------
     def add_request(self, prompt: "str | list[int]", params: SamplingParams | None = None, *,
                     tier: "str | Tier | None" = None, priority: "str | Priority" = Priority.IMPORTANT,
-                    arrival_s: float | None = None) -> Sequence:
+                    arrival_s: float | None = None, detokenize: bool = True) -> Sequence:
         """Queue a generation; `prompt` is text (tokenized as is) or token ids; `tier` a configured tier's
-        name (default: the first) or a Tier with this request's own targets."""
+        name (default: the first) or a Tier with this request's own targets. `detokenize=False`: token ids
+        only (the server makes text in its HTTP process; stop strings are then the caller's to apply)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -160,8 +163,8 @@ class LLMEngine:
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         gen = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
-        seq = Sequence(req, ids, params, self.tokenizer, self.eos_token_ids, gen)
-        self.executor.sequences[req] = seq
+        seq = Sequence(req, ids, params, self.tokenizer if detokenize else None, self.eos_token_ids, gen)
+        self.executor.add(seq)
         return seq
 
     def set_tiers(self, tiers: "tuple[Tier, ...]", rule: DeadlineRule) -> None:
@@ -178,23 +181,30 @@ class LLMEngine:
         return self.replica.has_work
 
     def step(self) -> list[Sequence]:
-        """Run one iteration (or wait for the next arrival); return the sequences that finished in it."""
+        """Run one iteration (or wait for the next arrival); return the sequences that finished in it.
+        Text is made after the step, so the measured step time is the model's alone."""
         self.replica.step()
-        return self._take_finished()
+        for seq in list(self.executor.sequences.values()):
+            if seq.update_text():              # a stop string: stop it before the next step
+                seq.finish("stop")
+                self.replica.abort(seq.request)
+        return self.take_finished()
 
-    def abort(self, seq: Sequence) -> bool:
+    def take_finished(self) -> list[Sequence]:
+        """Sequences that finished (or were aborted) since the last call, each handed out once: the engine
+        keeps no list of them (a server runs for days)."""
+        done = self.executor.take_released()
+        for seq in done:
+            seq.update_text()
+        return done
+
+    def abort(self, seq: Sequence, reason: str = "abort") -> bool:
         """Stop a request wherever it is (queued, prefilling, decoding) and free its KV blocks; call between
-        steps. Returns False if it had already finished."""
-        if not self.replica.abort(seq.request):
+        steps. Its sequence is handed out by the next `step` or `take_finished`. Returns False if it had already finished."""
+        if seq.request.phase is Phase.DONE:
             return False
-        seq.abort()
-        self._take_finished()
-        return True
-
-    def _take_finished(self) -> list[Sequence]:
-        # The engine hands each finished request out once and keeps no list of them (a server runs for days).
-        done, self.replica.finished = self.replica.finished, []
-        return [self.executor.sequences.pop(req) for req in done]
+        seq.finish(reason)
+        return self.replica.abort(seq.request)
 
     def generate(self, prompts: "list[str | list[int]]", params: SamplingParams | None = None) -> list[Sequence]:
         """Run prompts to completion together (offline batch); results in prompt order."""

@@ -37,7 +37,7 @@ class StepTiming:
     prepare_s: float = 0.0     # lay the plan out as token ids, positions, attention metadata; upload
     launch_s: float = 0.0      # enqueue the forward (eager kernels or a graph replay) and the sampler
     wait_s: float = 0.0        # blocked until the sampled tokens reached the host
-    output_s: float = 0.0      # hand tokens to sequences: stop checks, detokenization
+    output_s: float = 0.0      # hand tokens to sequences: stop-token and length checks
 
 
 @dataclass
@@ -56,7 +56,8 @@ class ModelExecutor:
         self.kv = kv
         self.backend = backend
         self.device = device
-        self.sequences: dict[Request, Sequence] = {}
+        self.sequences: dict[Request, Sequence] = {}     # live: add() puts, release() takes (read-only elsewhere)
+        self._released: list[Sequence] = []
         self.num_steps = 0
         # A backend that packs steps (triton) gets fixed bucket layouts for steps of up to the largest
         # bucket (CUDA graphs when captured, the same padded shapes eagerly when not).
@@ -71,6 +72,23 @@ class ModelExecutor:
         # Optional observer of every sampling step: hook(sequences, logits [n, vocab] float32). It runs
         # before sampling and may edit the logits in place (checks use that to force tokens).
         self.logits_hook = None
+
+    # --- sequences: the engine adds, the replica loop releases ---------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request in self.sequences:
+            raise ValueError(f"request {seq.request.request_id} is already running")
+        self.sequences[seq.request] = seq
+
+    def release(self, req: Request) -> None:
+        """The replica finished `req` (it ran out, stopped, or was aborted): hand its sequence out once."""
+        seq = self.sequences.pop(req, None)
+        if seq is not None:
+            self._released.append(seq)
+
+    def take_released(self) -> list[Sequence]:
+        """Sequences released since the last call."""
+        done, self._released = self._released, []
+        return done
 
     def use_buckets(self, buckets: tuple[int, ...], graphs: bool) -> None:
         """Pack steps for the triton backend; capture a CUDA graph per bucket if `graphs`."""

@@ -1,8 +1,9 @@
-"""One generation in the engine: its tokens, sampling state and text.
+"""One generation in the engine: its tokens, sampling state and how it ends.
 
 The scheduler's `Request` carries the QoS and progress the scheduler needs;
 the `Sequence` carries what only the engine needs (token ids, the sampler's
-random stream, detokenised text, why it stopped)."""
+random stream, why it stopped). Text (detokenization, stop strings) is a
+`TextOutput` beside it, updated outside the model step."""
 
 from __future__ import annotations
 
@@ -10,23 +11,28 @@ import torch
 
 from ..request import Request
 from .sampling import SamplingParams
-from .tokenizer import Detokenizer, Tokenizer
+from .text_output import TextOutput
+from .tokenizer import Tokenizer
+
+
+def stop_token_ids(params: SamplingParams, eos_token_ids: "tuple[int, ...]") -> frozenset[int]:
+    """Tokens that end generation (and are no text)."""
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
 
 
 class Sequence:
     def __init__(self, request: Request, prompt_ids: list[int], params: SamplingParams,
                  tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...], generator: torch.Generator | None):
+        """`tokenizer`: None for token ids only (dummy weights, or the server's engine process, where text is
+        made on the HTTP side)."""
         self.request = request
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
         self.generator = generator
         self.finish_reason: str | None = None    # "stop" (EOS, stop string/token), "length", "abort"
-        self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        self._detok = Detokenizer(tokenizer) if tokenizer is not None else None
-        self._text = ""
-        self._visible = 0     # text[:_visible] may be shown (a possible stop-string prefix is held back)
-        self._taken = 0
+        self._stop_ids = stop_token_ids(params, eos_token_ids)
+        self.output = TextOutput(tokenizer, params.stop, self._stop_ids) if tokenizer is not None else None
 
     @property
     def all_ids(self) -> list[int]:
@@ -39,53 +45,29 @@ class Sequence:
 
     @property
     def text(self) -> str:
-        return self._text[:self._visible]
+        return self.output.text if self.output is not None else ""
 
     def append(self, token: int) -> None:
-        """Record a sampled token and decide whether generation ends here."""
+        """Record a sampled token and decide whether generation ends here (stop token or length)."""
         self.output_ids.append(token)
         if token in self._stop_ids:
-            self._finish("stop")
-            return
-        if self._detok is not None:
-            self._detok.add(self.output_ids)
-            self._text = self._detok.text
-            if self._check_stop_strings():
-                return
-        if len(self.output_ids) >= self.params.max_tokens:
-            self._finish("length")
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+    def update_text(self) -> bool:
+        """Bring the text up to the tokens; True when a stop string ends it (the caller stops the request)."""
+        if self.output is None:
+            return False
+        if self.output.update(self.output_ids, self.finished):
+            del self.output_ids[self.output.num_tokens:]    # tokens made after the stop string's are dropped
+            return True
+        return False
 
     def take_text(self) -> str:
         """Text produced since the last call (streaming)."""
-        delta = self._text[self._taken:self._visible]
-        self._taken = self._visible
-        return delta
+        return self.output.take_text() if self.output is not None else ""
 
-    def abort(self) -> None:
+    def finish(self, reason: str) -> None:
         if self.finish_reason is None:
-            self._finish("abort")
-
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        self._visible = len(self._text)
-
-    def _check_stop_strings(self) -> bool:
-        stops = self.params.stop
-        if not stops:
-            self._visible = len(self._text)
-            return False
-        longest = max(len(s) for s in stops)
-        start = max(0, self._taken - longest)
-        hits = [i for i in (self._text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            self._text = self._text[:min(hits)]
-            self._finish("stop")
-            return True
-        hold = 0   # keep back a tail that could still become a stop string
-        for s in stops:
-            for k in range(min(len(s) - 1, len(self._text)), hold, -1):
-                if self._text.endswith(s[:k]):
-                    hold = k
-                    break
-        self._visible = len(self._text) - hold
-        return False
+            self.finish_reason = reason

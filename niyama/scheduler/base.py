@@ -107,7 +107,7 @@ class Scheduler:
         decodes.remove(req, iteration)
         kv.release(req)
         req.num_preemptions += 1
-        req.phase = Phase.WAITING
+        req.move_to(Phase.WAITING)
         req.num_prefill_target = req.num_prompt_tokens + req.num_output_tokens
         req.num_computed_tokens = 0
         self.waiting.push(req)
@@ -139,7 +139,7 @@ class Scheduler:
                     admissions_blocked = True  # only started prefills may still run
                     continue
                 kv.allocate(req, kv.blocks_for(req.num_prefill_target))
-                req.phase = Phase.PREFILL
+                req.move_to(Phase.PREFILL)
                 num_running += 1
             n = min(left, req.num_remaining_prefill)
             chunks.append(PrefillChunk(req, req.num_computed_tokens, n))

@@ -25,3 +25,6 @@ class SimulatedExecutor:
         if self.noise:
             t *= self._rng.lognormvariate(-0.5 * self.noise ** 2, self.noise)   # mean 1
         return StepResult(t)
+
+    def release(self, req) -> None:
+        """Nothing is kept per request."""

@@ -1,0 +1,72 @@
+"""A request's output text: incremental detokenization and stop strings.
+
+It runs outside the model step: in-process `LLMEngine.step` updates it after each step, and the server
+runs it in the HTTP process, so neither the step times the scheduler plans with nor the engine process pay
+for it. A stop string found here ends the request (the engine stops it at its next pause; tokens it made
+meanwhile are dropped here)."""
+
+from __future__ import annotations
+
+from .tokenizer import Detokenizer, Tokenizer
+
+
+class TextOutput:
+    def __init__(self, tokenizer: Tokenizer, stop: "tuple[str, ...] | list[str]" = (),
+                 stop_token_ids: "set[int] | frozenset[int]" = frozenset()):
+        self._detok = Detokenizer(tokenizer)
+        self._stop = tuple(stop)
+        self._stop_ids = stop_token_ids       # a stop token ends generation and is no text
+        self._text = ""
+        self._visible = 0      # text[:_visible] may be shown (a possible stop-string prefix is held back)
+        self._taken = 0
+        self.num_tokens = 0    # output tokens consumed (at a stop string: the tokens up to it)
+        self.stopped = False   # a stop string ended the text
+
+    @property
+    def text(self) -> str:
+        return self._text[:self._visible]
+
+    def update(self, output_ids: list[int], finished: bool = False) -> bool:
+        """Catch up with `output_ids` (every token generated so far); `finished`: the engine ended the
+        request. True when a stop string ends the text (tokens after it are ignored from then on)."""
+        if self.stopped:
+            return True
+        if len(output_ids) > self.num_tokens:
+            ids = output_ids[:-1] if output_ids[-1] in self._stop_ids else output_ids
+            self.num_tokens = len(output_ids)
+            if ids:
+                self._detok.add(ids)
+                self._text = self._detok.text
+                if self._check_stop_strings():
+                    return True
+        if finished:
+            self._visible = len(self._text)
+        return False
+
+    def take_text(self) -> str:
+        """Text produced since the last call (streaming)."""
+        delta = self._text[self._taken:self._visible]
+        self._taken = self._visible
+        return delta
+
+    def _check_stop_strings(self) -> bool:
+        stops = self._stop
+        if not stops:
+            self._visible = len(self._text)
+            return False
+        longest = max(len(s) for s in stops)
+        start = max(0, self._taken - longest)
+        hits = [i for i in (self._text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            self._text = self._text[:min(hits)]
+            self._visible = len(self._text)
+            self.stopped = True
+            return True
+        hold = 0   # keep back a tail that could still become a stop string
+        for s in stops:
+            for k in range(min(len(s) - 1, len(self._text)), hold, -1):
+                if self._text.endswith(s[:k]):
+                    hold = k
+                    break
+        self._visible = len(self._text) - hold
+        return False
