@@ -1,6 +1,7 @@
 """The same workload two ways: `niyama replay` (engine in-process) and `niyama bench serve` against a
-`niyama serve` process (real HTTP, timed on the client). The gap is what the server adds: HTTP, the
-event loop beside the engine thread, SSE parsing on the client.
+`niyama serve` process (real HTTP, timed on the client). The gap is what the server adds: HTTP,
+the messages between the HTTP process and the engine process, SSE parsing on the client. Also compares the
+engine's mean step time (replay's step log vs the server's niyama:iteration_duration_seconds).
 
     python benchmarks/serve_vs_replay.py --trace azure-conv --qps 1 --requests 40 \
         --max-prompt-tokens 256 --max-output-tokens 32                       # CPU, default model
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -103,7 +105,9 @@ def main() -> int:
         bench_s = time.monotonic() - t0
         print(bench.stdout, bench.stderr[-2000:] if bench.returncode else "")
         server_metrics = metrics_lines(url, ("niyama:tier_", "niyama:relegations_total", "niyama:chunk_size_tokens_sum",
-                                             "niyama:chunk_size_tokens_count", "niyama:num_preemptions_total"))
+                                             "niyama:chunk_size_tokens_count", "niyama:num_preemptions_total",
+                                             "niyama:iteration_duration_seconds_sum",
+                                             "niyama:iteration_duration_seconds_count"))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -122,7 +126,17 @@ def main() -> int:
         rows.append({"tier": ta["name"], "replay": ta, "http": tb})
     print(f"overall violations: replay {a['violation_pct']:.2f}%, http {b['violation_pct']:.2f}%; makespan "
           f"replay {a['makespan_s']:.0f} s, http {b['makespan_s']:.0f} s; relegated {a['relegated']} / {b['relegated']}")
-    result = {"args": vars(args), "replay_wall_s": replay_s, "bench_wall_s": bench_s, "replay": a, "http": b,
+    engine_line = next(line for line in replay.stdout.splitlines() if line.startswith("engine:"))
+    replay_step_ms = float(re.search(r"mean step ([0-9.]+) ms", engine_line).group(1))
+    sums = {line.split("{")[0]: float(line.split()[-1]) for line in server_metrics
+            if line.startswith("niyama:iteration_duration_seconds")}
+    serve_step_ms = 1000 * sums["niyama:iteration_duration_seconds_sum"] / sums["niyama:iteration_duration_seconds_count"]
+    print(f"mean step: replay {replay_step_ms:.2f} ms over {a['num_iterations']} steps, server {serve_step_ms:.2f} ms "
+          f"over {sums['niyama:iteration_duration_seconds_count']:.0f} steps ({serve_step_ms / replay_step_ms - 1:+.1%}); "
+          f"strict per-token violations: replay {a['strict_violation_pct']:.2f}%, http {b['strict_violation_pct']:.2f}%")
+    result = {"mean_step_ms": {"replay": replay_step_ms, "serve": serve_step_ms},
+              "strict_violation_pct": {"replay": a["strict_violation_pct"], "http": b["strict_violation_pct"]},
+              "args": vars(args), "replay_wall_s": replay_s, "bench_wall_s": bench_s, "replay": a, "http": b,
               "server_metrics": server_metrics, "replay_engine_line": [l for l in replay.stdout.splitlines()
                                                                        if l.startswith(("engine:", "fitted"))]}
     path = out / f"serve_vs_replay_{tag}.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from niyama.kv import BlockAllocator
 from niyama.predictor import PROFILES
 from niyama.qos import TIER_PRESETS, DeadlineRule
-from niyama.request import Request
+from niyama.request import Phase, Request
 from niyama.running import RunningDecodes
 from niyama.scheduler import make_scheduler
 
@@ -30,6 +30,7 @@ def start_decode(decodes: RunningDecodes, allocator: BlockAllocator, r: Request,
                  iteration: int = 0) -> Request:
     """Put `r` into the decode set as if its prefill ended at `first_token_s` in `iteration`."""
     allocator.allocate(r, allocator.blocks_for(r.num_prompt_tokens))
+    r.move_to(Phase.PREFILL)
     r.num_computed_tokens = r.num_prefill_target
     r.num_output_tokens = 1
     r.first_token_s = first_token_s

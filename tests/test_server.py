@@ -391,3 +391,24 @@ def test_serve_refuses_a_busy_port_before_loading_the_model():
         r = subprocess.run([sys.executable, "-m", "niyama.cli", "serve", "--port", str(port)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Address already in use" in r.stderr and "loaded in" not in r.stderr
+
+
+def test_a_stop_string_found_on_the_http_side_ends_the_request_in_the_engine(server):
+    """Text and stop strings are made in the HTTP process: the answer ends before the stop string (streamed
+    or not), the engine stops generating, and its blocks come back."""
+    body = {"prompt": "List the days of the week:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        full = c.post(f"{server}/v1/completions", json=body).json()["choices"][0]["text"]
+        words = [w for w in full.split() if len(w) >= 4]
+        assert len(words) >= 3, full
+        stop = words[len(words) // 2]
+        expected = full[:full.index(stop)]
+        plain = c.post(f"{server}/v1/completions", json={**body, "stop": [stop]}).json()
+        with c.stream("POST", f"{server}/v1/completions", json={**body, "stop": stop, "stream": True}) as resp:
+            events = [json.loads(x[5:]) for x in resp.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+    assert plain["choices"][0]["text"] == expected and plain["choices"][0]["finish_reason"] == "stop"
+    assert plain["usage"]["completion_tokens"] < 40
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    health, _ = wait_all_blocks_free(server, 5)
+    assert health["kv_blocks_free"] == health["kv_blocks"]

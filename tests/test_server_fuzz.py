@@ -108,15 +108,16 @@ def test_a_failed_engine_step_fails_its_requests_and_returns_every_block():
     error event without exception internals, every KV block is back, /health's state stays ok, and the
     engine serves the next request."""
     import asyncio
+    import time
 
     from niyama.engine import LLMEngine, SamplingParams
     from niyama.qos import Priority
-    from niyama.server.async_engine import AsyncEngine
+    from niyama.server.engine_client import EngineClient
     from niyama.server.protocol import Generation
 
     engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=4096, policy="fcfs")
     tier = engine.tiers[engine.default_tier]
-    runner = AsyncEngine(engine)
+    runner = EngineClient.in_thread(engine)
 
     def gen(n_prompt: int, n_out: int) -> Generation:
         return Generation("completion", [5] * n_prompt, SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True),
@@ -134,12 +135,12 @@ def test_a_failed_engine_step_fails_its_requests_and_returns_every_block():
     engine.executor.logits_hook = hook
 
     async def run():
-        runner.start()
+        runner.start(asyncio.get_running_loop())
         try:
-            decoding = await runner.submit(gen(20, 2000))
-            prefilling = await runner.submit(gen(1500, 10))      # six 256-token chunks
+            decoding = runner.submit(gen(20, 2000), time.monotonic())
+            prefilling = runner.submit(gen(1500, 10), time.monotonic())      # six 256-token chunks
             events = [[e async for e in s] for s in (decoding, prefilling)]
-            after = await runner.submit(gen(10, 5))
+            after = runner.submit(gen(10, 5), time.monotonic())
             return events, [e async for e in after]
         finally:
             runner.shutdown()
@@ -150,5 +151,5 @@ def test_a_failed_engine_step_fails_its_requests_and_returns_every_block():
         last = stream_events[-1]
         assert last.error and "internal error" in last.error and "secret" not in last.error
     assert after[-1].finish_reason == "length" and after[-1].num_tokens == 5
-    assert engine.allocator.num_free == engine.allocator.num_blocks and runner.degraded is None
+    assert engine.allocator.num_free == engine.allocator.num_blocks and runner.stats["degraded"] is None
     engine.replica.check_blocks()

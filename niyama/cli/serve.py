@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
     s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
     add_engine_options(p)
+    p.add_argument("--in-process-engine", action="store_true",
+                   help="run the engine on a thread of the HTTP process instead of its own process (debugging; "
+                        "HTTP work then slows the engine's steps)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info)")
     p.set_defaults(run=run)
@@ -100,8 +103,7 @@ def run(args) -> int:
         from ..server.app import Limits, build_app
     except ImportError as e:
         raise ImportError(f"{e.name} is missing: the server needs `pip install 'niyama[serve]'`") from None
-    from ..engine import LLMEngine
-    from ..qos import DeadlineRule, load_tiers
+    from ..qos import load_tiers
     from ..server.qos import QoSPolicy
 
     check_policy(args.policy)
@@ -115,13 +117,35 @@ def run(args) -> int:
               f"the model; set --api-key or NIYAMA_API_KEY", file=sys.stderr)
     tiers = load_tiers(args.tiers)
     qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
-    engine = LLMEngine(engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
-                                               max_num_seqs=args.max_num_seqs))
-    engine.set_tiers(tiers, DeadlineRule())      # the tiers read once above, also what the QoS policy resolves to
-    name = args.served_model_name or engine.model_name
-    print(engine.describe(), file=sys.stderr)
+    config = engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
+                                     max_num_seqs=args.max_num_seqs)
+    # the tiers read once above are the engine's and what the QoS policy resolves to
+    runner = start_engine(config, tiers, args.in_process_engine)
+    name = args.served_model_name or runner.info["model_name"]
+    print(runner.info["describe"], file=sys.stderr)
+    where = "a thread of this process" if args.in_process_engine else f"process {runner.info['pid']}"
+    print(f"engine: {where}", file=sys.stderr)
     print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier})", file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(engine, name, qos, limits), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(build_app(runner, name, qos, limits), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def start_engine(config, tiers, in_process: bool):
+    """The engine, its model loaded: in its own process (the default), or on a thread of this one."""
+    from ..engine.tokenizer import Tokenizer
+    from ..qos import DeadlineRule
+    from ..server.engine_client import EngineClient
+
+    if in_process:
+        from ..engine import LLMEngine
+
+        engine = LLMEngine(config)
+        engine.set_tiers(tiers, DeadlineRule())
+        return EngineClient.in_thread(engine)
+
+    def tokenizer(info):
+        return Tokenizer(info["tokenizer_path"], info["eos_token_ids"]) if info["tokenizer_path"] else None
+
+    return EngineClient.spawn(config, tiers, tokenizer_factory=tokenizer)

@@ -1,7 +1,8 @@
-"""The FastAPI app: OpenAI endpoints over an `AsyncEngine`.
+"""The FastAPI app: OpenAI endpoints over an `EngineClient`.
 
-Handlers parse and validate (protocol.py), submit, and stream what the engine thread publishes.
-Every error leaves as OpenAI-style JSON; bad input is a 4xx and the server keeps serving.
+Handlers parse and validate (protocol.py), submit, and stream the events the engine client makes from
+the engine's messages. Every error leaves as OpenAI-style JSON; bad input is a 4xx and the server keeps
+serving.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, Event, Stream
+from .engine_client import EngineClient, EngineStopped, Event, Stream
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import Generation, ModelInfo, ResponseWriter, parse_body, parse_generation, usage
@@ -40,23 +41,21 @@ class Limits:
             raise ValueError("the body limit must be >= 1 KiB and the queue bound >= 1")
 
 
-def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = None) -> FastAPI:
-    """`engine`: an LLMEngine, owned by the app from now on (its loop runs on the app's engine thread)."""
+def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Limits | None = None) -> FastAPI:
+    """`runner`: a started-up engine (its model loaded), owned by the app from now on: the app starts
+    talking to it when it starts serving and shuts it down when it stops."""
     limits = limits or Limits()
     in_flight = [0]                      # requests submitted and not yet finished (event loop only)
-    metrics = ServerMetrics(served_name, tuple(qos.tiers))
-    runner = AsyncEngine(engine, metrics)
-    tok = engine.tokenizer
-    kv = engine.allocator
-    kv_tokens = (kv.num_blocks - kv.num_watermark_blocks) * kv.block_size
-    model = ModelInfo(served_name, engine.model_config.max_position, kv_tokens, engine.model_config.vocab_size, tok)
+    metrics = runner.metrics = ServerMetrics(served_name, tuple(qos.tiers))
+    info = runner.info
+    model = ModelInfo(served_name, info["max_position"], info["kv_tokens"], info["vocab_size"], runner.tokenizer)
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
-        runner.start()
+        runner.start(asyncio.get_running_loop())
         yield
-        runner.shutdown()
+        await asyncio.to_thread(runner.shutdown)
 
     app = FastAPI(title="niyama", lifespan=lifespan)
     app.state.engine = runner
@@ -84,10 +83,12 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
     @app.get("/health")
     async def health():
         if not runner.alive:
-            raise APIError("the engine thread has stopped", 503, type="server_error")
-        kv = engine.allocator
-        status = {"status": "degraded", "reason": runner.degraded} if runner.degraded else {"status": "ok"}
-        return {**status, "model": served_name, "kv_blocks_free": kv.num_free, "kv_blocks": kv.num_blocks}
+            raise APIError(runner.stopped, 503, type="server_error", code="engine_stopped")
+        stats = runner.stats
+        degraded = stats["degraded"]
+        status = {"status": "degraded", "reason": degraded} if degraded else {"status": "ok"}
+        return {**status, "model": served_name, "kv_blocks_free": stats["kv_free"], "kv_blocks": stats["kv_blocks"],
+                "engine": {"mode": info["mode"], "pid": info["pid"]}}
 
     @app.get("/v1/models")
     async def models():
@@ -110,6 +111,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
         return await generate(request, "chat")
 
     async def generate(request: Request, kind: str):
+        arrival = time.monotonic()          # the request's deadlines count from here
         check_key(request)
         if in_flight[0] >= limits.max_queued:       # before reading and tokenizing: overload costs nothing more
             raise APIError(f"the server holds {in_flight[0]} requests, its limit; retry shortly", 429,
@@ -118,9 +120,10 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
         # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
         gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
         try:
-            stream = await runner.submit(gen)
-        except ValueError as e:          # the engine's own checks (e.g. more KV than the cache has)
-            raise APIError(str(e)) from None
+            stream = runner.submit(gen, arrival)
+        except EngineStopped as e:
+            raise APIError(f"the server cannot take requests: {e}", 503, type="server_error",
+                           code="engine_stopped") from None
         writer = ResponseWriter(gen)
         if gen.stream:
             return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
@@ -155,7 +158,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
         while True:
             if (await request.receive())["type"] == "http.disconnect":
                 runner.abort(stream)
-                stream.queue.put_nowait(Event("", 0, finish_reason="abort"))
+                stream.end(Event("", 0, finish_reason="abort"))
                 return
 
     async def collect(request: Request, stream: Stream, gen: Generation, writer: ResponseWriter):
@@ -174,7 +177,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
             if not stream.finished:
                 runner.abort(stream)
         if last.error:
-            raise APIError(last.error, 500)
+            raise APIError(last.error, last.status)
         return writer.full("".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
                            stream.qos(), ids)
 
@@ -184,7 +187,7 @@ def build_app(engine, served_name: str, qos: QoSPolicy, limits: Limits | None = 
         try:
             async for event in stream:
                 if event.error:
-                    yield data(APIError(event.error, 500).body())
+                    yield data(APIError(event.error, event.status).body())
                     break
                 if event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids):
                     yield data(writer.chunk(event.text, first=first, token_ids=event.token_ids))

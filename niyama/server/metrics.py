@@ -1,20 +1,21 @@
 """Prometheus metrics: vLLM's names under a `niyama:` prefix, plus per-tier SLO counters.
 
-Latencies are measured on the engine's clock when tokens are published to the handlers, the same
-clock the scheduler's deadlines use. Written from the engine thread; prometheus_client is thread-safe.
+Latencies are measured in the HTTP process: from a request's arrival there to the moment its tokens
+come back from the engine (both `time.monotonic()`, the clock the engine's deadlines use too). The engine
+reports what only it knows (each step's duration and chunk budget, queue times, relegations, whether a
+request missed its tier's target) in its per-step messages. Written from the engine client's reader
+thread; prometheus_client is thread-safe.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..metrics.records import is_violated
-from ..scheduler import BatchPlan
-
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                    80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 4096, 8192)
+STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -58,59 +59,54 @@ class ServerMetrics:
         self.chunk_size = Histogram("niyama:chunk_size_tokens",
                                     "Token budget the scheduler chose for iterations with prefill work", m,
                                     registry=r, buckets=CHUNK_BUCKETS)
+        self.step_time = Histogram("niyama:iteration_duration_seconds", "Measured duration of each engine step",
+                                   m, registry=r, buckets=STEP_BUCKETS)
         for tier in tiers:      # every configured tier shows up from the start, at 0
             for counter in (self.tier_requests, self.tier_violations, self.relegations):
                 counter.labels(model_name, tier)
-        self._last_token_s: dict[int, float] = {}     # request id -> time of its latest token
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # --- engine thread -----------------------------------------------------
+    # --- the engine client's reader thread ----------------------------------
     def request_added(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.labels(self.model).inc(num_prompt_tokens)
 
-    def observe_step(self, plan: BatchPlan, result, end_s: float) -> None:
-        """Replica hook, after each iteration."""
-        if plan.prefills:
-            self.chunk_size.labels(self.model).observe(plan.token_budget)
-        start_s = end_s - result.duration_s
-        for chunk in plan.prefills:
-            req = chunk.request
-            if chunk.start == 0 and req.num_preemptions == 0:
-                self.queue_time.labels(self.model).observe(max(0.0, start_s - req.arrival_s))
-        for req in plan.relegated:
-            self.relegations.labels(self.model, req.tier.name).inc()
-        if plan.preempted:
-            self.preemptions.labels(self.model).inc(len(plan.preempted))
+    def observe(self, stats: dict) -> None:
+        """An engine message's stats: the steps it covers and the engine's state after them."""
+        m = self.model
+        for step in stats["steps"]:
+            self.step_time.labels(m).observe(step["duration_s"])
+            if step["budget"] is not None:
+                self.chunk_size.labels(m).observe(step["budget"])
+            for q in step["queue_s"]:
+                self.queue_time.labels(m).observe(max(0.0, q))
+            for tier in step["relegated"]:
+                self.relegations.labels(m, tier).inc()
+            if step["preempted"]:
+                self.preemptions.labels(m).inc(step["preempted"])
+        self.running.labels(m).set(stats["running"])
+        self.waiting.labels(m).set(stats["waiting"])
+        self.kv_usage.labels(m).set(1 - stats["kv_free"] / stats["kv_blocks"])
 
-    def tokens_emitted(self, seq, num_new: int, now_s: float) -> None:
-        req = seq.request
+    def tokens_emitted(self, stream, num_new: int, now_s: float) -> None:
         self.generation_tokens.labels(self.model).inc(num_new)
-        last = self._last_token_s.get(req.request_id)
-        if last is None:
-            self.ttft.labels(self.model).observe(now_s - req.arrival_s)
+        if stream.last_token_time is None:
+            self.ttft.labels(self.model).observe(now_s - stream.arrival)
         else:
-            self.itl.labels(self.model).observe((now_s - last) / num_new)
-        self._last_token_s[req.request_id] = now_s
+            self.itl.labels(self.model).observe((now_s - stream.last_token_time) / num_new)
+        stream.last_token_time = now_s
 
-    def request_finished(self, seq, now_s: float) -> None:
-        req = seq.request
-        self._last_token_s.pop(req.request_id, None)
-        reason = seq.finish_reason or "abort"
+    def request_finished(self, stream, out, now_s: float) -> None:
+        """The engine's last output for a request (finished, aborted, or failed)."""
+        reason = "error" if out.error is not None else out.finish_reason
         self.success.labels(self.model, reason).inc()
-        if reason == "abort":
+        if reason in ("abort", "error"):
             return
-        self.e2e.labels(self.model).observe(now_s - req.arrival_s)
-        self.prompt_len.labels(self.model).observe(req.num_prompt_tokens)
-        self.output_len.labels(self.model).observe(len(seq.output_ids))
-        self.tier_requests.labels(self.model, req.tier.name).inc()
-        if is_violated(req):
-            self.tier_violations.labels(self.model, req.tier.name).inc()
-
-    def set_gauges(self, engine) -> None:
-        sched, kv = engine.scheduler, engine.allocator
-        started = sched.waiting.num_started
-        self.running.labels(self.model).set(len(engine.replica.decodes) + started)
-        self.waiting.labels(self.model).set(len(sched.waiting) - started)
-        self.kv_usage.labels(self.model).set(1 - kv.num_free / kv.num_blocks)
+        tier = stream.gen.tier.name
+        self.e2e.labels(self.model).observe(now_s - stream.arrival)
+        self.prompt_len.labels(self.model).observe(len(stream.gen.prompt_ids))
+        self.output_len.labels(self.model).observe(len(stream.output_ids))
+        self.tier_requests.labels(self.model, tier).inc()
+        if out.violated:
+            self.tier_violations.labels(self.model, tier).inc()

@@ -1,0 +1,203 @@
+"""The engine core: the scheduler and the model in a loop of their own, fed over two pipes.
+
+The server runs it in its own process, so the HTTP side (JSON, SSE, detokenization) never holds the GIL
+the model step needs; tests can run the same loop on a thread (`EngineClient.in_thread`). Nothing reads
+engine state across the boundary: everything the HTTP side knows comes in messages.
+
+HTTP side -> engine (commands, read between steps):
+    ("add", rid, prompt_ids, SamplingParams, Tier, Priority, arrival)   arrival: time.monotonic() at the API
+    ("abort", rid, reason)       the client left ("abort"), or a stop string ended the text ("stop")
+    ("shutdown",)
+Engine -> HTTP side (one message per step, and after commands that changed something):
+    ("ready", info)              once, after the model loaded (`engine_info`)
+    ("fatal", message)           the model did not load; the process exits
+    ("out", rids, tokens, [Output, ...], stats)
+                                 rids[i] made tokens[i] in this step (running requests make one token per
+                                 step); each finished request's last tokens come in an Output
+
+Every request the engine accepts gets exactly one `Output` (a finish reason or an error), also when it
+was aborted: the HTTP side records its metrics from that. Running requests' tokens travel as two flat
+lists because pickling them is ~10x cheaper than an object per request (benchmarks/ipc_bench.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import NamedTuple
+
+from ..metrics.records import is_violated
+from ..qos import DeadlineRule
+
+log = logging.getLogger("niyama.engine")
+
+
+class Output(NamedTuple):
+    """A request's end."""
+    rid: int
+    token_ids: list[int]              # tokens not sent yet
+    finish_reason: str | None = None  # "stop", "length", "abort"; None with `error`
+    relegated: bool = False           # the scheduler relegated it
+    violated: bool = False            # it missed its tier's target (TTFT or TTLT)
+    error: str | None = None          # the request failed; `status` is the HTTP status to send
+    status: int = 500
+
+
+def engine_info(engine) -> dict:
+    """What the HTTP side needs to know about the engine, sent once when it is ready."""
+    kv = engine.allocator
+    return {"model_name": engine.model_name, "describe": engine.describe(), "tokenizer_path": engine.tokenizer_path,
+            "eos_token_ids": tuple(engine.eos_token_ids), "max_position": engine.model_config.max_position,
+            "vocab_size": engine.model_config.vocab_size, "kv_blocks": kv.num_blocks,
+            "kv_tokens": (kv.num_blocks - kv.num_watermark_blocks) * kv.block_size}
+
+
+class EngineCore:
+    def __init__(self, engine, commands, outputs):
+        """`commands`: the readable end of the pipe from the HTTP side; `outputs`: the writable end back."""
+        self.engine = engine
+        self.commands = commands
+        self.outputs = outputs
+        self.live: dict[int, object] = {}       # rid -> Sequence
+        self.sent: dict[int, int] = {}          # rid -> output tokens already sent
+        self.rid_of: dict[object, int] = {}     # Request -> rid
+        self.pending: list[Output] = []         # outputs decided outside a step (refused adds, failures)
+        self.steps: list[dict] = []             # what each step since the last message did (metrics)
+        self.degraded: str | None = None
+        engine.replica.on_step.append(self._observe)
+
+    def run(self) -> None:
+        try:
+            while True:
+                if not self._read(block=not self.engine.has_work):
+                    return
+                if self.engine.has_work:
+                    self._step()
+        except (EOFError, BrokenPipeError, ConnectionResetError):    # the HTTP side is gone: nothing to serve
+            return
+        finally:
+            self.commands.close()
+            self.outputs.close()
+
+    # --- commands --------------------------------------------------------
+    def _read(self, block: bool) -> bool:
+        """Run the queued commands (waiting for one if `block`); False on shutdown."""
+        if not self.commands.poll(None if block else 0):
+            return True
+        while True:
+            cmd = self.commands.recv()
+            if cmd[0] == "shutdown":
+                return False
+            if cmd[0] == "add":
+                self._add(*cmd[1:])
+            else:
+                self._abort(*cmd[1:])
+            if not self.commands.poll(0):
+                break
+        self._publish(self.engine.take_finished())
+        return True
+
+    def _add(self, rid, prompt_ids, params, tier, priority, arrival) -> None:
+        engine = self.engine
+        try:
+            seq = engine.add_request(prompt_ids, params, tier=tier, priority=priority,
+                                     arrival_s=engine.replica.clock.at(arrival), detokenize=False)
+        except ValueError as e:          # the engine's own checks (the HTTP side checks first)
+            self.pending.append(Output(rid, [], error=str(e), status=400))
+            return
+        self.live[rid] = seq
+        self.sent[rid] = 0
+        self.rid_of[seq.request] = rid
+
+    def _abort(self, rid, reason) -> None:
+        seq = self.live.get(rid)
+        if seq is not None:
+            self.engine.abort(seq, reason)
+
+    # --- steps -----------------------------------------------------------
+    def _step(self) -> None:
+        try:
+            done = self.engine.step()
+        except Exception:       # keep serving: fail the requests in flight, return their blocks
+            log.exception("engine step failed")
+            done = self._fail_all("internal error: the engine step running this request failed "
+                                  "(the server log has the details)")
+        self._publish(done)
+
+    def _observe(self, plan, result, end_s: float) -> None:
+        """Replica hook after each step: what the metrics need, as plain values."""
+        start_s = end_s - result.duration_s
+        self.steps.append({
+            "duration_s": result.duration_s,
+            "budget": plan.token_budget if plan.prefills else None,
+            "queue_s": [start_s - c.request.arrival_s for c in plan.prefills
+                        if c.start == 0 and c.request.num_preemptions == 0],
+            "relegated": [r.tier.name for r in plan.relegated],
+            "preempted": len(plan.preempted)})
+
+    def _fail_all(self, message: str) -> list:
+        engine = self.engine
+        for rid, seq in self.live.items():
+            try:
+                engine.abort(seq)
+            except Exception:
+                log.exception("abort after a failed step")
+            self.pending.append(Output(rid, [], error=message))
+        log.info("failed %d requests after the step's error", len(self.live))
+        self.live.clear()
+        self.sent.clear()
+        self.rid_of.clear()
+        engine.take_finished()
+        try:
+            engine.replica.check_blocks()
+        except AssertionError as e:
+            log.error("KV blocks lost after a failed step: %s", e)
+            self.degraded = f"KV blocks lost after a failed step: {e}"
+        return []
+
+    # --- messages out ----------------------------------------------------
+    def _publish(self, done: list) -> None:
+        out, self.pending = self.pending, []
+        for seq in done:
+            rid = self.rid_of.pop(seq.request, None)
+            if rid is None:
+                continue
+            del self.live[rid]
+            req = seq.request
+            finished = seq.finish_reason in ("stop", "length") and req.first_token_s is not None
+            out.append(Output(rid, seq.output_ids[self.sent.pop(rid):], seq.finish_reason or "abort",
+                              req.relegated, finished and is_violated(req)))
+        rids, tokens, sent = [], [], self.sent
+        for rid, seq in self.live.items():
+            n = len(seq.output_ids)
+            if n > sent[rid]:          # one token per step
+                rids.append(rid)
+                tokens.append(seq.output_ids[-1])
+                sent[rid] = n
+        if not out and not rids and not self.steps:
+            return
+        engine, kv = self.engine, self.engine.allocator
+        waiting, started = len(engine.scheduler.waiting), engine.scheduler.waiting.num_started
+        stats = {"time": time.monotonic(), "steps": self.steps, "kv_free": kv.num_free, "kv_blocks": kv.num_blocks,
+                 "running": len(engine.replica.decodes) + started, "waiting": waiting - started,
+                 "degraded": self.degraded}
+        self.steps = []
+        self.outputs.send(("out", rids, tokens, out, stats))
+
+
+def serve_engine(config, tiers, commands, outputs) -> None:
+    """The engine process's main: load the model, say "ready" (or "fatal"), then run the loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the HTTP side, which shuts us down
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ..engine import LLMEngine
+
+    try:
+        engine = LLMEngine(config)
+        engine.set_tiers(tiers, DeadlineRule())
+    except Exception as e:
+        log.exception("the engine did not start")
+        outputs.send(("fatal", f"{type(e).__name__}: {e}"))
+        return
+    outputs.send(("ready", engine_info(engine)))
+    EngineCore(engine, commands, outputs).run()
