@@ -86,6 +86,28 @@ def check_attention(prefills, decodes, shape="tiny", seed=0, bucket=None):
     assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc), "new K/V written to other slots than the reference's"
 
 
+def test_every_section_of_a_packed_step_starts_aligned():
+    """Triton compiles one kernel variant per pointer alignment: exact layouts of any odd size must still
+    hand every kernel 64-byte-aligned metadata, or a running server compiles new variants mid-run."""
+    from niyama.engine.triton_backend import SECTION_ALIGN
+
+    fast = TritonPaged(SHAPES["tiny"], DEVICE, max_num_seqs=64, block_size=BS)
+    rng = random.Random(0)
+    for _ in range(50):
+        prefills = [(rng.randint(0, 300), rng.randint(1, 300)) for _ in range(rng.randint(0, 5))]
+        decodes = [rng.randint(1, 400) for _ in range(rng.randint(0 if prefills else 1, 40))]
+        slices, row = [], 0
+        for cached, q_len in prefills:
+            slices.append(SeqSlice(row, q_len, cached + q_len, [0] * -(-(cached + q_len) // BS)))
+            row += q_len
+        slices += [SeqSlice(row + i, 1, c, [0] * -(-c // BS)) for i, c in enumerate(decodes)]
+        for layout in (fast.exact_layout(slices, len(decodes)), fast.bucket_layout(max(row + len(decodes), 16))):
+            spans = sorted(layout.offsets.values())
+            assert all(start % SECTION_ALIGN == 0 for start, _ in spans)
+            assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))        # no overlap
+            assert spans[-1][0] + spans[-1][1] == layout.size
+
+
 def test_prefill_chunks_with_and_without_cached_context():
     check_attention([(0, 37), (16, 16), (5, 70), (130, 1)], [])
 

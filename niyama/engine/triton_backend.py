@@ -17,6 +17,7 @@ when graphs are off (identical results). The split-K scratch is allocated once f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ DENSE_MIN_TOKENS = 256     # a prompt's first chunk this long or longer may run 
 DENSE_PAD = 256            # ... padded to a multiple of this: cuDNN plans one kernel per length, once
 GRAPH_BLOCK_M = (64, 128)  # prefill tile height inside bucket layouts: below 512 rows, and from 512 up
 MAX_GRAPH_PREFILLS = 8     # prefill chunks a bucket layout holds; a step with more runs eagerly
+SECTION_ALIGN = 16         # int32 elements: each section of a packed step starts 64-byte aligned
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,21 @@ class Layout:
         return {"ids": r, "positions": r, "slots": r, "sample_rows": r, "tile_seq": t, "tile_m0": t,
                 "q_start": p, "q_len": p, "ctx": p, "p_tables": p * w, "d_tables": d * w, "d_ctx": d, "row0": 1}
 
+    @functools.cached_property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """(start, length) of each section. Starts are multiples of SECTION_ALIGN: Triton compiles a kernel
+        variant per pointer alignment (16 bytes or not), so unaligned sections would compile new variants
+        mid-run for the odd sizes of exact layouts (seen: ~20 compiles, seconds of stall, on a fresh H100)."""
+        out, at = {}, 0
+        for name, n in self.sections.items():
+            out[name] = (at, n)
+            at += -(-n // SECTION_ALIGN) * SECTION_ALIGN
+        return out
+
     @property
     def size(self) -> int:
-        return sum(self.sections.values())
+        start, n = self.offsets["row0"]
+        return start + n
 
 
 @dataclass
@@ -134,11 +148,7 @@ class TritonPaged:
              sample_rows: list[int], layout: Layout, buf: np.ndarray) -> tuple[tuple[int, int], ...]:
         """Write the step into `buf` (int32, at least `layout.size`); return the chunks that go to cuDNN."""
         bs = self.block_size
-        v = {}
-        at = 0
-        for name, n in layout.sections.items():
-            v[name] = buf[at:at + n]
-            at += n
+        v = {name: buf[start:start + n] for name, (start, n) in layout.offsets.items()}
         num_prefills = len(seqs) - num_decodes
         prefills, decodes = seqs[:num_prefills], seqs[num_prefills:]
         num_rows = len(ids)
@@ -194,8 +204,7 @@ class TritonPaged:
 
     def meta(self, dev: torch.Tensor, layout: Layout, dense=()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PagedMeta]:
         """Views of the device copy of a packed step: ids, positions, sample rows, and the attention metadata."""
-        names = list(layout.sections)
-        v = dict(zip(names, torch.split(dev[:layout.size], list(layout.sections.values()))))
+        v = {name: dev[start:start + n] for name, (start, n) in layout.offsets.items()}
         meta = PagedMeta(v["slots"], v["tile_seq"], v["tile_m0"], v["q_start"], v["q_len"], v["ctx"],
                          v["p_tables"].view(layout.prefills, layout.width),
                          v["d_tables"].view(layout.decodes, layout.width), v["d_ctx"], v["row0"], layout, dense)
@@ -252,18 +261,27 @@ class TritonPaged:
 
     def warm_up(self, k_cache, v_cache, max_tokens: int) -> None:
         """Compile what eager steps may need later, so that no step pays for it mid-run: the prefill
-        kernel at each tile height and the cuDNN plan of every padded chunk length up to `max_tokens`.
-        Writes into the first blocks of the given (still empty) caches."""
+        kernel at each tile height, the decode (and combine) kernel at each split count, and the cuDNN
+        plan of every padded chunk length up to `max_tokens`. Writes into the first blocks of the given
+        (still empty) caches."""
         gen = torch.Generator(device=self.device).manual_seed(0)
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        for q_len in (16, 40, 600):      # tile heights 16, 64, 128 of exact layouts
-            if -(-q_len // self.block_size) > k_cache.shape[0]:
+        first_of_splits = {}              # split count -> the smallest decode batch that gets it
+        for b in range(self.max_num_seqs, 0, -1):
+            first_of_splits[self.num_splits(b)] = b
+        steps = [(q_len, 0) for q_len in (16, 40, 600)]       # tile heights 16, 64, 128 of exact layouts
+        steps += [(0, b) for b in sorted(first_of_splits.values())]
+        for q_len, decodes in steps:
+            blocks = list(range(-(-max(q_len, 1) // self.block_size)))
+            if len(blocks) > k_cache.shape[0]:
                 continue
-            seqs = [SeqSlice(0, q_len, q_len, list(range(-(-q_len // self.block_size))))]
-            q = torch.randn(q_len, h, d, generator=gen, device=self.device, dtype=k_cache.dtype)
-            k = torch.randn(q_len, kvh, d, generator=gen, device=self.device, dtype=k_cache.dtype)
-            meta = self.prepare(seqs, 0, self.block_size, self.device,
-                                layout=dataclasses.replace(self.exact_layout(seqs, 0), dense=False))
+            seqs = [SeqSlice(0, q_len, q_len, blocks)] if q_len else []
+            seqs += [SeqSlice(q_len + i, 1, 1, blocks) for i in range(decodes)]
+            rows = q_len + decodes
+            q = torch.randn(rows, h, d, generator=gen, device=self.device, dtype=k_cache.dtype)
+            k = torch.randn(rows, kvh, d, generator=gen, device=self.device, dtype=k_cache.dtype)
+            meta = self.prepare(seqs, decodes, self.block_size, self.device,
+                                layout=dataclasses.replace(self.exact_layout(seqs, decodes), dense=False))
             self.forward(q, k, k, k_cache, v_cache, meta)
         if self.dense:
             for n in range(DENSE_PAD, max_tokens + DENSE_PAD, DENSE_PAD):
