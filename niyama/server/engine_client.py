@@ -43,12 +43,10 @@ class Event:
 class Stream:
     """One request's output as its handler sees it: an async iterator of `Event`s."""
 
-    def __init__(self, rid: int, gen: Generation, arrival: float, loop: asyncio.AbstractEventLoop,
-                 text: TextOutput | None):
+    def __init__(self, rid: int, gen: Generation, arrival: float, text: TextOutput | None):
         self.rid = rid
         self.gen = gen
         self.arrival = arrival           # time.monotonic() when the request reached the server
-        self.loop = loop
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.text = text
         self.output_ids: list[int] = []  # reader thread
@@ -128,9 +126,7 @@ class EngineClient:
         core = EngineCore(engine, cmd_read, out_write)
         thread = threading.Thread(target=core.run, name="niyama-engine", daemon=True)
         info = {**engine_info(engine), "pid": None, "mode": "thread"}
-        client = cls(cmd_write, out_read, info, thread, metrics, engine.tokenizer)
-        client.core = core
-        return client
+        return cls(cmd_write, out_read, info, thread, metrics, engine.tokenizer)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start talking to the engine; events go to `loop` (the server's event loop)."""
@@ -168,8 +164,11 @@ class EngineClient:
         text = None
         if self.tokenizer is not None:
             text = TextOutput(self.tokenizer, gen.params.stop, stop_token_ids(gen.params, self.info["eos_token_ids"]))
-        stream = Stream(rid, gen, arrival, self._loop or asyncio.get_running_loop(), text)
+        stream = Stream(rid, gen, arrival, text)
         self.streams[rid] = stream          # before the engine can answer
+        if self.stopped is not None:        # the engine died meanwhile: the reader may not have seen this one
+            del self.streams[rid]
+            raise EngineStopped(self.stopped)
         if self.metrics is not None:
             self.metrics.request_added(len(gen.prompt_ids))
         self._send_queue.put(("add", rid, gen.prompt_ids, gen.params, gen.tier, gen.priority, arrival))

@@ -89,10 +89,16 @@ class EngineCore:
             cmd = self.commands.recv()
             if cmd[0] == "shutdown":
                 return False
-            if cmd[0] == "add":
-                self._add(*cmd[1:])
-            else:
-                self._abort(*cmd[1:])
+            try:
+                if cmd[0] == "add":
+                    self._add(*cmd[1:])
+                else:
+                    self._abort(*cmd[1:])
+            except Exception:      # a bug, not a bad request (the HTTP side validated it): keep serving
+                log.exception("engine command %s failed", cmd[0])
+                if cmd[0] == "add":
+                    self.pending.append(Output(cmd[1], [], error="internal error: the engine could not add "
+                                                                "this request (the server log has the details)"))
             if not self.commands.poll(0):
                 break
         self._publish(self.engine.take_finished())
