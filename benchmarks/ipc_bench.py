@@ -26,7 +26,7 @@ ROUNDS = 400
 
 
 def message(n: int, step: int, flat: bool) -> tuple:
-    stats = {"time": time.monotonic(), "steps": [{"duration_s": 0.01, "budget": 512, "queue_s": [0.1],
+    stats = {"time": time.monotonic(), "steps": [{"duration_s": 0.01, "budget": 512, "tokens": 512, "queue_s": [("Q1", 0.1)],
                                                   "relegated": [], "preempted": 0}],
              "kv_free": 100, "kv_blocks": 1000, "running": n, "waiting": 3, "degraded": None}
     if flat:

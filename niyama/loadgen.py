@@ -31,6 +31,7 @@ class Outcome:
     token_s: list[float] = field(default_factory=list)   # arrival of each chunk that carried text (or token ids)
     done_s: float | None = None
     num_output_tokens: int = 0
+    num_prompt_tokens: int | None = None   # from the server's usage chunk
     relegated: bool = False
     error: str | None = None
 
@@ -92,10 +93,11 @@ def request_bodies(workload: Workload, target: Target, qos: str, seed: int, voca
     return bodies, clipped
 
 
-async def send(client, url: str, body: dict, index: int, start: float, timeout: float) -> Outcome:
+async def send(client, url: str, body: dict, index: int, start: float, timeout: float,
+               endpoint: str = "/v1/completions") -> Outcome:
     out = Outcome(index, time.monotonic() - start)
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as resp:
+        async with client.stream("POST", f"{url}{endpoint}", json=body, timeout=timeout) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 out.error = f"HTTP {resp.status_code}: {text[:300]}"
@@ -112,10 +114,12 @@ async def send(client, url: str, body: dict, index: int, start: float, timeout: 
                     return out
                 now = time.monotonic() - start
                 for choice in chunk.get("choices") or ():
-                    if choice.get("text") or choice.get("token_ids"):   # token ids: a server without a tokenizer
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if text or choice.get("token_ids"):   # token ids: a server without a tokenizer
                         out.token_s.append(now)
                 if chunk.get("usage"):
                     out.num_output_tokens = chunk["usage"].get("completion_tokens", 0)
+                    out.num_prompt_tokens = chunk["usage"].get("prompt_tokens")
                 if chunk.get("niyama"):
                     out.relegated = bool(chunk["niyama"].get("relegated"))
         out.done_s = time.monotonic() - start
@@ -128,16 +132,24 @@ async def send(client, url: str, body: dict, index: int, start: float, timeout: 
 
 
 async def run_load(target: Target, bodies: list[dict], arrivals: list[float], timeout: float,
-                   progress=None) -> list[Outcome]:
+                   progress=None, endpoint: str = "/v1/completions", headers: dict | None = None,
+                   max_concurrency: int | None = None) -> list[Outcome]:
+    """Send each body at its arrival time (seconds from the start); with `max_concurrency`, at most that many
+    are in flight and the others wait for a slot (as `vllm bench serve --max-concurrency`)."""
     import httpx
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         start = time.monotonic()
 
         async def one(i: int) -> Outcome:
             await asyncio.sleep(max(0.0, arrivals[i] - (time.monotonic() - start)))
-            res = await send(client, target.url, bodies[i], i, start, timeout)
+            if slots is None:
+                res = await send(client, target.url, bodies[i], i, start, timeout, endpoint)
+            else:
+                async with slots:
+                    res = await send(client, target.url, bodies[i], i, start, timeout, endpoint)
             if progress is not None:
                 progress(res)
             return res
@@ -154,7 +166,8 @@ def to_result(workload: Workload, outcomes: list[Outcome], bodies: list[dict], l
         if o.error is not None:
             continue
         spec = workload.specs[o.index]
-        req = Request(o.index, o.sent_s, len(bodies[o.index]["prompt"]), bodies[o.index]["max_tokens"],
+        prompt_len = o.num_prompt_tokens or len(bodies[o.index].get("prompt", ())) or 1   # chat: the server's count
+        req = Request(o.index, o.sent_s, prompt_len, bodies[o.index]["max_tokens"],
                       tiers[spec.tier], workload.rule, spec.priority)
         req.first_token_s = o.token_s[0]
         req.anchor_s = max(req.first_token_s, req.first_token_deadline_s)
@@ -167,3 +180,99 @@ def to_result(workload: Workload, outcomes: list[Outcome], bodies: list[dict], l
     if not requests:
         raise ValueError("no request succeeded")
     return SimResult(workload, label, requests, times, 0, 0, sum(r.relegated for r in requests))
+
+
+# --- vLLM's benchmark conventions (`vllm bench serve`) -------------------------------------------------
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven curious students read about rivers "
+         "mountains and old cities before writing a short summary of what they learned today").split()
+
+
+def text_of_about(num_tokens: int, rng: np.random.Generator) -> str:
+    """English words, ~0.75 per token, for the chat endpoint (the server reports the exact token count)."""
+    return " ".join(rng.choice(WORDS, max(1, int(num_tokens * 0.75))).tolist())
+
+
+def chat_bodies(bodies: list[dict], seed: int) -> list[dict]:
+    """The completion bodies as /v1/chat/completions bodies with text prompts of about the same length."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in bodies:
+        chat = {k: v for k, v in b.items() if k != "prompt"}
+        chat["messages"] = [{"role": "user", "content": text_of_about(len(b["prompt"]), rng)}]
+        out.append(chat)
+    return out
+
+
+def vllm_arrivals(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Arrival times as `vllm bench serve` draws them: gamma-distributed gaps with shape `burstiness` and mean
+    1/rate (burstiness 1 = Poisson; smaller = burstier); rate inf = all at once."""
+    if rate == float("inf"):
+        return [0.0] * n
+    gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (rate * burstiness), n)
+    return np.concatenate([[0.0], np.cumsum(gaps)[:-1]]).tolist()
+
+
+def parse_goodput(items: list[str]) -> dict[str, float]:
+    """`ttft:2000 tpot:50 e2el:10000` (milliseconds) -> {"ttft": 2.0, ...} in seconds."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2el") or not sep:
+            raise ValueError(f"--goodput: expected ttft:MS, tpot:MS or e2el:MS, got {item!r}")
+        try:
+            out[key] = float(value) / 1000
+        except ValueError:
+            raise ValueError(f"--goodput: {item!r} is not a number of milliseconds") from None
+    return out
+
+
+def vllm_result(outcomes: list[Outcome], bodies: list[dict], duration_s: float, goodput: dict[str, float],
+                metrics: list[str], percentiles: list[float]) -> dict:
+    """The result keys `vllm bench serve` writes (times in ms), from what this client saw."""
+    ok = [o for o in outcomes if o.error is None]
+    ttft = np.array([o.token_s[0] - o.sent_s for o in ok])
+    e2el = np.array([o.done_s - o.sent_s for o in ok])
+    outs = np.array([o.num_output_tokens for o in ok])
+    tpot = np.array([(e - t) / (n - 1) if n > 1 else 0.0 for e, t, n in zip(e2el, ttft, outs)])
+    itl = np.concatenate([np.diff(o.token_s) for o in ok]) if ok else np.zeros(0)
+    ins = [o.num_prompt_tokens if o.num_prompt_tokens is not None else len(bodies[o.index].get("prompt", ()))
+           for o in ok]
+    good = np.ones(len(ok), dtype=bool)
+    for key, limit in goodput.items():
+        good &= {"ttft": ttft, "tpot": tpot, "e2el": e2el}[key] <= limit
+    res = {"duration": duration_s, "completed": len(ok), "failed": len(outcomes) - len(ok),
+           "total_input_tokens": int(sum(ins)), "total_output_tokens": int(outs.sum()),
+           "request_throughput": len(ok) / duration_s, "output_throughput": float(outs.sum()) / duration_s,
+           "total_token_throughput": (sum(ins) + float(outs.sum())) / duration_s,
+           "request_goodput": float(good.sum()) / duration_s if goodput else None,
+           "input_lens": ins, "output_lens": outs.tolist(), "ttfts": ttft.tolist(), "errors": [o.error or "" for o in outcomes]}
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        if name not in metrics:
+            continue
+        ms = values * 1000 if len(values) else np.zeros(1)
+        res[f"mean_{name}_ms"] = float(ms.mean())
+        res[f"median_{name}_ms"] = float(np.median(ms))
+        res[f"std_{name}_ms"] = float(ms.std())
+        for p in percentiles:
+            res[f"p{p:g}_{name}_ms"] = float(np.percentile(ms, p))
+    return res
+
+
+def format_vllm_result(res: dict, metrics: list[str], percentiles: list[float]) -> str:
+    lines = ["============ Serving Benchmark Result (vLLM's keys) ============",
+             f"{'Successful requests:':<40}{res['completed']:>10}",
+             f"{'Benchmark duration (s):':<40}{res['duration']:>10.2f}",
+             f"{'Total input tokens:':<40}{res['total_input_tokens']:>10}",
+             f"{'Total generated tokens:':<40}{res['total_output_tokens']:>10}",
+             f"{'Request throughput (req/s):':<40}{res['request_throughput']:>10.2f}"]
+    if res["request_goodput"] is not None:
+        lines.append(f"{'Request goodput (req/s):':<40}{res['request_goodput']:>10.2f}")
+    lines += [f"{'Output token throughput (tok/s):':<40}{res['output_throughput']:>10.2f}",
+              f"{'Total token throughput (tok/s):':<40}{res['total_token_throughput']:>10.2f}"]
+    for name in metrics:
+        lines.append(f"{'Mean ' + name.upper() + ' (ms):':<40}{res[f'mean_{name}_ms']:>10.2f}")
+        lines.append(f"{'Median ' + name.upper() + ' (ms):':<40}{res[f'median_{name}_ms']:>10.2f}")
+        for p in percentiles:
+            lines.append(f"{f'P{p:g} ' + name.upper() + ' (ms):':<40}{res[f'p{p:g}_{name}_ms']:>10.2f}")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""QoS tiers, priorities and deadline arithmetic (SPEC.md §2).
+"""QoS tiers, priorities and deadline arithmetic.
 
 An interactive tier has a TTFT and a TBT target; a non-interactive tier has
 only a TTLT target. Inside the scheduler both look the same: a first-token
@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 class Priority(enum.IntEnum):
-    """Priority hint; `low` requests are relegated first (SPEC §5)."""
+    """Priority hint; `low` requests are relegated first."""
 
     IMPORTANT = 0
     LOW = 1
@@ -72,7 +72,7 @@ class Tier:
 class DeadlineRule:
     """How a tier turns into first-token deadline and token pace for one request.
 
-    `tbt_batch_s`: the pace given to non-interactive decodes (SPEC §2: 0.4 s).
+    `tbt_batch_s`: the pace given to non-interactive decodes (0.4 s).
     `output_len_pred`: L_pred, the predicted output length of non-interactive
     requests (artifact: 15 by default, 150 for Azure Conv and ShareGPT).
     """

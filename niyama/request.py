@@ -37,7 +37,7 @@ class Request:
     (vLLM's recompute preemption). `num_computed_tokens` is prefill progress.
     Output tokens are counted in `num_output_tokens`; while the request
     decodes, the replica derives the count from the iteration index (every
-    running decode produces one token per iteration, SPEC §3.1).
+    running decode produces one token per iteration).
     """
 
     __slots__ = (
@@ -61,7 +61,7 @@ class Request:
         self.max_output_tokens = int(max_output_tokens)
         self.tier = tier
         self.priority = priority
-        self.ttft_s = rule.ttft_s(tier)      # effective TTFT (SPEC §2)
+        self.ttft_s = rule.ttft_s(tier)      # effective TTFT
         self.tbt_s = rule.tbt_s(tier)        # token pace
         self.phase = Phase.WAITING
         self.num_prefill_target = self.num_prompt_tokens
@@ -108,7 +108,7 @@ class Request:
         return None if self.finish_s is None else self.finish_s - self.arrival_s
 
     def token_deadline(self, n: int) -> float:
-        """Deadline of output token n (1-based), SPEC §2."""
+        """Deadline of output token n (1-based)."""
         return token_deadline(n, self.arrival_s, self.ttft_s, self.tbt_s, self.first_token_s)
 
     def __repr__(self) -> str:

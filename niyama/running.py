@@ -1,12 +1,12 @@
 """The set of running decodes, with O(log n) bookkeeping per iteration.
 
-Every running decode emits one token in every iteration (SPEC §3.1), so a
+Every running decode emits one token in every iteration, so a
 decode that emitted token `n0` in iteration `i0` emits token
 `n0 + (i - i0)` in iteration `i`. From that one fact:
 
 - its next-token deadline in iteration i is `c + i * tbt` with a constant
   `c`, so the minimum over all decodes is the minimum over a few heaps,
-  one per token pace (SPEC §3.2 `min_slack`) — no scan over decodes;
+  one per token pace (`min_slack`) — no scan over decodes;
 - the iteration in which it reaches `max_output_tokens` is known when it
   starts decoding (a finish heap);
 - it needs a new KV block every 16 iterations, in the iterations congruent to
@@ -102,7 +102,7 @@ class RunningDecodes:
         return req.anchor_s + (req.decode_token0 - 1 + iteration - req.decode_iter0) * req.tbt_s
 
     def latest_deadline(self, iteration: int) -> Request:
-        """The decode whose next token is due last: the KV-preemption victim (SPEC task 3)."""
+        """The decode whose next token is due last: the KV-preemption victim."""
         return max(self._members, key=lambda r: (self.next_deadline(r, iteration), r.request_id))
 
     def context_sum(self, iteration: int) -> int:

@@ -41,7 +41,7 @@ def test_capacity_on_a_real_trace_orders_the_policies():
     """Seeded 4-hour runs on ShareGPT: niyama > edf > fcfs, each near the paper's Fig. 7."""
     caps = {}
     for policy in ("fcfs", "edf", "niyama"):
-        job = CapacityJob(Scenario("sharegpt", policy), sustainable=False)   # 4-hour runs, as in SPEC §7
+        job = CapacityJob(Scenario("sharegpt", policy), sustainable=False)   # 4-hour runs
         caps[policy] = find_capacity(job).capacity_qps
     assert caps["niyama"] > caps["edf"] > caps["fcfs"] > 0
     for policy, paper in (("fcfs", 1.4), ("edf", 1.8), ("niyama", 2.1)):

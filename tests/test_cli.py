@@ -54,3 +54,17 @@ def test_bad_input_is_a_clear_error(args, message):
 def test_policies_lists_knobs():
     p = niyama("policies")
     assert p.returncode == 0 and "alpha_s = 0.008" in p.stdout and "edf-dc:" in p.stdout
+
+
+def test_capacity_refuses_tiny_runs_and_warns_about_short_ones(tmp_path):
+    r = niyama("capacity", "--requests", "10")
+    assert r.returncode == 2 and "too few" in r.stderr
+    r = niyama("capacity", "--requests", "600", "--traces", "azure-code", "--policies", "fcfs", "--no-sustainable",
+               "--quiet", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "warning: azure-code/fcfs" in r.stderr and "less than the longest deadline (1800 s)" in r.stderr
+
+
+def test_experiment_list_shows_readable_numbers():
+    r = niyama("experiment", "list")
+    assert r.returncode == 0 and "low_load = 0.5263\n" in r.stdout and "0.5263157894736842" not in r.stdout

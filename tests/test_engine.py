@@ -150,3 +150,37 @@ def test_hf_directory_with_llama3_rope_scaling(engine, tmp_path):
     ref_tokens, _ = hf_greedy(hf, ids, 24)
     seq = ours.generate([ids], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert seq.output_ids == ref_tokens
+
+
+def test_gguf_conversion_is_cached_by_content(tmp_path, monkeypatch):
+    """A copy of the same GGUF (another path and mtime, as on every fresh install) reuses the conversion;
+    older conversions of that file name are removed, so the cache holds one copy per model."""
+    import shutil
+
+    from niyama.engine import weights
+
+    shipped = default_gguf_path()
+    first = weights.convert_gguf(shipped)
+    stale = first.with_name(f"{shipped.stem}-1234-5678")          # the old size+mtime key
+    stale.mkdir()
+    copy = tmp_path / shipped.name
+    shutil.copyfile(shipped, copy)
+    converted = []
+    monkeypatch.setattr(weights, "_write_converted", lambda *a: converted.append(a))
+    assert weights.convert_gguf(copy) == first and not converted
+    (first / "model.safetensors").rename(first / "moved")
+    try:          # a conversion (forced here by hiding the weights) keeps only the newest copy
+        weights.convert_gguf(copy)
+        assert converted and not stale.exists()
+    finally:
+        shutil.rmtree(first, ignore_errors=True)
+        weights.convert_gguf(shipped)     # the real conversion back for the other tests
+
+
+def test_sampling_defaults_come_from_the_checkpoint(tmp_path):
+    from niyama.engine.weights import OPENAI_SAMPLING, sampling_defaults
+
+    assert sampling_defaults(tmp_path, default_model=False) == OPENAI_SAMPLING
+    assert sampling_defaults(None, default_model=True)["temperature"] == 0.2
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.9, "do_sample": true}')
+    assert sampling_defaults(tmp_path, default_model=False) == {"temperature": 0.6, "top_p": 0.9, "top_k": 0}

@@ -34,6 +34,14 @@ def test_generate_rejects_bad_input_with_a_message():
     assert r.returncode == 2 and "--load-format dummy" in r.stderr
 
 
+def test_a_missing_torch_says_what_to_install():
+    code = ("import sys; sys.modules['torch'] = None; from niyama.cli import main; "
+            "sys.exit(main(['generate', 'Hi']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "PyTorch is missing" in r.stderr and "download.pytorch.org/whl/cpu" in r.stderr and "niyama[engine]" in r.stderr
+
+
 def test_replay_prints_the_simulator_report_and_fits_a_profile(tmp_path):
     r = niyama("replay", "--trace", "azure-conv", "--qps", "4", "--requests", "12", "--max-prompt-tokens", "96",
                "--max-output-tokens", "12", "--kv-tokens", "4096", "--out", str(tmp_path), "--quiet")

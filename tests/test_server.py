@@ -18,6 +18,9 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 parser = pytest.importorskip("prometheus_client.parser")
 
+from openai.types import Completion  # noqa: E402
+from openai.types.chat import ChatCompletion  # noqa: E402
+
 from niyama.qos import TIER_PRESETS, Priority  # noqa: E402
 from niyama.server.errors import APIError  # noqa: E402
 from niyama.server.qos import QoSPolicy  # noqa: E402
@@ -64,14 +67,17 @@ def wait_all_blocks_free(url: str, limit_s: float = 30) -> tuple[dict, float]:
         time.sleep(0.05)
 
 
-def stop_server(handle) -> None:
+def stop_server(handle) -> int | None:
+    """SIGTERM, as a supervisor stops it; the exit code (None if it had to be killed)."""
     proc, log = handle
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        code = proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+        code = None
     print(log.read_text()[-3000:])
+    return code
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +132,9 @@ def test_openai_client_chat_streaming_and_not(client):
     text = r.choices[0].message.content
     assert "Paris" in text and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
-    assert r.service_tier == "Q1" and r.model_extra["niyama"] == {"tier": "Q1", "priority": "important",
-                                                                  "relegated": False}
+    assert r.service_tier == "default" and r.model_extra["niyama"] == {"tier": "Q1", "priority": "important",
+                                                                       "relegated": False}
+    ChatCompletion.model_validate(r.model_dump())       # typed parse: service_tier must be one of OpenAI's values
     chunks = list(client.chat.completions.create(model=MODEL, messages=chat("What is the capital of France?"),
                                                  temperature=0, max_tokens=24, stream=True,
                                                  stream_options={"include_usage": True}))
@@ -174,16 +181,18 @@ def test_concurrent_requests_match_their_solo_answers(server, client):
 
 def qos_of(client, **extra):
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0, extra_body=extra)
-    return r.service_tier, r.model_extra["niyama"]
+    Completion.model_validate(r.model_dump())
+    return r.model_extra["niyama"]["tier"], r.model_extra["niyama"], r.service_tier
 
 
 def test_qos_fields_pick_the_tier_and_priority(client):
-    assert qos_of(client, tier="Q3")[0] == "Q3"
+    assert qos_of(client, tier="Q3")[::2] == ("Q3", "default")
     assert qos_of(client, ttft_ms=2000, tbt_ms=100)[0] == "custom"
     assert qos_of(client, ttlt_ms=60000)[0] == "custom"
-    assert qos_of(client, service_tier="priority")[0] == "Q1"
-    assert qos_of(client, service_tier="flex")[0] == "Q3"
-    assert qos_of(client, service_tier="Q2")[0] == "Q2"
+    assert qos_of(client, service_tier="priority")[::2] == ("Q1", "priority")
+    assert qos_of(client, service_tier="flex")[::2] == ("Q3", "flex")
+    assert qos_of(client, service_tier="auto")[::2] == ("Q1", "default")
+    assert qos_of(client, service_tier="Q2")[::2] == ("Q2", "default")
     assert qos_of(client, priority="low")[1]["priority"] == "low"
     assert qos_of(client, priority=1)[1]["priority"] == "low"         # vLLM: larger = later
     assert qos_of(client, priority=-3)[1] == {"tier": "Q1", "priority": "important", "relegated": False}
@@ -202,6 +211,10 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "hi", "ttft_ms": 500}, 400, "tbt_ms is missing"),
     ("/v1/completions", {"prompt": "hi", "tier": "Q1", "ttlt_ms": 9}, 400, "not tier and"),
     ("/v1/completions", {"prompt": "hi", "service_tier": "turbo"}, 400, "unknown service_tier"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 0.1}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "priority": "urgent"}, 400, "unknown priority"),
     ("/v1/completions", {"prompt": [1000] * 9000, "max_tokens": 4}, 400, "maximum context length is 8192"),
     ("/v1/completions", {"prompt": [1000] * 5000, "max_tokens": 4}, 400, "KV blocks"),
@@ -266,6 +279,7 @@ def test_wrong_method_is_a_405_in_openai_shape(server):
 
 def metrics(server) -> dict[tuple, float]:
     text = httpx.get(f"{server}/metrics", timeout=10).text
+    assert "_created" not in text
     out = {}
     for family in parser.text_string_to_metric_families(text):
         for s in family.samples:
@@ -289,11 +303,15 @@ def test_metrics_parse_and_move(server, client):
     assert moved("niyama:tier_violations_total", (("tier", "Q3"),)) == 0
     assert moved("niyama:generation_tokens_total") == 7
     assert moved("niyama:prompt_tokens_total") == r.usage.prompt_tokens
-    assert moved("niyama:time_to_first_token_seconds_count") == 1
-    assert moved("niyama:inter_token_latency_seconds_count") == 6
-    assert moved("niyama:e2e_request_latency_seconds_count") == 1
-    assert moved("niyama:request_queue_time_seconds_count") == 1
+    q3 = (("tier", "Q3"),)
+    assert moved("niyama:time_to_first_token_seconds_count", q3) == 1
+    assert moved("niyama:inter_token_latency_seconds_count", q3) == 6
+    assert moved("niyama:e2e_request_latency_seconds_count", q3) == 1
+    assert moved("niyama:request_queue_time_seconds_count", q3) == 1
+    assert moved("niyama:time_to_first_token_seconds_count", (("tier", "Q1"),)) == 0
     assert moved("niyama:chunk_size_tokens_count") >= 1
+    assert moved("niyama:iteration_tokens_total_count") >= 2          # the prefill step and 6 decode steps
+    assert moved("niyama:iteration_duration_seconds_count") >= 2
     assert moved("niyama:request_success_total", (("finished_reason", "length"),)) == 1
     for tier in ("Q1", "Q2", "Q3"):
         assert ("niyama:relegations_total", (("tier", tier),)) in after
@@ -363,6 +381,29 @@ def test_bench_serve_reports_per_tier_latency(server, tmp_path):
     assert summary["failed"] == 0 and summary["num_requests"] == 8
 
 
+def test_bench_serve_speaks_vllms_flags_and_result_keys(server, tmp_path):
+    """The issue's command with vLLM's flag names against the chat endpoint (real text prompts), plus
+    --max-concurrency and percentiles: vllm_result.json carries vLLM's keys with sane values."""
+    r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--base-url", server,
+                        "--request-rate", "4", "--num-prompts", "8", "--endpoint", "/v1/chat/completions",
+                        "--goodput", "ttft:20000", "--max-output-tokens", "5", "--max-prompt-tokens", "40",
+                        "--max-concurrency", "3", "--percentile-metrics", "ttft,tpot,itl,e2el",
+                        "--metric-percentiles", "50,99", "--burstiness", "0.5", "--out", str(tmp_path), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Serving Benchmark Result" in r.stdout and "Request goodput (req/s):" in r.stdout
+    res = json.loads((tmp_path / "vllm_result.json").read_text())
+    assert res["completed"] == 8 and res["failed"] == 0 and res["num_prompts"] == 8
+    assert res["total_output_tokens"] == 40 and res["output_lens"] == [5] * 8
+    assert all(0 < n <= 80 for n in res["input_lens"])       # ~40 tokens of English, counted by the server
+    assert res["request_throughput"] == pytest.approx(8 / res["duration"])
+    assert res["output_throughput"] == pytest.approx(40 / res["duration"])
+    assert res["request_goodput"] == pytest.approx(res["request_throughput"])   # a 20 s TTFT bound: all good
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert res[f"p99_{name}_ms"] >= res[f"p50_{name}_ms"] >= 0 and f"mean_{name}_ms" in res
+    assert res["p99_ttft_ms"] <= res["p99_e2el_ms"]
+
+
 def test_bench_serve_says_when_no_server_answers(tmp_path):
     r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--url",
                         f"http://127.0.0.1:{free_port()}", "--qps", "1", "--requests", "2", "--out", str(tmp_path)],
@@ -412,3 +453,37 @@ def test_a_stop_string_found_on_the_http_side_ends_the_request_in_the_engine(ser
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     health, _ = wait_all_blocks_free(server, 5)
     assert health["kv_blocks_free"] == health["kv_blocks"]
+
+
+def test_requests_without_sampling_fields_get_the_models_defaults(client, server):
+    """The shipped model has no generation_config.json: its model card's temperature 0.2 / top_p 0.9 apply
+    (at OpenAI's 1.0 it babbled), and /v1/models says so."""
+    listed = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["default_sampling"]
+    assert listed == {"temperature": 0.2, "top_p": 0.9, "top_k": 0}
+    answers = [client.chat.completions.create(model=MODEL, messages=chat("What is the capital of France?"),
+                                              max_tokens=24, seed=seed).choices[0].message.content
+               for seed in range(3)]
+    assert all("Paris" in a for a in answers), answers
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exported(server):
+    """deploy/grafana/niyama-dashboard.json reads only series this server exports (histograms by their
+    _bucket/_sum/_count samples), and every panel has a query."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "niyama-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(dashboard["panels"]) >= 10 and all(p["targets"] for p in dashboard["panels"])
+    queried = {m for e in exprs for m in re.findall(r"niyama:[a-z0-9_:]+", e)}
+    exported = {name for name, _ in metrics(server)}
+    assert queried and not queried - exported, sorted(queried - exported)
+    families = {re.sub(r"_(bucket|sum|count)$", "", m) for m in queried}
+    for needed in ("niyama:time_to_first_token_seconds", "niyama:inter_token_latency_seconds",
+                   "niyama:tier_target_seconds", "niyama:tier_violations_total", "niyama:relegations_total",
+                   "niyama:chunk_size_tokens", "niyama:kv_cache_usage_perc", "niyama:num_requests_waiting",
+                   "niyama:iteration_duration_seconds"):
+        assert needed in families, needed
+    targets = metrics(server)
+    assert targets[("niyama:tier_target_seconds", (("kind", "tbt"), ("tier", "Q1")))] == 0.05
+    assert targets[("niyama:tier_target_seconds", (("kind", "ttlt"), ("tier", "Q3")))] == 1800

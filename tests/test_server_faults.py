@@ -39,7 +39,8 @@ def test_killing_the_engine_process_fails_its_streams_and_refuses_new_requests(t
         assert down.status_code == 503 and "restart" in down.json()["error"]["message"]
         assert handle[0].poll() is None          # the HTTP side still answers
     finally:
-        stop_server(handle)
+        code = stop_server(handle)
+    assert code == 0                             # and shuts down cleanly
 
 
 def test_a_short_overload_soak_loses_nothing(tmp_path_factory):
@@ -47,7 +48,8 @@ def test_a_short_overload_soak_loses_nothing(tmp_path_factory):
     try:
         report = soak.run(url, seconds=25, qps=4.0, seed=1)
     finally:
-        stop_server(handle)
+        code = stop_server(handle)
+    assert code == 0                             # SIGTERM: a clean shutdown exits 0, not 143
     print(json.dumps(report, indent=1))
     c = report["counts"]
     assert report["sent"] > 60 and c["5xx"] == 0 and c["other"] == 0

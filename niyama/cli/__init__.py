@@ -9,6 +9,20 @@ import sys
 from . import bench, capacity, experiment, generate, policies, replay, serve, simulate
 
 VERBS = (simulate, capacity, experiment, policies, generate, replay, serve, bench)
+EXTRAS = {"torch": "engine", "tokenizers": "engine", "safetensors": "engine", "jinja2": "engine", "gguf": "engine",
+          "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve"}
+TORCH_CPU = ("pip install torch --index-url https://download.pytorch.org/whl/cpu (a CPU-only build, ~200 MB; "
+             "a plain `pip install torch` pulls the CUDA stack, GBs)")
+
+
+def import_hint(e: ImportError) -> str:
+    """What to install for a missing module, in words a user can act on."""
+    top = (e.name or "").split(".")[0]
+    if top == "torch":
+        return f"PyTorch is missing: install it first, e.g. {TORCH_CPU}, then pip install 'niyama[engine]'"
+    if top in EXTRAS:
+        return f"{top} is missing: pip install 'niyama[{EXTRAS[top]}]'"
+    return str(e)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except ImportError as e:
+        print(f"niyama {args.verb}: error: {import_hint(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
         print(f"niyama {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

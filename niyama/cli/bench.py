@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,12 +16,16 @@ from .common import add_output_options, add_workload_options, trace_help
 
 EXAMPLES = """examples:
   niyama bench serve --url http://127.0.0.1:8000 --trace azure-conv --qps 2 --requests 200
+  niyama bench serve --base-url http://127.0.0.1:8000 --request-rate 1 --num-prompts 20 \\
+      --endpoint /v1/chat/completions --goodput ttft:2000          # vLLM's flags; vllm_result.json
   niyama bench serve --trace azure-conv --qps 1 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32
   niyama bench serve --url http://gpu-box:8000 --model meta-llama/Llama-3.1-8B-Instruct --qos off
 
 Prompts are random token ids of the trace's lengths sent to /v1/completions; outputs are asked for at
 the trace's length (ignore_eos). TTFT, TBT and TTLT are measured here, on the client. A niyama server
-also gets each request's tier and priority (--qos).
+also gets each request's tier and priority (--qos). `vllm bench serve`'s flag names work too, and
+vllm_result.json holds its result keys (request_throughput, output_throughput, p99_ttft_ms, ...), so the
+same run can be pointed at a vLLM server and at niyama.
 """
 
 
@@ -31,11 +37,29 @@ def add_parser(sub) -> None:
                          description="Replay a trace workload against an OpenAI-compatible server with streaming; "
                                      "print the per-tier report of `niyama simulate`, measured on the client.",
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
+    s.add_argument("--url", "--base-url", dest="url", default="http://127.0.0.1:8000",
+                   help="server base URL (default http://127.0.0.1:8000)")
     s.add_argument("--model", default=None, help="model id to request (default: the first in /v1/models)")
     s.add_argument("--trace", default="azure-conv", help=trace_help() + " (default azure-conv)")
-    s.add_argument("--qps", type=float, required=True, help="mean arrival rate (Poisson)")
-    s.add_argument("--requests", type=int, default=200, help="number of requests (default 200)")
+    s.add_argument("--qps", "--request-rate", dest="qps", type=float, required=True,
+                   help="mean arrival rate in requests/s; inf sends all at once")
+    s.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=200,
+                   help="number of requests (default 200)")
+    v = s.add_argument_group("vLLM's benchmark options (`vllm bench serve`)")
+    v.add_argument("--endpoint", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions"),
+                   help="completions: random token-id prompts of the trace's exact lengths; chat: English text "
+                        "of about those lengths (the server's usage gives the exact count) (default completions)")
+    v.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the gaps between arrivals: 1 = Poisson, below 1 burstier (default 1)")
+    v.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    v.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
+                   help="SLOs a request must meet to count as goodput: ttft:MS tpot:MS e2el:MS")
+    v.add_argument("--percentile-metrics", default="ttft,tpot,itl",
+                   help="metrics to report percentiles of: ttft, tpot, itl, e2el (default ttft,tpot,itl)")
+    v.add_argument("--metric-percentiles", default="99", help="percentiles to report, e.g. 50,90,99 (default 99)")
+    v.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", help="an HTTP header (repeatable)")
+    v.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
     s.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="clip prompts to N tokens (default: only to the server's max_model_len)")
     s.add_argument("--max-output-tokens", type=int, default=None, metavar="N", help="clip outputs to N tokens")
@@ -58,10 +82,31 @@ def run(args) -> int:
         raise ImportError("httpx is missing: `pip install httpx` (or 'niyama[serve]')") from None
     from tqdm import tqdm
 
-    from ..loadgen import discover, request_bodies, run_load, to_result
+    from ..loadgen import (chat_bodies, discover, format_vllm_result, parse_goodput, request_bodies, run_load,
+                           to_result, vllm_arrivals, vllm_result)
 
     if args.requests < 1:
         raise ValueError("--requests must be >= 1")
+    if not args.qps > 0 or args.burstiness <= 0:
+        raise ValueError("--qps / --request-rate and --burstiness must be > 0")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be >= 1")
+    goodput = parse_goodput(args.goodput)
+    metrics = [m for m in args.percentile_metrics.split(",") if m]
+    if not set(metrics) <= {"ttft", "tpot", "itl", "e2el"}:
+        raise ValueError(f"--percentile-metrics: choose from ttft, tpot, itl, e2el, got {args.percentile_metrics!r}")
+    try:
+        percentiles = [float(p) for p in args.metric_percentiles.split(",") if p]
+    except ValueError:
+        raise ValueError(f"--metric-percentiles: expected numbers, got {args.metric_percentiles!r}") from None
+    headers = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--header: expected KEY=VALUE, got {item!r}")
+        headers[key] = value
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
     lo, _, hi = args.token_id_range.partition(",")
     try:
         vocab = (int(lo), int(hi))
@@ -70,16 +115,22 @@ def run(args) -> int:
     if not 0 <= vocab[0] < vocab[1]:
         raise ValueError("--token-id-range: need 0 <= LO < HI")
     url = args.url.rstrip("/").removesuffix("/v1")
-    wl = make_workload(args.trace, args.qps, num_requests=args.requests, seed=args.seed, tiers=args.tiers,
-                       tier_mix=args.tier_mix, low_priority_fraction=args.low_priority)
+    finite = args.qps != float("inf")
+    wl = make_workload(args.trace, args.qps if finite else 1.0, num_requests=args.requests, seed=args.seed,
+                       tiers=args.tiers, tier_mix=args.tier_mix, low_priority_fraction=args.low_priority)
+    arrivals = [s.arrival_s for s in wl.specs]       # Poisson: vLLM's burstiness 1
+    if args.burstiness != 1 or not finite:
+        arrivals = vllm_arrivals(len(wl), args.qps, args.burstiness, args.seed)
 
     async def probe():
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=headers) as client:
             return await discover(client, url, args.model)
 
     target = asyncio.run(probe())
     bodies, clipped = request_bodies(wl, target, args.qos, args.seed, vocab, args.max_prompt_tokens,
                                      args.max_output_tokens)
+    if args.endpoint == "/v1/chat/completions":
+        bodies = chat_bodies(bodies, args.seed)
     qos_sent = next((k for k in ("tier", "ttft_ms", "ttlt_ms") if k in bodies[0]), None)
     print(f"{url}: model {target.model!r} ({'niyama' if target.is_niyama else 'not niyama'}); "
           f"{len(wl)} requests at {args.qps:g} QPS from {wl.name}; QoS fields: "
@@ -91,8 +142,10 @@ def run(args) -> int:
             if outcome.error:
                 failures.append(outcome)
 
-        arrivals = [s.arrival_s for s in wl.specs]
-        outcomes = asyncio.run(run_load(target, bodies, arrivals, args.timeout, progress))
+        t0 = time.monotonic()
+        outcomes = asyncio.run(run_load(target, bodies, arrivals, args.timeout, progress, args.endpoint, headers,
+                                        args.max_concurrency))
+        duration = time.monotonic() - t0
     if clipped:
         print(f"note: {clipped} of {len(wl)} requests had their lengths clipped (max_model_len or --max-*-tokens)")
     if failures:
@@ -106,5 +159,12 @@ def run(args) -> int:
     write_records_csv(records, dest / "records.csv")
     (dest / "summary.json").write_text(json.dumps({**asdict(summary), "failed": len(failures),
                                                    "url": url, "model": target.model}, indent=1))
-    print(f"wrote {dest / 'records.csv'} and {dest / 'summary.json'}")
+    vres = vllm_result(outcomes, bodies, duration, goodput, metrics, percentiles)
+    print("\n" + format_vllm_result(vres, metrics, percentiles))
+    vres.update({"backend": "openai-chat" if args.endpoint.endswith("chat/completions") else "openai",
+                 "model_id": target.model, "base_url": url, "endpoint": args.endpoint, "num_prompts": len(wl),
+                 "request_rate": args.qps, "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+                 "goodput": {k: v * 1000 for k, v in goodput.items()}, "date": time.strftime("%Y%m%d-%H%M%S")})
+    (dest / "vllm_result.json").write_text(json.dumps(vres, indent=1))
+    print(f"wrote {dest / 'records.csv'}, {dest / 'summary.json'} and {dest / 'vllm_result.json'}")
     return 0

@@ -39,7 +39,8 @@ def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
+def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768) -> None:
+    """`cpu_kv_tokens`: the verb's KV cache size on a CPU, for the help text."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="HF directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or with "
@@ -50,7 +51,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--kv-tokens", type=int, default=None,
-                   help="KV cache size in tokens (default: from free GPU memory, 32768 on CPU)")
+                   help=f"KV cache size in tokens (default: from free GPU memory, {cpu_kv_tokens} on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory the engine may fill: weights, the worst step's activations, "
                         "CUDA graphs and the KV cache (default 0.9)")

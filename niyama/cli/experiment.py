@@ -86,6 +86,15 @@ def describe() -> str:
         lines.append(f"{name}: {exp.title}")
         for f in dataclasses.fields(exp.params):
             default = exp.params().__dict__[f.name]
-            quick = f"   (--quick: {exp.quick[f.name]})" if f.name in exp.quick else ""
-            lines.append(f"    {f.name} = {default!r}{quick}")
+            quick = f"   (--quick: {show(exp.quick[f.name])})" if f.name in exp.quick else ""
+            lines.append(f"    {f.name} = {show(default)}{quick}")
     return "\n".join(lines)
+
+
+def show(value) -> str:
+    """A parameter as a person reads it: floats to 4 significant digits (2/3.8 shows as 0.5263)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)

@@ -32,8 +32,11 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
-    add_engine_options(p)
+    add_engine_options(p, cpu_kv_tokens=GENERATE_CPU_KV_TOKENS)
     p.set_defaults(run=run)
+
+
+GENERATE_CPU_KV_TOKENS = 8192     # one conversation: the default model's whole context, and a quick start
 
 
 def torch_has_cuda() -> bool:
@@ -48,7 +51,7 @@ def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     if args.kv_tokens is None and args.device in (None, "cpu") and not torch_has_cuda():
-        args.kv_tokens = 8192     # one conversation: the default model's whole context, and a quick start
+        args.kv_tokens = GENERATE_CPU_KV_TOKENS
     engine = LLMEngine(engine_config_from_args(args, policy="fcfs"))
     print(engine.describe(), file=sys.stderr)
     if args.no_chat:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
@@ -97,13 +98,10 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-    try:
-        import uvicorn
+    import uvicorn    # a missing server dependency: the CLI says which extra to install
 
-        from ..server.app import Limits, build_app
-    except ImportError as e:
-        raise ImportError(f"{e.name} is missing: the server needs `pip install 'niyama[serve]'`") from None
     from ..qos import load_tiers
+    from ..server.app import Limits, build_app
     from ..server.qos import QoSPolicy
 
     check_policy(args.policy)
@@ -124,9 +122,12 @@ def run(args) -> int:
     name = args.served_model_name or runner.info["model_name"]
     print(runner.info["describe"], file=sys.stderr)
     where = "a thread of this process" if args.in_process_engine else f"process {runner.info['pid']}"
-    print(f"engine: {where}", file=sys.stderr)
+    print(f"engine: {where}; requests that set no sampling get {runner.info['sampling_defaults']}", file=sys.stderr)
     print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier})", file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT and then re-raises the signal with the handler that was
+    # there before it; this one turns that into a clean exit (0, not 143) once the shutdown is done
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(build_app(runner, name, qos, limits), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0

@@ -1,6 +1,6 @@
 """Measure this machine's batch times at start-up and fit the scheduler's batch-time model.
 
-The scheduler sizes prefill chunks from predicted batch times (SPEC §4); a profile fitted on an A100
+The scheduler sizes prefill chunks from predicted batch times; a profile fitted on an A100
 is wrong by 10-100x on another GPU or a CPU. `--profile measure` times a fixed grid of synthetic
 batches (prefill chunks with and without cached context, beside decodes with various contexts)
 through the real executor, then fits the same two-regime linear model `niyama replay` fits from a

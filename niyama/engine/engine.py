@@ -35,7 +35,7 @@ from .runner import ModelExecutor
 from .sampling import SamplingParams
 from .sequence import Sequence
 from .tokenizer import Tokenizer
-from .weights import DEFAULT_MODEL, read_hf_tensors, resolve
+from .weights import DEFAULT_MODEL, read_hf_tensors, resolve, sampling_defaults
 
 
 MEASURE = "measure"    # EngineConfig.profile: fit a profile from batches timed at start-up
@@ -94,6 +94,9 @@ class LLMEngine:
             self.tokenizer_path = str(source)
             self.model_name = cfg.model or DEFAULT_MODEL
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
+        # temperature / top_p / top_k for server requests that set none
+        self.sampling_defaults = sampling_defaults(None if kind == "dummy" else source,
+                                                   cfg.model in (None, "", "default", DEFAULT_MODEL))
         policy_options = {"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})}
         profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
         self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)

@@ -9,6 +9,7 @@ cached, so later loads read safetensors and take well under a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +23,11 @@ from .config import SHAPES, ModelConfig
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
+# Sampling for requests that set none. A checkpoint's generation_config.json wins (as vLLM's
+# --generation-config auto); the shipped model has none, so it gets its model card's recommendation
+# (temperature 0.2, top_p 0.9): at OpenAI's temperature 1.0 a 135M model babbles.
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "top_k": 0}
 
 
 def cache_dir() -> Path:
@@ -92,10 +98,45 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def convert_gguf(path: Path) -> Path:
-    """Convert a GGUF file to a cached HF-style directory (once per file version); return the directory."""
+def sampling_defaults(model_dir: "Path | None", default_model: bool) -> dict:
+    """temperature / top_p / top_k for requests that set none (see OPENAI_SAMPLING above)."""
+    out = dict(DEFAULT_MODEL_SAMPLING if default_model else OPENAI_SAMPLING)
+    file = model_dir / "generation_config.json" if model_dir is not None else None
+    if file is not None and file.is_file():
+        cfg = json.loads(file.read_text())
+        for key in out:
+            if isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool):
+                out[key] = type(out[key])(cfg[key])
+    return out
+
+
+def file_digest(path: Path) -> str:
+    """A short content hash of a file, remembered per (path, size, mtime) so that it is read once."""
     st = path.stat()
-    out = cache_dir() / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    memo = cache_dir() / "gguf" / "digests.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        h = hashlib.blake2b(digest_size=8)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        known[key] = h.hexdigest()
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"digests.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(memo)
+    return known[key]
+
+
+def convert_gguf(path: Path) -> Path:
+    """Convert a GGUF file to a cached HF-style directory, keyed by the file's content, so that every
+    install or copy of the same file shares one conversion; older conversions of a file with the same
+    name are removed. Returns the directory."""
+    out = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)}"
     if (out / "model.safetensors").exists():
         return out
     try:
@@ -111,6 +152,9 @@ def convert_gguf(path: Path) -> Path:
         tmp.rename(out)                      # the cache appears whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for old in out.parent.glob(f"{path.stem}-*"):      # one copy per model: earlier versions go
+        if old != out and old.is_dir() and ".tmp" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -4,7 +4,7 @@ The load alternates between a low and a high level every 15 minutes for 4
 hours; 20% of each tier's requests carry the `low` priority hint. The two
 levels are fractions of niyama's capacity on the trace, the way the paper's
 2.0 and 5.0 QPS relate to its QoServe capacity of 3.8 QPS on Azure Code
-(Fig. 7). niyama relegates `low` requests first (SPEC §5);
+(Fig. 7). niyama relegates `low` requests first;
 `niyama-no-priority` is the same policy blind to the hint.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from .base import Context, Report, md_table, pyplot, save_figure, tier_metric
 
 PAPER_CAPACITY = 3.8      # QoServe on Azure Code, Fig. 7; the diurnal levels were 2.0 and 5.0 QPS
-PAPER = {"fcfs": 81.9, "edf": 84.1, "niyama": 8.64}   # % violated overall (SPEC §5); niyama: 0% of important
+PAPER = {"fcfs": 81.9, "edf": 84.1, "niyama": 8.64}   # % violated overall; niyama: 0% of important
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Goodput search (SPEC §7): the highest QPS whose worst tier has <= 1% violations.
+"""Goodput search: the highest QPS whose worst tier has <= 1% violations.
 
 Coarse to fine: step the load by a factor from a start guess until one
 point passes and one fails, bisect that bracket until it is narrow, then

@@ -1,4 +1,4 @@
-"""Published numbers to compare against (SPEC §8), Llama-3-8B on one A100-80GB.
+"""Published numbers to compare against, Llama-3-8B on one A100-80GB.
 
 The Azure rows of the paper used the 2024 one-week Azure traces; ours are
 the 2023 ones, so compare those by ratio. ShareGPT is the artifact's file.

@@ -1,4 +1,4 @@
-"""Per-request records (SPEC §7), data first: columns of numpy arrays, then CSV."""
+"""Per-request records, data first: columns of numpy arrays, then CSV."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def token_times(req: Request, iteration_end_s: np.ndarray) -> np.ndarray:
 
 
 def token_miss_fraction(req: Request, times: np.ndarray) -> float:
-    """Fraction of tokens 2..N emitted after their deadline A + (n-1) * TBT (SPEC §2)."""
+    """Fraction of tokens 2..N emitted after their deadline A + (n-1) * TBT."""
     if len(times) < 2:
         return 0.0
     deadlines = req.anchor_s + np.arange(1, len(times)) * req.tbt_s

@@ -1,4 +1,4 @@
-"""Batch-time predictors: "how long will a batch of this shape take?" (SPEC §4).
+"""Batch-time predictors: "how long will a batch of this shape take?".
 
 The scheduler only calls `batch_time(...)`; how the model was fitted stays
 here. Profiles are named per model x hardware; see `profiles.py`.

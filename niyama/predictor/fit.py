@@ -1,7 +1,7 @@
 """Fit a batch-time profile from measured steps (the engine's step log).
 
 Each row is one executed batch: its features and its measured duration. The
-fit is the same two-regime linear model as the shipped profiles (SPEC §4),
+fit is the same two-regime linear model as the shipped profiles,
 by least squares per regime; a regime with too few rows borrows the other's
 coefficients."""
 

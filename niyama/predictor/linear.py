@@ -24,7 +24,7 @@ class LinearCoefficients:
 
 @dataclass(frozen=True)
 class TwoRegimeLinear:
-    """Two linear fits split on total tokens (memory-bound / compute-bound), SPEC §4."""
+    """Two linear fits split on total tokens (memory-bound / compute-bound)."""
 
     name: str
     small: LinearCoefficients      # total tokens <= split

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .linear import LinearCoefficients, TwoRegimeLinear
 
-# Llama-3-8B on one A100-80GB: the artifact's fitted coefficients (SPEC §4).
+# Llama-3-8B on one A100-80GB: the artifact's fitted coefficients.
 A100_LLAMA3_8B = TwoRegimeLinear(
     name="a100-llama3-8b",
     small=LinearCoefficients(total_tokens=5.882475e-5, prefill_tokens=2.247956e-5, decode_tokens=3.634519e-5,

@@ -16,7 +16,7 @@ POLICIES = {
     "edf": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "edf")),
     "srpf": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "srpf")),
     "niyama": (NiyamaConfig, {}, None),
-    # ablations (SPEC §6, paper Table 5: edf -> edf-dc -> niyama-alpha0 -> niyama)
+    # ablations (paper Table 5: edf -> edf-dc -> niyama-alpha0 -> niyama)
     "niyama-no-dc": (NiyamaConfig, {"dynamic_chunking": False}, None),
     "niyama-no-relegation": (NiyamaConfig, {"relegation": False}, None),
     "niyama-alpha0": (NiyamaConfig, {"alpha_s": 0.0}, None),

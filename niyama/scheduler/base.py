@@ -1,4 +1,4 @@
-"""The iteration every policy shares (SPEC §3); policies fill in the blanks.
+"""The iteration every policy shares; policies fill in the blanks.
 
 One call to `schedule(now, decodes, kv, iteration)`:
 1. make KV room for this iteration's decode tokens, preempting (recompute)
@@ -70,7 +70,7 @@ class Scheduler:
         self.waiting.push(req)
 
     def requeue(self, req: Request) -> None:
-        """A prefill paused between chunks goes back and is re-ranked (SPEC §3.6)."""
+        """A prefill paused between chunks goes back and is re-ranked."""
         self.waiting.push(req)
 
     # --- the iteration ---------------------------------------------------
@@ -125,7 +125,7 @@ class Scheduler:
             if req is None:
                 break
             if not req.started:
-                # a preempted decode re-prefilling has started before: never relegated (SPEC §3.5)
+                # a preempted decode re-prefilling has started before: never relegated
                 if not req.relegated and req.first_token_s is None:
                     shed = self.relegations(now, req)
                     for r in shed:

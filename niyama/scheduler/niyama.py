@@ -1,4 +1,4 @@
-"""niyama: dynamic chunking + hybrid priority + eager relegation (SPEC §3).
+"""niyama: dynamic chunking + hybrid priority + eager relegation.
 
 - Token budget: the largest candidate T (128 ... 2552 total tokens) whose
   predicted batch time x `safety_factor` fits in `min_slack`, the time to
@@ -10,11 +10,11 @@
 - Eager relegation: a request that has not started is relegated when
   `now + remaining_prefill / prefill_rate` is past its first-token deadline;
   relegated requests sort after all others and are still completed.
-- Priority hints (SPEC §5): `low` requests are relegated first. A request
+- Priority hints: `low` requests are relegated first. A request
   that is too late is relegated whatever its priority; when it is
   `important`, waiting `low` requests carrying at least as much prefill work
   are relegated with it (most urgent first), so that the important requests
-  behind it find the room. (SPEC words it as "important only when no low is
+  behind it find the room. (the paper words it as "important only when no low is
   left"; keeping a hopeless important request at the head instead made the
   next ones late too and doubled important violations under overload: see
   the overload experiment in docs/experiments.md.)

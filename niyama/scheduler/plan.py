@@ -21,7 +21,7 @@ class PrefillChunk:
 @dataclass(slots=True)
 class BatchPlan:
     iteration: int                 # index of the iteration this plan is for
-    num_decodes: int               # every running decode runs one token (SPEC §3.1); the replica holds them
+    num_decodes: int               # every running decode runs one token; the replica holds them
     decode_context: int            # sum of decode context lengths (predictor feature)
     prefills: list[PrefillChunk]   # prefill chunks, in priority order
     token_budget: int              # total tokens T allowed (decodes + prefill budget)

@@ -1,13 +1,13 @@
 """The waiting queue: requests not decoding, ordered by a policy's key.
 
-Policies differ mostly in how this queue sorts (SPEC §6), so the order is
+Policies differ mostly in how this queue sorts, so the order is
 a key function handed in by the policy. Keys are fixed while a request
 waits: a paused prefill leaves the queue when scheduled and comes back with
 a fresh key. Three heaps, one ordering (`pop` takes the smallest head):
 - started prefills (holding KV): when new admissions are blocked (memory,
   `max_num_seqs`) only these may still progress;
 - not-started `low`-priority requests that are not relegated: the pool that
-  priority-aware relegation sheds first (`pop_low`, SPEC §5);
+  priority-aware relegation sheds first (`pop_low`);
 - every other not-started request.
 """
 
@@ -38,7 +38,7 @@ class WaitingQueue:
         return len(self._started)
 
     def key(self, req: Request) -> tuple:
-        # Relegated requests sort after every non-relegated one (SPEC §3.5).
+        # Relegated requests sort after every non-relegated one.
         return (req.relegated, self.order(req))
 
     def push(self, req: Request) -> None:

@@ -1,4 +1,4 @@
-"""Eager relegation (SPEC §3.5) and the prefill-rate estimate it relies on."""
+"""Eager relegation and the prefill-rate estimate it relies on."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sarathi-Serve baselines: fixed chunk, one queue order (SPEC §6).
+"""Sarathi-Serve baselines: fixed chunk, one queue order.
 
 All running decodes run; the prefill budget is `chunk_size - decodes`
 (256 by default), filled in the queue order: arrival (fcfs), first-token

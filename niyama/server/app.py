@@ -46,9 +46,10 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
     talking to it when it starts serving and shuts it down when it stops."""
     limits = limits or Limits()
     in_flight = [0]                      # requests submitted and not yet finished (event loop only)
-    metrics = runner.metrics = ServerMetrics(served_name, tuple(qos.tiers))
+    metrics = runner.metrics = ServerMetrics(served_name, tuple(qos.tiers.values()))
     info = runner.info
-    model = ModelInfo(served_name, info["max_position"], info["kv_tokens"], info["vocab_size"], runner.tokenizer)
+    model = ModelInfo(served_name, info["max_position"], info["kv_tokens"], info["vocab_size"], runner.tokenizer,
+                      info["sampling_defaults"])
     started = int(time.time())
 
     @asynccontextmanager
@@ -95,6 +96,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
                                             "owned_by": "niyama", "max_model_len": model.context,
                                             "vocab_size": model.vocab_size,
+                                            "default_sampling": model.sampling,
                                             "tiers": [t.describe() for t in qos.tiers.values()],
                                             "default_tier": qos.default_tier}]}
 

@@ -50,6 +50,7 @@ def engine_info(engine) -> dict:
     return {"model_name": engine.model_name, "describe": engine.describe(), "tokenizer_path": engine.tokenizer_path,
             "eos_token_ids": tuple(engine.eos_token_ids), "max_position": engine.model_config.max_position,
             "vocab_size": engine.model_config.vocab_size, "kv_blocks": kv.num_blocks,
+            "sampling_defaults": engine.sampling_defaults,
             "kv_tokens": (kv.num_blocks - kv.num_watermark_blocks) * kv.block_size}
 
 
@@ -137,7 +138,8 @@ class EngineCore:
         self.steps.append({
             "duration_s": result.duration_s,
             "budget": plan.token_budget if plan.prefills else None,
-            "queue_s": [start_s - c.request.arrival_s for c in plan.prefills
+            "tokens": plan.num_prefill_tokens + plan.num_decodes,
+            "queue_s": [(c.request.tier.name, start_s - c.request.arrival_s) for c in plan.prefills
                         if c.start == 0 and c.request.num_preemptions == 0],
             "relegated": [r.tier.name for r in plan.relegated],
             "preempted": len(plan.preempted)})

@@ -9,7 +9,11 @@ thread; prometheus_client is thread-safe.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from ..qos import Tier
+
+disable_created_metrics()     # no `*_created` series: they double the output and no dashboard reads them
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                    80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
@@ -22,18 +26,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, tiers: "tuple[str, ...]" = ()):
+    def __init__(self, model_name: str, tiers: "tuple[Tier, ...]" = ()):
         self.registry = r = CollectorRegistry()
         m = ("model_name",)
         self.model = model_name
-        self.ttft = Histogram("niyama:time_to_first_token_seconds", "Time to first token", m, registry=r,
+        mt = m + ("tier",)        # latencies per tier, to plot each against its tier's target
+        self.ttft = Histogram("niyama:time_to_first_token_seconds", "Time to first token", mt, registry=r,
                               buckets=LATENCY_BUCKETS)
-        self.itl = Histogram("niyama:inter_token_latency_seconds", "Time between consecutive output tokens", m,
+        self.itl = Histogram("niyama:inter_token_latency_seconds", "Time between consecutive output tokens", mt,
                              registry=r, buckets=ITL_BUCKETS)
-        self.e2e = Histogram("niyama:e2e_request_latency_seconds", "Arrival to last token", m, registry=r,
+        self.e2e = Histogram("niyama:e2e_request_latency_seconds", "Arrival to last token", mt, registry=r,
                              buckets=LATENCY_BUCKETS)
         self.queue_time = Histogram("niyama:request_queue_time_seconds", "Arrival to the first scheduled chunk",
-                                    m, registry=r, buckets=LATENCY_BUCKETS)
+                                    mt, registry=r, buckets=LATENCY_BUCKETS)
+        self.iteration_tokens = Histogram("niyama:iteration_tokens_total", "Tokens in each engine step (prefill "
+                                          "chunks + one per decode)", m, registry=r, buckets=CHUNK_BUCKETS)
         self.prompt_len = Histogram("niyama:request_prompt_tokens", "Prompt length of finished requests", m,
                                     registry=r, buckets=TOKEN_BUCKETS)
         self.output_len = Histogram("niyama:request_generation_tokens", "Output length of finished requests", m,
@@ -61,9 +68,20 @@ class ServerMetrics:
                                     registry=r, buckets=CHUNK_BUCKETS)
         self.step_time = Histogram("niyama:iteration_duration_seconds", "Measured duration of each engine step",
                                    m, registry=r, buckets=STEP_BUCKETS)
-        for tier in tiers:      # every configured tier shows up from the start, at 0
-            for counter in (self.tier_requests, self.tier_violations, self.relegations):
-                counter.labels(model_name, tier)
+        self.tier_target = Gauge("niyama:tier_target_seconds", "Each configured tier's targets (kind: ttft, tbt, "
+                                 "ttlt), to draw beside its latencies", m + ("tier", "kind"), registry=r)
+        for t in tiers:
+            for kind in ("ttft", "tbt", "ttlt"):
+                if getattr(t, f"{kind}_s") is not None:
+                    self.tier_target.labels(model_name, t.name, kind).set(getattr(t, f"{kind}_s"))
+        for metric in (self.step_time, self.iteration_tokens, self.chunk_size, self.prompt_len, self.output_len,
+                       self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
+                       self.preemptions):
+            metric.labels(model_name)          # every series exists from the start (at 0), for dashboards
+        for tier in (t.name for t in tiers):      # every configured tier shows up from the start, at 0
+            for metric in (self.tier_requests, self.tier_violations, self.relegations, self.ttft, self.itl, self.e2e,
+                           self.queue_time):
+                metric.labels(model_name, tier)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -79,8 +97,9 @@ class ServerMetrics:
             self.step_time.labels(m).observe(step["duration_s"])
             if step["budget"] is not None:
                 self.chunk_size.labels(m).observe(step["budget"])
-            for q in step["queue_s"]:
-                self.queue_time.labels(m).observe(max(0.0, q))
+            self.iteration_tokens.labels(m).observe(step["tokens"])
+            for tier, q in step["queue_s"]:
+                self.queue_time.labels(m, tier).observe(max(0.0, q))
             for tier in step["relegated"]:
                 self.relegations.labels(m, tier).inc()
             if step["preempted"]:
@@ -91,10 +110,11 @@ class ServerMetrics:
 
     def tokens_emitted(self, stream, num_new: int, now_s: float) -> None:
         self.generation_tokens.labels(self.model).inc(num_new)
+        tier = stream.gen.tier.name
         if stream.last_token_time is None:
-            self.ttft.labels(self.model).observe(now_s - stream.arrival)
+            self.ttft.labels(self.model, tier).observe(now_s - stream.arrival)
         else:
-            self.itl.labels(self.model).observe((now_s - stream.last_token_time) / num_new)
+            self.itl.labels(self.model, tier).observe((now_s - stream.last_token_time) / num_new)
         stream.last_token_time = now_s
 
     def request_finished(self, stream, out, now_s: float) -> None:
@@ -104,7 +124,7 @@ class ServerMetrics:
         if reason in ("abort", "error"):
             return
         tier = stream.gen.tier.name
-        self.e2e.labels(self.model).observe(now_s - stream.arrival)
+        self.e2e.labels(self.model, tier).observe(now_s - stream.arrival)
         self.prompt_len.labels(self.model).observe(len(stream.gen.prompt_ids))
         self.output_len.labels(self.model).observe(len(stream.output_ids))
         self.tier_requests.labels(self.model, tier).inc()

@@ -2,8 +2,9 @@
 
 Validation is by hand rather than by pydantic models so that every bad input gets a 400 with a message
 naming the field and what to send instead (OpenAI clients show `error.message` to the user).
-Unknown fields are ignored, as vLLM does; fields we cannot honour (n > 1, logprobs, tools, echo,
-penalties) are refused rather than silently dropped.
+Unknown fields are ignored, as vLLM does; OpenAI and vLLM fields we cannot honour (n > 1, logprobs, tools,
+echo, penalties, response_format, min_p, ...) are refused with a 400 that names them, unless they hold
+their "off" value, rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.sampling import SamplingParams
 from ..qos import Priority, Tier
 from .errors import APIError
-from .qos import QoSPolicy
+from .qos import QoSPolicy, response_service_tier
 
 UNSUPPORTED = {   # field -> values that mean "off" (anything else is refused; null is always off)
     "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],),
-    "functions": ([],), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
+    "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "presence_penalty": (0,),
+    "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},),
+    "min_p": (0,), "repetition_penalty": (1,), "length_penalty": (1,), "min_tokens": (0,),
+    "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "guided_grammar": (), "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
+    "reasoning_effort": (), "web_search_options": (), "store": (False,),
 }
 
 
@@ -31,6 +37,7 @@ class ModelInfo:
     kv_tokens: int            # the most tokens one request can ever hold in the KV cache
     vocab_size: int
     tokenizer: object | None  # niyama.engine.tokenizer.Tokenizer; None for dummy weights (token-id prompts only)
+    sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})   # defaults
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Generation:
     include_usage: bool
     model: str
     return_token_ids: bool    # put generated token ids in the response (always without a tokenizer)
+    service_tier: str = "default"   # what the response reports, in OpenAI's values
 
 
 def parse_body(raw: bytes) -> dict:
@@ -91,10 +99,11 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     seed = _field(body, "seed", int, None)
     if seed is not None and not 0 <= seed < 2**63:
         raise APIError(f"seed must be in [0, 2^63), got {seed}", param="seed")
+    default = model.sampling
     try:
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=float(_field(body, "temperature", float, 1.0)),
-            top_p=float(_field(body, "top_p", float, 1.0)), top_k=_top_k(body),
+            max_tokens=max_tokens, temperature=float(_field(body, "temperature", float, default["temperature"])),
+            top_p=float(_field(body, "top_p", float, default["top_p"])), top_k=_top_k(body, default["top_k"]),
             seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
             ignore_eos=_field(body, "ignore_eos", bool, False))
     except ValueError as e:
@@ -104,7 +113,8 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     include_usage = bool(options.get("include_usage", False))
     return_ids = _field(body, "return_token_ids", bool, model.tokenizer is None)
     tier, priority = qos.resolve(body)
-    return Generation(kind, prompt_ids, params, tier, priority, stream, include_usage, model.name, return_ids)
+    return Generation(kind, prompt_ids, params, tier, priority, stream, include_usage, model.name, return_ids,
+                      response_service_tier(body))
 
 
 def _field(body: dict, key: str, kind: type, default):
@@ -125,8 +135,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _top_k(body: dict) -> int:
-    k = _field(body, "top_k", int, 0)
+def _top_k(body: dict, default: int) -> int:
+    k = _field(body, "top_k", int, default)
     return 0 if k == -1 else k           # vLLM: -1 = off
 
 
@@ -214,7 +224,7 @@ class ResponseWriter:
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.gen.model,
-                "service_tier": self.gen.tier.name}
+                "service_tier": self.gen.service_tier}
 
     def full(self, text: str, finish_reason: str, usage: dict, qos: dict, token_ids: list[int]) -> dict:
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}

@@ -73,6 +73,17 @@ class QoSPolicy:
         return self.tiers[self.default_tier]
 
 
+OPENAI_RESPONSE_TIERS = ("default", "flex", "scale", "priority")
+
+
+def response_service_tier(body: dict) -> str:
+    """The `service_tier` a response reports, in OpenAI's values (typed clients parse it into an enum): the
+    one asked for when it is one of them (`auto` -> `default`), else `default`. The niyama tier used goes
+    in the response's `niyama` object."""
+    asked = body.get("service_tier")
+    return asked if asked in OPENAI_RESPONSE_TIERS else "default"
+
+
 def targets_tier(targets: dict) -> Tier:
     for key, value in targets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -51,9 +51,11 @@ def evaluate_load(job: CapacityJob, qps: float, scale: float = 1.0) -> Point:
     if scale > 1:   # sustainable: the backlog must also stay under the shortest TTLT
         ttlts = [t.ttlt_s for t in res.workload.tiers if not t.interactive]
         ok = ok and (not ttlts or res.backlog_s < min(ttlts))
+    longest = max(t.ttlt_s if not t.interactive else t.ttft_s for t in res.workload.tiers)
     return Point(qps, worst, ok, res.backlog_s,
                  {"tiers": per_tier, "requests": len(res.requests), "relegated": res.num_relegations,
-                  "preemptions": res.num_preemptions})
+                  "preemptions": res.num_preemptions, "span_s": max(r.arrival_s for r in res.requests),
+                  "longest_deadline_s": longest})
 
 
 def initial_qps(job: CapacityJob) -> float:
@@ -89,6 +91,6 @@ def run_capacity_jobs(jobs: list[CapacityJob], processes: int | None = None, sho
         return find_capacity(job, lambda label, p, long: tick(
             f"{label} {'2x ' if long else ''}{p.qps:g} QPS -> {p.violation_pct:.1f}%"))
 
-    expected_runs = len(jobs) * (10 if jobs and jobs[0].sustainable else 7)
-    return run_parallel(one, jobs, processes=processes, desc="capacity search", total=expected_runs,
-                        show_progress=show_progress)
+    # a search takes ~7 runs (+3 for the sustainable one); the bar counts 16 and corrects as each search ends
+    return run_parallel(one, jobs, processes=processes, desc="capacity search", ticks_per_item=16,
+                        ticks_of=lambda r: len(r.points) + len(r.long_points), show_progress=show_progress)

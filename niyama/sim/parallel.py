@@ -22,15 +22,18 @@ def _call(k: int):
 
 
 def run_parallel(fn: Callable, items: Sequence, *, processes: int | None = None, desc: str = "simulating",
-                 total: int | None = None, unit: str = "run", show_progress: bool = True) -> list:
+                 ticks_per_item: int = 1, ticks_of: Callable[[object], int] | None = None, unit: str = "run",
+                 show_progress: bool = True) -> list:
     """[fn(item, tick) for item in items], `processes` at a time (default: one per core).
-    `total` is the expected number of ticks (default: one per item)."""
+    `ticks_per_item`: at most how many ticks an item makes; when an item is done, `ticks_of(result)` says how
+    many it made and the bar's total shrinks by the difference, so the bar reaches 100% only at the end."""
     from tqdm import tqdm
 
     global _job
     items = list(items)
     processes = max(1, min(processes or os.cpu_count() or 1, len(items) or 1))
-    bar = tqdm(total=total or len(items), unit=unit, desc=desc, disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(total=ticks_per_item * len(items), unit=unit, desc=desc, disable=not show_progress,
+               dynamic_ncols=True)
 
     def tick(text: str = "") -> None:
         if bar.n + 1 > bar.total:
@@ -39,11 +42,17 @@ def run_parallel(fn: Callable, items: Sequence, *, processes: int | None = None,
         if text:
             bar.set_postfix_str(text)
 
+    def done(k: int, result) -> None:
+        results[k] = result
+        if ticks_of is not None:
+            bar.total = max(bar.n, bar.total - (ticks_per_item - ticks_of(result)))
+            bar.refresh()
+
     results: dict[int, object] = {}
     try:
         if processes == 1:
             for k, item in enumerate(items):
-                results[k] = fn(item, tick)
+                done(k, fn(item, tick))
         else:
             ctx = mp.get_context("fork")
             q = ctx.Queue()
@@ -56,7 +65,7 @@ def run_parallel(fn: Callable, items: Sequence, *, processes: int | None = None,
                     except queue_mod.Empty:
                         pass
                     for k in [k for k, r in pending.items() if r.ready()]:
-                        results[k] = pending.pop(k).get()   # re-raises a worker's exception here
+                        done(k, pending.pop(k).get())       # re-raises a worker's exception here
                 while not q.empty():
                     tick(q.get())
     finally:

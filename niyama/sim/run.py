@@ -12,7 +12,7 @@ from ..scheduler import make_scheduler
 from ..workload import Workload
 from .executor import SimulatedExecutor
 
-DEFAULT_KV_TOKENS = 440_000   # Llama-3-8B bf16 on an 80 GB GPU at 0.9 utilisation (SPEC §4)
+DEFAULT_KV_TOKENS = 440_000   # Llama-3-8B bf16 on an 80 GB GPU at 0.9 utilisation
 
 
 @dataclass
@@ -27,7 +27,7 @@ class SimResult:
 
     @property
     def backlog_s(self) -> float:
-        """Time from the last arrival to the last completion (SPEC §7)."""
+        """Time from the last arrival to the last completion."""
         return max(r.finish_s for r in self.requests) - self.workload.last_arrival_s
 
 

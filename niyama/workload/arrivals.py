@@ -23,7 +23,7 @@ def poisson(n: int, qps: float, rng: np.random.Generator) -> np.ndarray:
 
 def diurnal(duration_s: float, low_qps: float, high_qps: float, period_s: float,
             rng: np.random.Generator) -> np.ndarray:
-    """Poisson arrivals whose rate alternates low/high every `period_s` (SPEC §5), over `duration_s`.
+    """Poisson arrivals whose rate alternates low/high every `period_s`, over `duration_s`.
 
     Unit-rate arrivals in "operational time" are mapped through the inverse
     of the cumulative rate, so each period gets its own rate exactly.

@@ -16,7 +16,7 @@ from ..request import Request
 from . import arrivals as arrival_processes
 from .traces import Trace, load_trace
 
-DEFAULT_DURATION_S = 4 * 3600.0   # SPEC §7: capacity runs span at least 4 hours of arrivals
+DEFAULT_DURATION_S = 4 * 3600.0   # capacity runs span at least 4 hours of arrivals
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class Trace:
 
     @property
     def long_prompt_threshold(self) -> int:
-        """Prompts at or above the 90th percentile count as long (SPEC §7)."""
+        """Prompts at or above the 90th percentile count as long."""
         return int(np.percentile(self.prompt_tokens, 90))
 
 
