@@ -91,7 +91,7 @@ def server(tmp_path_factory):
 def guarded(tmp_path_factory):
     """A server with an API key, a 4 KiB body limit and room for one request in flight."""
     url, proc = start_server(tmp_path_factory, "--api-key", "sesame", "--max-request-bytes", "4096",
-                             "--max-queued", "1")
+                             "--max-queued", "1", "--max-model-len", "64", "--seed", "7", "--dtype", "auto")
     yield url
     stop_server(proc)
 
@@ -107,7 +107,7 @@ def test_api_key_body_limit_and_queue_bound(guarded):
     assert httpx.post(f"{guarded}/v1/completions", json=body, headers=key, timeout=30).status_code == 200
     big = httpx.post(f"{guarded}/v1/completions", json={"prompt": "x" * 5000}, headers=key, timeout=30)
     assert big.status_code == 413 and "4096" in big.json()["error"]["message"]
-    long = {"prompt": "Tell a story.", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    long = {"prompt": "Tell a story.", "max_tokens": 55, "ignore_eos": True, "stream": True}   # within --max-model-len 64
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{guarded}/v1/completions", json=long, headers=key) as r:
         lines = r.iter_lines()
         next(lines)                                       # in flight now: the one request the server holds
@@ -487,3 +487,31 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(server):
     targets = metrics(server)
     assert targets[("niyama:tier_target_seconds", (("kind", "tbt"), ("tier", "Q1")))] == 0.05
     assert targets[("niyama:tier_target_seconds", (("kind", "ttlt"), ("tier", "Q3")))] == 1800
+
+
+def test_tokenize_detokenize_version_and_model_card(server):
+    with httpx.Client(timeout=30) as c:
+        tok = c.post(f"{server}/tokenize", json={"prompt": "Hello world"}).json()
+        assert tok["count"] == len(tok["tokens"]) >= 2 and tok["max_model_len"] == 8192
+        assert c.post(f"{server}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "Hello world"
+        chat_tok = c.post(f"{server}/tokenize", json={"messages": chat("Hello world")}).json()
+        assert chat_tok["count"] > tok["count"]                     # the chat template's tokens around it
+        gen = c.post(f"{server}/v1/chat/completions", json={"messages": chat("Hello world"), "max_tokens": 1}).json()
+        assert gen["usage"]["prompt_tokens"] == chat_tok["count"]     # the same ids the model sees
+        assert c.post(f"{server}/detokenize", json={"tokens": [-1]}).status_code == 400
+        assert c.post(f"{server}/tokenize", json={"prompt": "hi", "model": "nope"}).status_code == 404
+        assert c.get(f"{server}/version").json()["version"]
+        assert c.get(f"{server}/v1/models/{MODEL}").json()["id"] == MODEL
+        missing = c.get(f"{server}/v1/models/gpt-4")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_max_model_len_caps_requests(guarded):
+    auth = {"Authorization": "Bearer sesame"}
+    with httpx.Client(timeout=30) as c:
+        assert c.get(f"{guarded}/v1/models", headers=auth).json()["data"][0]["max_model_len"] == 64
+        r = c.post(f"{guarded}/v1/completions", headers=auth, json={"prompt": "word " * 60, "max_tokens": 10})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "64 tokens" in r.json()["error"]["message"]
+        ok = c.post(f"{guarded}/v1/completions", headers=auth, json={"prompt": "Hi", "max_tokens": 3})
+        assert ok.status_code == 200

@@ -49,7 +49,7 @@ def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768) -
     g.add_argument("--load-format", default="auto", choices=("auto", "hf", "gguf", "dummy"),
                    help="how to read --model (default auto: by what the path is)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--kv-tokens", type=int, default=None,
                    help=f"KV cache size in tokens (default: from free GPU memory, {cpu_kv_tokens} on CPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -27,7 +27,7 @@ then:
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with per-request QoS",
                        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/health, /metrics). Requests may name a QoS tier, explicit targets and a "
+                                   "/tokenize, /detokenize, /version, /health, /metrics). Requests may name a QoS tier, explicit targets and a "
                                    "priority; see README 'QoS per request'.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
                         "(default: $NIYAMA_API_KEY, else none)")
     g.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
                    help="largest request body; larger ones get 413 (default 16 MiB)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="most prompt + output tokens per request (default: the model's context)")
     g.add_argument("--max-queued", type=int, default=1024,
                    help="most requests in flight (waiting + running); beyond, 429 with Retry-After (default 1024)")
     q = p.add_argument_group("QoS")
@@ -59,6 +61,8 @@ def add_parser(sub) -> None:
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
     s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
     add_engine_options(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random streams of requests that give no seed (default 0)")
     p.add_argument("--in-process-engine", action="store_true",
                    help="run the engine on a thread of the HTTP process instead of its own process (debugging; "
                         "HTTP work then slows the engine's steps)")
@@ -109,14 +113,14 @@ def run(args) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     check_port_free(args.host, args.port)      # before a model load that can take minutes
-    limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None)
+    limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None, args.max_model_len)
     if not limits.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use "
               f"the model; set --api-key or NIYAMA_API_KEY", file=sys.stderr)
     tiers = load_tiers(args.tiers)
     qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
     config = engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
-                                     max_num_seqs=args.max_num_seqs)
+                                     max_num_seqs=args.max_num_seqs, seed=args.seed)
     # the tiers read once above are the engine's and what the QoS policy resolves to
     runner = start_engine(config, tiers, args.in_process_engine)
     name = args.served_model_name or runner.info["model_name"]

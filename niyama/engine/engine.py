@@ -75,7 +75,8 @@ class LLMEngine:
         self.config = cfg
         t0 = time.perf_counter()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = parse_dtype(cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        auto = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = parse_dtype(auto if cfg.dtype in (None, "auto") else cfg.dtype)
         kind, source = resolve(cfg.model, cfg.load_format)
         model_config = source if kind == "dummy" else ModelConfig.from_file(source / "config.json")
         self.model_config: ModelConfig = model_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import time
@@ -24,10 +25,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine_client import EngineClient, EngineStopped, Event, Stream
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import Generation, ModelInfo, ResponseWriter, parse_body, parse_generation, usage
+from .protocol import (Generation, ModelInfo, ResponseWriter, check_model, detokenize_ids, parse_body, parse_generation,
+                       prompt_ids, usage)
 from .qos import QoSPolicy
 
 log = logging.getLogger("niyama.server")
+try:
+    VERSION = importlib.metadata.version("niyama")
+except importlib.metadata.PackageNotFoundError:      # run from a checkout that is not installed
+    VERSION = "unknown"
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,13 @@ class Limits:
     max_body_bytes: int = 16 * 2**20    # a larger body gets 413 before it is read
     max_queued: int = 1024              # requests in flight (waiting + running); beyond: 429 + Retry-After
     api_key: str | None = None          # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)
+    max_model_len: int | None = None    # prompt + output tokens per request (default: the model's context)
 
     def __post_init__(self):
         if self.max_body_bytes < 1024 or self.max_queued < 1:
             raise ValueError("the body limit must be >= 1 KiB and the queue bound >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("--max-model-len must be >= 2")
 
 
 def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Limits | None = None) -> FastAPI:
@@ -48,7 +57,12 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
     in_flight = [0]                      # requests submitted and not yet finished (event loop only)
     metrics = runner.metrics = ServerMetrics(served_name, tuple(qos.tiers.values()))
     info = runner.info
-    model = ModelInfo(served_name, info["max_position"], info["kv_tokens"], info["vocab_size"], runner.tokenizer,
+    context = info["max_position"]
+    if limits.max_model_len is not None:
+        if limits.max_model_len > context:
+            raise ValueError(f"--max-model-len {limits.max_model_len} is over the model's context of {context} tokens")
+        context = limits.max_model_len
+    model = ModelInfo(served_name, context, info["kv_tokens"], info["vocab_size"], runner.tokenizer,
                       info["sampling_defaults"])
     started = int(time.time())
 
@@ -91,14 +105,37 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         return {**status, "model": served_name, "kv_blocks_free": stats["kv_free"], "kv_blocks": stats["kv_blocks"],
                 "engine": {"mode": info["mode"], "pid": info["pid"]}}
 
+    card = {"id": served_name, "object": "model", "created": started, "owned_by": "niyama",
+            "max_model_len": model.context, "vocab_size": model.vocab_size, "default_sampling": model.sampling,
+            "tiers": [t.describe() for t in qos.tiers.values()], "default_tier": qos.default_tier}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": started,
-                                            "owned_by": "niyama", "max_model_len": model.context,
-                                            "vocab_size": model.vocab_size,
-                                            "default_sampling": model.sampling,
-                                            "tiers": [t.describe() for t in qos.tiers.values()],
-                                            "default_tier": qos.default_tier}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        check_model({"model": model_id}, model)
+        return card
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_key(request)
+        body = parse_body(await read_body(request))
+        check_model(body, model)
+        ids = await asyncio.to_thread(prompt_ids, body, model)
+        return {"count": len(ids), "max_model_len": model.context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_key(request)
+        body = parse_body(await read_body(request))
+        check_model(body, model)
+        return {"prompt": detokenize_ids(body, model)}
 
     @app.get("/metrics")
     async def prometheus():

@@ -72,11 +72,16 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) -> Generation:
+def check_model(body: dict, model: ModelInfo) -> None:
+    """A body may name the served model or none; another name is a 404."""
     name = body.get("model")
     if name is not None and name != model.name:
         raise APIError(f"the model {name!r} does not exist; this server serves {model.name!r}", status=404,
                        param="model", code="model_not_found", type="not_found_error")
+
+
+def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) -> Generation:
+    check_model(body, model)
     for key, off in UNSUPPORTED.items():
         value = body.get(key)
         if value is not None and value not in off:
@@ -115,6 +120,21 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     tier, priority = qos.resolve(body)
     return Generation(kind, prompt_ids, params, tier, priority, stream, include_usage, model.name, return_ids,
                       response_service_tier(body))
+
+
+def prompt_ids(body: dict, model: ModelInfo) -> list[int]:
+    """The token ids of a body's `messages` (chat template applied) or `prompt` (/tokenize)."""
+    return _chat_prompt(body, model) if "messages" in body else _completion_prompt(body, model)
+
+
+def detokenize_ids(body: dict, model: ModelInfo) -> str:
+    """/detokenize: `tokens`, a list of token ids -> text."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < model.vocab_size for t in tokens):
+        raise APIError(f"tokens must be a list of token ids in [0, {model.vocab_size})", param="tokens")
+    if model.tokenizer is None:
+        raise APIError("this model has no tokenizer (dummy weights)", param="tokens")
+    return model.tokenizer.decode(tokens, skip_special=False)
 
 
 def _field(body: dict, key: str, kind: type, default):
