@@ -53,27 +53,62 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a chat, rendered with the checkpoint's own template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None) -> str:
+        """The prompt text for a chat, rendered with the checkpoint's own template in the same Jinja setting
+        transformers' `apply_chat_template` uses (so real templates render the same)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         import jinja2
+
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"a chat message needs a 'role', got {m!r}")
+        try:
+            template = _template_env().from_string(self.chat_template)
+            return template.render(messages=messages, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template failed: {e}") from None
+
+
+def _template_env():
+    """The Jinja environment chat templates are written for (transformers' conventions): sandboxed, blocks
+    trimmed, `{% break %}` / `{% continue %}`, `{% generation %}` blocks (they mark assistant text for
+    training; here they render their body), `tojson` keeping non-ASCII text, `raise_exception` and
+    `strftime_now`; undefined names are falsy, not errors (`{% if tools %}` with no tools)."""
+    global _ENV
+    if _ENV is None:
+        import datetime
+
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class GenerationBlock(Extension):
+            tags = {"generation"}
+
+            def parse(self, parser):
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[GenerationBlock, loopcontrols])
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"a chat message needs 'role' and 'content', got {m!r}")
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template failed: {e}") from None
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        _ENV = env
+    return _ENV
+
+
+_ENV = None
 
 
 def _token_text(value) -> str | None:
