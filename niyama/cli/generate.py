@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   niyama generate "Write a haiku about GPUs" --temperature 0.8 --seed 1
   niyama generate "Once upon a time" --no-chat --max-tokens 64 --stop "."
   niyama generate "Hi" --model ~/models/Llama-3.1-8B-Instruct --device cuda
+  niyama generate "Hi" --chat-template '{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:'
 """
 
 
@@ -32,7 +33,7 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
-    add_engine_options(p, cpu_kv_tokens=GENERATE_CPU_KV_TOKENS)
+    add_engine_options(p, cpu_kv_tokens=GENERATE_CPU_KV_TOKENS, chat=True)
     p.set_defaults(run=run)
 
 
@@ -50,6 +51,8 @@ def run(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    if args.no_chat and args.chat_template:
+        raise ValueError("--chat-template with --no-chat: the prompt is sent as is, no template applies")
     if args.kv_tokens is None and args.device in (None, "cpu") and not torch_has_cuda():
         args.kv_tokens = GENERATE_CPU_KV_TOKENS
     engine = LLMEngine(engine_config_from_args(args, policy="fcfs"))

@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   niyama serve --port 8001 --default-tier Q2 --tiers my-tiers.json
   niyama serve --model ~/models/Llama-3.1-8B-Instruct --device cuda
   niyama serve --profile measure                        # plan with batch times measured on this machine
+  niyama serve --chat-template my-template.jinja        # a chat template other than the model's
+  niyama serve --model llama-3-8b --load-format dummy --tokenizer ~/models/Llama-3-8B-Instruct --device cuda
 
 then:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -60,7 +62,7 @@ def add_parser(sub) -> None:
                         f"2-core CPU, instant on a GPU) (default {DEFAULT_PROFILE})")
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
     s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
-    add_engine_options(p)
+    add_engine_options(p, chat=True)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random streams of requests that give no seed (default 0)")
     p.add_argument("--in-process-engine", action="store_true",
@@ -121,6 +123,8 @@ def run(args) -> int:
     qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
     config = engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
                                      max_num_seqs=args.max_num_seqs, seed=args.seed)
+    if config.tokenizer or config.chat_template:
+        check_tokenizer(config)
     # the tiers read once above are the engine's and what the QoS policy resolves to
     runner = start_engine(config, tiers, args.in_process_engine)
     name = args.served_model_name or runner.info["model_name"]
@@ -137,6 +141,20 @@ def run(args) -> int:
     return 0
 
 
+def check_tokenizer(config) -> None:
+    """--tokenizer against the model's vocabulary (and --chat-template against dummy weights with no
+    tokenizer) here rather than in the engine process: a refusal then reads as this command's error, not as
+    an engine that failed to start. Reads no weights."""
+    from ..engine.config import ModelConfig
+    from ..engine.tokenizer import load_tokenizer
+    from ..engine.weights import resolve
+
+    kind, source = resolve(config.model, config.load_format)
+    model_config = source if kind == "dummy" else ModelConfig.from_file(source / "config.json")
+    load_tokenizer(None if kind == "dummy" else source, model_config.vocab_size, (), config.tokenizer,
+                   config.chat_template)
+
+
 def start_engine(config, tiers, in_process: bool):
     """The engine, its model loaded: in its own process (the default), or on a thread of this one."""
     from ..engine.tokenizer import Tokenizer
@@ -151,6 +169,10 @@ def start_engine(config, tiers, in_process: bool):
         return EngineClient.in_thread(engine)
 
     def tokenizer(info):
-        return Tokenizer(info["tokenizer_path"], info["eos_token_ids"]) if info["tokenizer_path"] else None
+        """The engine's tokenizer (its path and EOS ids come from the engine); the chat template from the
+        same config the engine got, so both processes render chats alike."""
+        if not info["tokenizer_path"]:
+            return None
+        return Tokenizer(info["tokenizer_path"], info["eos_token_ids"], config.chat_template)
 
     return EngineClient.spawn(config, tiers, tokenizer_factory=tokenizer)

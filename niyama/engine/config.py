@@ -113,4 +113,8 @@ SHAPES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, rope_theta=10000.0, rope_scaling=_LLAMA3_ROPE,
                         max_position=8192, bos_token_id=1, eos_token_ids=(2,)),
+    # `tiny` with SmolLM2's 49,152-token vocabulary: serves text with `--tokenizer` in fast tests.
+    "tiny-49k": ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=16, rope_theta=10000.0, tie_embeddings=True,
+                            max_position=8192, bos_token_id=1, eos_token_ids=(2,)),
 }

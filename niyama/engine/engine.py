@@ -34,7 +34,7 @@ from .ops import make_ops
 from .runner import ModelExecutor
 from .sampling import SamplingParams
 from .sequence import Sequence
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 from .weights import DEFAULT_MODEL, read_hf_tensors, resolve, sampling_defaults
 
 
@@ -57,6 +57,8 @@ class EngineConfig:
     tiers: str = "default"
     max_num_seqs: int = 256
     seed: int = 0
+    tokenizer: str | None = None          # tokenizer dir or tokenizer.json instead of the model's (dummy: its only one)
+    chat_template: str | None = None      # Jinja text replacing the tokenizer's chat template
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -80,20 +82,21 @@ class LLMEngine:
         kind, source = resolve(cfg.model, cfg.load_format)
         model_config = source if kind == "dummy" else ModelConfig.from_file(source / "config.json")
         self.model_config: ModelConfig = model_config
+        # before the weights: a tokenizer that does not fit the model is refused without a long load.
+        # A dummy shape's EOS ids mean nothing to a borrowed tokenizer, so only its own count then.
+        model_dir = None if kind == "dummy" else source
+        self.tokenizer = load_tokenizer(model_dir, model_config.vocab_size, () if kind == "dummy" else
+                                        model_config.eos_token_ids, cfg.tokenizer, cfg.chat_template)
+        self.tokenizer_path = self.tokenizer.path if self.tokenizer else None
+        self.model_name = f"dummy-{cfg.model}" if kind == "dummy" else cfg.model or DEFAULT_MODEL
         block_size = 16
         backend = make_backend(cfg.attention, model_config, self.device, cfg.max_num_seqs, block_size)
         fast = not isinstance(backend, TorchReference)
         self.model = build_model(model_config, self.dtype, self.device, make_ops("triton" if fast else "torch"))
         if kind == "dummy":
             self.model.init_random(cfg.seed)
-            self.tokenizer = None
-            self.model_name = f"dummy-{cfg.model}"
-            self.tokenizer_path = None
         else:
             self.model.load_hf_weights(read_hf_tensors(source, self.device))
-            self.tokenizer = Tokenizer(source, model_config.eos_token_ids)
-            self.tokenizer_path = str(source)
-            self.model_name = cfg.model or DEFAULT_MODEL
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
         # temperature / top_p / top_k for server requests that set none
         self.sampling_defaults = sampling_defaults(None if kind == "dummy" else source,

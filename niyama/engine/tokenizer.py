@@ -1,37 +1,41 @@
-"""Tokenizer and chat template, both from the checkpoint.
+"""Tokenizer and chat template, from the checkpoint unless given apart.
 
 An HF directory gives `tokenizer.json` (+ `tokenizer_config.json` for the
 chat template and special tokens); a GGUF file gives the same facts in its
 metadata, which `gguf_convert` turns into those two files once. Encoding
 uses the `tokenizers` library; chat templates are rendered with Jinja2.
+`--tokenizer` and `--chat-template` (as in vLLM) replace the checkpoint's.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
 
 class Tokenizer:
-    def __init__(self, path: "str | Path", eos_token_ids: tuple[int, ...] = ()):
+    def __init__(self, path: "str | Path", eos_token_ids: tuple[int, ...] = (), chat_template: str | None = None):
+        """`path`: a directory with tokenizer.json (and optionally tokenizer_config.json and
+        generation_config.json) or a tokenizer.json file; `chat_template` replaces the one it has."""
         from tokenizers import Tokenizer as HFTokenizer
 
+        self.path = str(path)
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
-            raise FileNotFoundError(f"{file}: no tokenizer.json beside the weights")
+            raise FileNotFoundError(f"{file}: no such file (a tokenizer is a tokenizer.json or a directory with one)")
         self._tok = HFTokenizer.from_file(str(file))
-        cfg_file = file.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        cfg = _read_json(file.parent / "tokenizer_config.json")
         template = cfg.get("chat_template")
         if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        self.chat_template: str | None = template
+        self.chat_template: str | None = chat_template or template
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
-        eos = set(eos_token_ids)
+        eos = set(eos_token_ids) | set(_id_list(_read_json(file.parent / "generation_config.json").get("eos_token_id")))
         if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
             eos.add(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids = tuple(sorted(eos))
@@ -39,6 +43,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def num_ids(self) -> int:
+        """One past the largest token id (a vocabulary may have gaps, so not always `vocab_size`)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it (e.g. `<|im_start|>`) map to their ids."""
@@ -71,6 +80,42 @@ class Tokenizer:
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from None
+
+
+def load_tokenizer(model_dir: "Path | None", vocab_size: int, eos_token_ids: tuple[int, ...],
+                   tokenizer: str | None = None, chat_template: str | None = None) -> Tokenizer | None:
+    """The model's tokenizer: the one beside its weights (`model_dir`; None for dummy weights), or
+    `tokenizer` instead. Refused if it has ids the model's `vocab_size` rows cannot embed."""
+    if tokenizer is None and model_dir is None:
+        if chat_template:
+            raise ValueError("a chat template needs a tokenizer and dummy weights have none: add --tokenizer")
+        return None
+    tok = Tokenizer(Path(tokenizer).expanduser().absolute() if tokenizer else model_dir, eos_token_ids, chat_template)
+    if tok.num_ids > vocab_size:
+        raise ValueError(f"tokenizer {tok.path}: its ids go up to {tok.num_ids - 1} but the model has "
+                         f"{vocab_size} token embeddings; pick a tokenizer of this model's vocabulary")
+    return tok
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: a Jinja file's path or the template itself, as vLLM reads it (inline text has its
+    backslash escapes decoded, so a shell's '\\n' is a newline). Checked to parse; errors name the file."""
+    path = Path(value).expanduser()
+    if _is_file(path):
+        text, origin = path.read_text(), str(path)
+    elif any(c in value for c in "{}\n"):
+        # latin-1 + backslashreplace first: unicode_escape alone would garble non-ASCII text
+        text, origin = codecs.decode(value.encode("latin-1", "backslashreplace"), "unicode_escape"), "(inline)"
+    else:
+        raise ValueError(f"--chat-template {value}: no such file, nor an inline template (no Jinja braces in it)")
+    import jinja2
+
+    try:
+        _template_env().from_string(text)     # compiled, so an unknown filter is caught here too
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template {origin}: not a valid Jinja template: {e.message} (line {e.lineno})") \
+            from None
+    return text
 
 
 def _template_env():
@@ -109,6 +154,22 @@ def _template_env():
 
 
 _ENV = None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):      # an inline template is often too long for a file name
+        return False
+
+
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _id_list(value) -> list[int]:
+    """generation_config.json writes eos_token_id as an int or a list of them."""
+    return [value] if isinstance(value, int) else list(value or [])
 
 
 def _token_text(value) -> str | None:
