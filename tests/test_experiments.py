@@ -10,6 +10,7 @@ import pytest
 
 from niyama.cli import main
 from niyama.experiments import EXPERIMENTS
+from niyama.experiments.overload import Params, _styles
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -74,6 +75,34 @@ def test_overload_protects_important_requests_and_completes_relegated_ones(out):
         assert n["violation_pct"] < rows[base]["violation_pct"] / 10
         assert n["important_violation_pct"] < rows[base]["important_violation_pct"] / 10
     assert n["max_relegated_ttlt_s"] > 0
+
+
+def test_overload_summary_says_relegated_requests_set_the_last_minutes_spike(out):
+    # the reported "1000 s Q1 spike in the final minute" of the quick run: Q1 requests relegated in the
+    # last minute of a high-load phase start only after arrivals stop and the backlog drains
+    res = results(out, "overload")
+    summary = (out / "overload" / "summary.md").read_text()
+    spikes = res["last_window_spikes"]
+    assert "niyama" in {s["policy"] for s in spikes}
+    for s in spikes:
+        assert s["p99_s"] > 100 > 10 * s["p99_unrelegated_s"]
+        assert s["after_last_arrival"] == s["relegated"] > 0
+        assert s["first_token_from_s"] > rows_by(res["rows"], "policy")[s["policy"]]["last_arrival_s"]
+        assert f"{s['policy']}'s {s['tier']} p99 of {s['p99_s']:.0f} s comes from the {s['relegated']}" in summary
+    assert "is this wait, not binning" in summary
+    windows = [r for r in csv.DictReader((out / "overload" / "overload_windows.csv").open()) if r["policy"] == "niyama"]
+    assert int(windows[-1]["Q1_relegated"]) == rows_by(spikes, "policy")["niyama"]["relegated"]
+
+
+def test_overload_chart_keeps_every_policy_visible_where_lines_coincide():
+    policies = Params().policies + ("niyama-reject",)     # a variant appended later gets a look of its own
+    styles = _styles(policies, [f"C{i}" for i in range(10)])
+    assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(policies)
+    for below, above in zip(policies, policies[1:]):
+        a, b = styles[below], styles[above]
+        assert b["zorder"] > a["zorder"]
+        # drawn on top, a line is either thinner than the one below or see-through
+        assert b["lw"] < a["lw"] / 2 or (b["alpha"] < 1 and b["lw"] > 2 * a["lw"])
 
 
 def test_under_heavy_overload_low_requests_are_sacrificed_first(out):
