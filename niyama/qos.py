@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -38,16 +38,27 @@ class Priority(enum.IntEnum):
         return cls(int(value))
 
 
+ON_INFEASIBLE = ("relegate", "reject")
+
+
 @dataclass(frozen=True)
 class Tier:
-    """One service class. Interactive: `ttft_s` + `tbt_s`. Non-interactive: `ttlt_s`."""
+    """One service class. Interactive: `ttft_s` + `tbt_s`. Non-interactive: `ttlt_s`.
+
+    `on_infeasible`: what happens to a request whose first-token deadline the scheduler predicts, at
+    arrival, that it cannot meet: `relegate` (the paper's way: accept it, serve it behind on-time work) or
+    `reject` (admission control: refuse it at once, so a client or a router can go elsewhere)."""
 
     name: str
     ttft_s: float | None = None
     tbt_s: float | None = None
     ttlt_s: float | None = None
+    on_infeasible: str = "relegate"
 
     def __post_init__(self):
+        if self.on_infeasible not in ON_INFEASIBLE:
+            raise ValueError(f"tier {self.name}: on_infeasible must be relegate or reject, "
+                             f"got {self.on_infeasible!r}")
         interactive = self.ttft_s is not None or self.tbt_s is not None
         if interactive and (self.ttft_s is None or self.tbt_s is None):
             raise ValueError(f"tier {self.name}: an interactive tier needs both TTFT and TBT")
@@ -61,6 +72,10 @@ class Tier:
     @property
     def interactive(self) -> bool:
         return self.ttlt_s is None
+
+    @property
+    def rejects_infeasible(self) -> bool:
+        return self.on_infeasible == "reject"
 
     def describe(self) -> str:
         if self.interactive:
@@ -121,7 +136,8 @@ TIER_PRESETS: dict[str, tuple[Tier, ...]] = {
 
 
 def load_tiers(spec: str) -> tuple[Tier, ...]:
-    """A preset name, or a JSON file: [{"name": "Q1", "ttft_ms": 6000, "tbt_ms": 50}, {"name": "Q2", "ttlt_ms": 600000}]."""
+    """A preset name, or a JSON file: [{"name": "Q1", "ttft_ms": 6000, "tbt_ms": 50, "on_infeasible": "reject"},
+    {"name": "Q2", "ttlt_ms": 600000}] (`on_infeasible` is optional: relegate by default)."""
     if spec in TIER_PRESETS:
         return TIER_PRESETS[spec]
     path = Path(spec)
@@ -131,11 +147,29 @@ def load_tiers(spec: str) -> tuple[Tier, ...]:
     tiers = []
     for row in rows:
         ms = {k: row.get(k) for k in ("ttft_ms", "tbt_ms", "ttlt_ms")}
-        tiers.append(Tier(row["name"], **{k[:-3] + "_s": (v / 1000.0 if v is not None else None) for k, v in ms.items()}))
+        tiers.append(Tier(row["name"], **{k[:-3] + "_s": (v / 1000.0 if v is not None else None) for k, v in ms.items()},
+                          on_infeasible=row.get("on_infeasible", "relegate")))
     names = [t.name for t in tiers]
     if len(set(names)) != len(names) or not tiers:
         raise ValueError(f"{spec}: tier names must be unique and non-empty, got {names}")
     return tuple(tiers)
+
+
+def with_admission(tiers: "tuple[Tier, ...]", spec: str | None) -> tuple[Tier, ...]:
+    """Tiers with `on_infeasible` set from a CLI value: `reject` or `relegate` (every tier), or per tier
+    `Q1=reject,Q2=relegate` (tiers not named keep theirs). None leaves them as they are."""
+    if not spec:
+        return tiers
+    if spec in ON_INFEASIBLE:
+        return tuple(replace(t, on_infeasible=spec) for t in tiers)
+    by_name = {t.name: t for t in tiers}
+    for item in spec.split(","):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or name not in by_name or value not in ON_INFEASIBLE:
+            raise ValueError(f"--on-infeasible {spec!r}: write relegate, reject, or TIER=reject,... with tiers "
+                             f"from {', '.join(by_name)}")
+        by_name[name] = replace(by_name[name], on_infeasible=value)
+    return tuple(by_name[t.name] for t in tiers)
 
 
 def parse_mix(text: str | None, num_tiers: int) -> tuple[float, ...]:

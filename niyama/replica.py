@@ -89,6 +89,7 @@ class Replica:
         self.finished: list[Request] = []
         self.num_preemptions = 0
         self.num_relegations = 0
+        self.num_rejections = 0
         self.on_step: list[Callable[[BatchPlan, StepResult, float], None]] = []
         self._pending: list = []                  # heap of (arrival, id, request) not yet arrived
         self._num_added = 0
@@ -105,10 +106,21 @@ class Replica:
         self._num_added += 1
         heapq.heappush(self._pending, (req.arrival_s, self._num_added, req))
 
-    def _admit_arrivals(self, now: float) -> None:
+    def admit_arrivals(self, now: float | None = None) -> None:
+        """Hand every request that has arrived to the scheduler. In a tier that rejects infeasible requests,
+        one whose predicted first token is past its deadline finishes at once, rejected."""
+        now = self.clock.now() if now is None else now
         pending = self._pending
         while pending and pending[0][0] <= now:
-            self.scheduler.add_request(heapq.heappop(pending)[2])
+            req = heapq.heappop(pending)[2]
+            if req.tier.rejects_infeasible:
+                req.predicted_first_token_s = self.scheduler.predicted_first_token_s(now, req)
+                if req.predicted_first_token_s > req.first_token_deadline_s:
+                    req.rejected = True
+                    self.num_rejections += 1
+                    self._finish(req, now)
+                    continue
+            self.scheduler.add_request(req)
 
     @property
     def has_work(self) -> bool:
@@ -138,7 +150,7 @@ class Replica:
     def step(self) -> BatchPlan | None:
         """Run one iteration; when there is nothing to run, wait for the next arrival."""
         now = self.clock.now()
-        self._admit_arrivals(now)
+        self.admit_arrivals(now)
         if not self.scheduler.waiting and not self.decodes:
             if self._pending:
                 self.clock.wait_until(self._pending[0][0])

@@ -24,7 +24,7 @@ class Phase(enum.IntEnum):
 #   WAITING -> PREFILL   the scheduler admits it (takes its KV blocks)
 #   PREFILL -> DECODE    its prefill's last chunk emitted a token
 #   DECODE  -> WAITING   preempted for KV space: recompute prompt + generated tokens later
-#   any     -> DONE      finished, stopped early or aborted (its blocks return)
+#   any     -> DONE      finished, stopped early, aborted or rejected at arrival (its blocks return)
 TRANSITIONS = {Phase.WAITING: (Phase.PREFILL, Phase.DONE), Phase.PREFILL: (Phase.DECODE, Phase.DONE),
                Phase.DECODE: (Phase.WAITING, Phase.DONE), Phase.DONE: ()}
 
@@ -44,7 +44,7 @@ class Request:
         "request_id", "arrival_s", "num_prompt_tokens", "max_output_tokens",
         "tier", "priority", "ttft_s", "tbt_s",
         "phase", "num_prefill_target", "num_computed_tokens", "num_output_tokens",
-        "first_token_s", "anchor_s", "finish_s", "relegated", "num_preemptions",
+        "first_token_s", "anchor_s", "finish_s", "relegated", "rejected", "predicted_first_token_s", "num_preemptions",
         "block_ids", "token_segments",
         "decode_iter0", "decode_token0", "decode_seq",
     )
@@ -71,6 +71,8 @@ class Request:
         self.anchor_s: float | None = None   # A = max(first token, D_1)
         self.finish_s: float | None = None
         self.relegated = False
+        self.rejected = False                # refused at arrival (its tier rejects infeasible requests)
+        self.predicted_first_token_s: float | None = None   # the admission check's estimate, when made
         self.num_preemptions = 0
         self.block_ids: list[int] = []
         # [start, end) iteration ranges in which this request emitted tokens;

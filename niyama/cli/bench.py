@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
                    help="random prompt token ids are drawn from [LO, HI) (default 1000,30000: inside any "
                         "Llama-family vocabulary)")
     s.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout in seconds (default 3600)")
-    add_workload_options(s)
+    add_workload_options(s, admission=False)
     add_output_options(s, "results/bench-serve", "records.csv and summary.json")
     s.set_defaults(run=run)
 

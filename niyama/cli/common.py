@@ -12,14 +12,25 @@ from ..sim.scenario import Scenario
 from ..workload import TRACES
 
 
-def add_workload_options(p: argparse.ArgumentParser) -> None:
+def add_workload_options(p: argparse.ArgumentParser, admission: bool = True) -> None:
+    """`admission`: the verb's replica decides admission (--on-infeasible); not so for a load generator."""
     g = p.add_argument_group("workload")
     g.add_argument("--tiers", default=None,
                    help="tier set: 'default', 'sharegpt', 'slo-variants' or a JSON file (default: the trace's)")
     g.add_argument("--tier-mix", default=None, metavar="A,B,C", help="tier shares, e.g. 70,15,15 (default: equal)")
     g.add_argument("--low-priority", type=float, default=0.0, metavar="FRAC",
                    help="fraction of requests with the 'low' priority hint (default 0)")
+    if admission:
+        add_admission_option(g)
     g.add_argument("--seed", type=int, default=0, help="seed for arrivals, lengths, tiers, noise (default 0)")
+
+
+def add_admission_option(g) -> None:
+    g.add_argument("--on-infeasible", default=None, metavar="relegate|reject|TIER=reject,...",
+                   help="what happens to a request whose first-token deadline is predicted, at arrival, to be "
+                        "missed: relegate (accept, serve behind on-time work; the paper's way) or reject "
+                        "(admission control: refuse it at once; the server answers 429), for every tier or "
+                        "per tier (default: the tier set's, relegate unless a tier file says otherwise)")
 
 
 def add_replica_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +102,8 @@ def scenario_from_args(args, trace: str, policy: str) -> Scenario:
     return Scenario(trace, policy, profile=args.profile, kv_tokens=args.kv_tokens, noise=args.noise, seed=args.seed,
                     duration_s=getattr(args, "duration_h", 4.0) * 3600, num_requests=getattr(args, "requests", None),
                     workload_options=dict(tiers=args.tiers, tier_mix=args.tier_mix,
-                                          low_priority_fraction=args.low_priority),
+                                          low_priority_fraction=args.low_priority,
+                                          on_infeasible=getattr(args, "on_infeasible", None)),
                     policy_options=parse_policy_options(policy, args.opt))
 
 
@@ -132,5 +144,5 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_engine_options", "engine_config_from_args", "add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
+__all__ = ["add_admission_option", "add_engine_options", "engine_config_from_args", "add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
            "parse_any_policy_options", "describe_policies", "check_policy", "scenario_from_args", "trace_help"]

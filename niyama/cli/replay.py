@@ -63,7 +63,8 @@ def run(args) -> int:
     if args.requests < 1:
         raise ValueError("--requests must be >= 1")
     wl = make_workload(args.trace, args.qps, num_requests=args.requests, seed=args.seed, tiers=args.tiers,
-                       tier_mix=args.tier_mix, low_priority_fraction=args.low_priority)
+                       tier_mix=args.tier_mix, low_priority_fraction=args.low_priority,
+                       on_infeasible=args.on_infeasible)
     engine = LLMEngine(engine_config_from_args(args, policy=args.policy, policy_options=options,
                                                profile=args.profile))
     print(engine.describe())

@@ -10,7 +10,7 @@ import socket
 import sys
 
 from ..predictor import DEFAULT_PROFILE
-from .common import add_engine_options, check_policy, engine_config_from_args, parse_policy_options
+from .common import add_admission_option, add_engine_options, check_policy, engine_config_from_args, parse_policy_options
 
 EXAMPLES = """examples:
   niyama serve                                          # SmolLM2-135M-Instruct on CPU, port 8000
@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
                    help="tier set: 'default' (Q1 TTFT 6 s + TBT 50 ms, Q2 TTLT 600 s, Q3 TTLT 1800 s), "
                         "'sharegpt', 'slo-variants' or a JSON file")
     q.add_argument("--default-tier", default=None, help="tier of requests that name none (default: the first)")
+    add_admission_option(q)
     q.add_argument("--service-tier-map", default=None, metavar="NAME=TIER,...",
                    help="map OpenAI service_tier values to tiers (default auto,default=the default tier, "
                         "priority,scale=the first interactive tier, flex=the last tier)")
@@ -106,7 +107,7 @@ def is_loopback(host: str) -> bool:
 def run(args) -> int:
     import uvicorn    # a missing server dependency: the CLI says which extra to install
 
-    from ..qos import load_tiers
+    from ..qos import ON_INFEASIBLE, load_tiers, with_admission
     from ..server.app import Limits, build_app
     from ..server.qos import QoSPolicy
 
@@ -119,8 +120,9 @@ def run(args) -> int:
     if not limits.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use "
               f"the model; set --api-key or NIYAMA_API_KEY", file=sys.stderr)
-    tiers = load_tiers(args.tiers)
-    qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map))
+    tiers = with_admission(load_tiers(args.tiers), args.on_infeasible)
+    qos = QoSPolicy.build(tiers, args.default_tier, parse_service_tier_map(args.service_tier_map),
+                          custom_on_infeasible=args.on_infeasible if args.on_infeasible in ON_INFEASIBLE else None)
     config = engine_config_from_args(args, policy=args.policy, policy_options=options, profile=args.profile,
                                      max_num_seqs=args.max_num_seqs, seed=args.seed)
     if config.tokenizer or config.chat_template:
@@ -131,7 +133,10 @@ def run(args) -> int:
     print(runner.info["describe"], file=sys.stderr)
     where = "a thread of this process" if args.in_process_engine else f"process {runner.info['pid']}"
     print(f"engine: {where}; requests that set no sampling get {runner.info['sampling_defaults']}", file=sys.stderr)
-    print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier})", file=sys.stderr)
+    rejecting = [t.name for t in tiers if t.rejects_infeasible]
+    print(f"tiers: {'; '.join(t.describe() for t in tiers)} (default {qos.default_tier}); infeasible requests "
+          f"{'rejected (429) in ' + ', '.join(rejecting) + ', ' if rejecting else ''}"
+          f"{'relegated elsewhere' if rejecting else 'relegated'}", file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGTERM / SIGINT and then re-raises the signal with the handler that was
     # there before it; this one turns that into a clean exit (0, not 143) once the shutdown is done

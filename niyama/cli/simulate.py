@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   niyama simulate --trace azure-code --policy niyama --qps 3.5 --requests 20000
   niyama simulate --trace sharegpt --policy edf --qps 1.8 --opt chunk_size=512
   niyama simulate --trace azure-conv --arrival diurnal --diurnal-qps 2,5 --low-priority 0.2
+  niyama simulate --trace azure-code --qps 6 --on-infeasible Q1=reject   # admission control for Q1
 """
 
 
@@ -51,7 +52,7 @@ def run(args) -> int:
                        duration_s=args.duration_h * 3600 if args.duration_h else None, seed=args.seed,
                        arrival=args.arrival, tiers=args.tiers, tier_mix=args.tier_mix,
                        low_priority_fraction=args.low_priority, diurnal_qps=diurnal,
-                       diurnal_period_s=args.diurnal_period_min * 60)
+                       diurnal_period_s=args.diurnal_period_min * 60, on_infeasible=args.on_infeasible)
     with tqdm(total=len(wl), unit="req", desc=f"{wl.name}/{args.policy}", disable=args.quiet,
               dynamic_ncols=True) as bar:
         step = max(1, len(wl) // 200)

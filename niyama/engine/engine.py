@@ -202,6 +202,8 @@ class LLMEngine:
         keeps no list of them (a server runs for days)."""
         done = self.executor.take_released()
         for seq in done:
+            if seq.request.rejected:           # admission control refused it at arrival
+                seq.finish("rejected")
             seq.update_text()
         return done
 

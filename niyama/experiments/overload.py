@@ -5,7 +5,11 @@ hours; 20% of each tier's requests carry the `low` priority hint. The two
 levels are fractions of niyama's capacity on the trace, the way the paper's
 2.0 and 5.0 QPS relate to its QoServe capacity of 3.8 QPS on Azure Code
 (Fig. 7). niyama relegates `low` requests first;
-`niyama-no-priority` is the same policy blind to the hint.
+`niyama-no-priority` is the same policy blind to the hint; `niyama+reject`
+is niyama with admission control in every tier (`on_infeasible = reject`):
+a request whose first-token deadline is predicted infeasible at arrival is
+refused instead of relegated. Its violation % is over the admitted requests;
+`on time %` compares every policy over all requests.
 
 Relegated requests wait behind every other request, so they get their first
 token only when nothing else waits: late in a low phase, or after arrivals
@@ -31,7 +35,7 @@ LEVELS = ("important", "low")
 @dataclass
 class Params:
     trace: str = "azure-code"
-    policies: tuple = ("fcfs", "edf", "niyama-no-priority", "niyama")
+    policies: tuple = ("fcfs", "edf", "niyama-no-priority", "niyama", "niyama+reject")   # +reject: admission
     low_load: float = 2.0 / PAPER_CAPACITY      # x niyama's capacity on the trace
     high_load: float = 5.0 / PAPER_CAPACITY
     period_min: float = 15.0
@@ -46,8 +50,9 @@ QUICK = {"duration_h": 1.0}
 def run(p: Params, ctx: Context, out: Path) -> Report:
     cap = ctx.reference_capacity(p.trace, p.duration_h)
     lo, hi = round(p.low_load * cap, 3), round(p.high_load * cap, 3)
-    scenarios = [ctx.scenario(p.trace, pol, p.duration_h, arrival="diurnal", diurnal_qps=(lo, hi),
-                              diurnal_period_s=p.period_min * 60, low_priority_fraction=p.low_priority)
+    scenarios = [ctx.scenario(p.trace, pol.partition("+")[0], p.duration_h, arrival="diurnal",
+                              diurnal_qps=(lo, hi), diurnal_period_s=p.period_min * 60,
+                              low_priority_fraction=p.low_priority, on_infeasible=pol.partition("+")[2] or None)
                  for pol in p.policies]
     runs = ctx.run_points([(sc, None) for sc in scenarios], desc="diurnal overload")
     tiers = scenarios[0].workload(None).tiers
@@ -57,9 +62,11 @@ def run(p: Params, ctx: Context, out: Path) -> Report:
         important = rec["priority"] == "important"
         releg = rec["relegated"]
         first_token = (rec["arrival_s"] + rec["ttft_s"])[releg]
+        admitted = ~rec["rejected"]
         row = {"policy": pol, "requests": s.num_requests, "violation_pct": s.violation_pct,
-               "important_violation_pct": _pct(rec["violated"][important]),
-               "low_violation_pct": _pct(rec["violated"][~important]),
+               "rejected_pct": s.rejected_pct, "on_time_pct": 100.0 * s.num_on_time / s.num_requests,
+               "important_violation_pct": _pct(rec["violated"][important & admitted]),
+               "low_violation_pct": _pct(rec["violated"][~important & admitted]),
                **{f"{t.name}_violation_pct": ts.violation_pct for t, ts in zip(tiers, s.tiers)},
                "strict_violation_pct": s.strict_violation_pct,
                "relegated": int(releg.sum()), "relegated_important": int((releg & important).sum()),
@@ -83,17 +90,35 @@ def run(p: Params, ctx: Context, out: Path) -> Report:
             "EDF 84.1%.", "",
             md_table(rows, {"policy": "policy", "violation_pct": "overall %", "important_violation_pct": "important %",
                             "low_violation_pct": "low %", **{f"{t.name}_violation_pct": f"{t.name} %" for t in tiers},
+                            "rejected_pct": "rejected %", "on_time_pct": "on time %",
                             "paper_violation_pct": "paper overall %", "relegated": "relegated",
                             "relegated_important": "of them important", "max_relegated_ttlt_s":
                             "longest relegated TTLT (s)", "backlog_s": "backlog (s)"}), "",
             "Every relegated request completed: " + ", ".join(
                 f"{r['policy']} {r['relegated_completed']}/{r['relegated']}" for r in rows) + ".",
+            _admission_note(rows),
             f"The picture shows each tier's p99 latency in {p.window_s:g} s windows of arrival time; a ring marks "
             f"a window whose p99 is over {LIFT:g} x that of its non-relegated requests.", "",
             _relegation_note(rows, spikes, p.window_s)]
     results = {"reference_capacity_qps": cap, "low_qps": lo, "high_qps": hi, "rows": rows,
                "last_window_spikes": spikes}
     return Report("\n".join(body), {"overload": rows, "overload_windows": series}, [fig], results)
+
+
+def _admission_note(rows: list[dict]) -> str:
+    """What refusing infeasible requests at arrival did, next to the same policy relegating them."""
+    by = {r["policy"]: r for r in rows}
+    notes = []
+    for name, r in by.items():
+        base = by.get(name.partition("+")[0])
+        if "+" not in name or base is None:
+            continue
+        notes.append(f"With admission control ({name}) {r['rejected_pct']:.2f}% of requests were refused at arrival "
+                     f"(a 429 on a server); of the admitted ones {r['violation_pct']:.2f}% missed their target "
+                     f"({r['important_violation_pct']:.2f}% of important), against {base['violation_pct']:.2f}% "
+                     f"({base['important_violation_pct']:.2f}%) when {base['policy']} accepts and relegates them; "
+                     f"on time overall {r['on_time_pct']:.2f}% vs {base['on_time_pct']:.2f}%.")
+    return " ".join(notes)
 
 
 def _pct(mask: np.ndarray) -> float:

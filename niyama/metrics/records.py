@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from math import nan
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ STRICT_TOKEN_MISS = 0.01   # strict violation: more than 1% of a Q1 request's to
 def token_times(req: Request, iteration_end_s: np.ndarray) -> np.ndarray:
     """Emission time of every output token of a finished request."""
     segs = req.token_segments
+    if not segs:                       # rejected at arrival: no tokens
+        return np.zeros(0)
     if len(segs) == 1:
         return iteration_end_s[segs[0][0]:segs[0][1]]
     return np.concatenate([iteration_end_s[a:b] for a, b in segs])
@@ -29,7 +32,10 @@ def token_miss_fraction(req: Request, times: np.ndarray) -> float:
 
 
 def is_violated(req: Request) -> bool:
-    """Artifact definition: interactive if TTFT > target, else TTLT > target."""
+    """Artifact definition: interactive if TTFT > target, else TTLT > target. A request rejected at arrival
+    was never served, so it is not violated here: summaries count rejections apart."""
+    if req.rejected:
+        return False
     tier = req.tier
     return req.ttft > tier.ttft_s if tier.interactive else req.ttlt > tier.ttlt_s
 
@@ -47,9 +53,10 @@ def request_records(requests: list[Request], iteration_end_s, long_prompt_thresh
         "arrival_s": np.array([r.arrival_s for r in requests]),
         "prompt_tokens": np.array([r.num_prompt_tokens for r in requests], dtype=np.int64),
         "output_tokens": np.array([r.num_output_tokens for r in requests], dtype=np.int64),
-        "ttft_s": np.array([r.ttft for r in requests]),
-        "ttlt_s": np.array([r.ttlt for r in requests]),
+        "ttft_s": np.array([nan if r.rejected else r.ttft for r in requests], dtype=float),
+        "ttlt_s": np.array([nan if r.rejected else r.ttlt for r in requests], dtype=float),
         "relegated": np.array([r.relegated for r in requests]),
+        "rejected": np.array([r.rejected for r in requests], dtype=bool),
         "preemptions": np.array([r.num_preemptions for r in requests], dtype=np.int64),
         "long_prompt": np.array([r.num_prompt_tokens >= long_prompt_threshold for r in requests]),
         "violated": np.array([is_violated(r) for r in requests]),

@@ -13,7 +13,12 @@ One call to `schedule(now, decodes, kv, iteration)`:
    a free `max_num_seqs` slot;
 5. a `BatchPlan` comes back. No clock is read and no tensor is touched.
 After the batch runs, the replica hands back paused prefills (`requeue`) and
-the measured batch (`observe`).
+the measured batch (`observe`, which also keeps the observed prefill rate).
+
+Admission (`predicted_first_token_s`): when a request arrives in a tier that
+rejects infeasible requests, the replica asks when its first token would
+come: after the prefill work queued ahead of it in this policy's order, at
+the observed prefill rate.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ from ..request import Phase, Request
 from ..running import RunningDecodes
 from .plan import BatchPlan, PrefillChunk
 from .queue import OrderKey, WaitingQueue
+from .relegation import ArrivalWork, PrefillRate, wait_with_arrivals
 
 
 @dataclass
 class SchedulerConfig:
     chunk_size: int = 256          # fixed token budget per iteration (Sarathi baselines)
     max_num_seqs: int = 256        # cap on requests holding KV (decodes + started prefills)
+    prefill_rate_init: float = 8500.0      # tokens/s, before anything is observed
+    prefill_rate_decay: float = 0.995      # EMA weight on the old value
+    foresee_arrivals: bool = False         # admission also counts tighter tiers' work still to arrive (rejects more)
 
     def __post_init__(self):
         if self.chunk_size < 1:
@@ -41,10 +50,13 @@ class SchedulerConfig:
 
 class Scheduler:
     name = "base"
+    relegates_late_work = False    # does `relegations` shed requests that are too late?
 
     def __init__(self, config: SchedulerConfig, order: OrderKey):
         self.config = config
         self.waiting = WaitingQueue(order)
+        self.prefill_rate = PrefillRate(config.prefill_rate_init, config.prefill_rate_decay)
+        self.arrivals = ArrivalWork() if config.foresee_arrivals else None
 
     @property
     def max_batch_tokens(self) -> int:
@@ -64,9 +76,31 @@ class Scheduler:
 
     def observe(self, plan: BatchPlan, duration_s: float) -> None:
         """The batch of `plan` took `duration_s`."""
+        self.prefill_rate.observe(plan.num_prefill_tokens, duration_s)
+
+    def predicted_first_token_s(self, now: float, req: Request) -> float:
+        """When `req` (arriving now, not queued yet) would emit its first token if admitted: after the prefill
+        work queued ahead of it in this policy's order, at the observed prefill rate. A policy that relegates
+        late work skips the requests whose key is already below `now` (past their deadline: they will be
+        relegated when they come up). Later arrivals that will sort ahead of `req` are not foreseen."""
+        rate = self.prefill_rate.tokens_per_s
+        since = (False, now) if self.relegates_late_work else None
+        ahead_s = (self.waiting.work_before(self.waiting.key(req), since) + req.num_remaining_prefill) / rate
+        if self.arrivals is None:
+            return now + ahead_s
+        # a tier with a tighter TTFT_eff d sorts its arrivals of the next (deadline - d - now) s ahead of `req`;
+        # they are expected at the rate of as long a past as that future
+        deadline = req.first_token_deadline_s
+        horizon = deadline - now
+        lanes = [(deadline - ttft - now, tokens_per_s / rate)
+                 for ttft, tokens_per_s in self.arrivals.rates(now, horizon)]
+        return now + wait_with_arrivals(ahead_s, lanes)
 
     # --- queue -----------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        """`req` arrived (and was admitted)."""
+        if self.arrivals is not None:
+            self.arrivals.observe(req)
         self.waiting.push(req)
 
     def requeue(self, req: Request) -> None:

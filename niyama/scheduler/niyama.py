@@ -31,8 +31,7 @@ from ..predictor import BatchTimePredictor
 from ..qos import Priority
 from ..request import Request
 from .base import Scheduler, SchedulerConfig
-from .plan import BatchPlan
-from .relegation import PrefillRate, too_late
+from .relegation import too_late
 
 CHUNK_CANDIDATES = (128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2552)
 LOW_MEMORY_CANDIDATES = (128, 256, 384, 512)
@@ -48,8 +47,6 @@ class NiyamaConfig(SchedulerConfig):
     chunk_candidates: tuple[int, ...] = CHUNK_CANDIDATES
     low_memory_candidates: tuple[int, ...] = LOW_MEMORY_CANDIDATES
     low_memory_tokens: int = 32_000        # below this many free KV tokens, use the low-memory candidates
-    prefill_rate_init: float = 8500.0      # tokens/s, before anything is observed
-    prefill_rate_decay: float = 0.995      # EMA weight on the old value
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,8 +65,11 @@ class NiyamaScheduler(Scheduler):
         super().__init__(config, lambda r: r.arrival_s + r.ttft_s + alpha * r.num_remaining_prefill)
         self.config: NiyamaConfig = config
         self.predictor = predictor
-        self.prefill_rate = PrefillRate(config.prefill_rate_init, config.prefill_rate_decay)
         self.name = name
+
+    @property
+    def relegates_late_work(self) -> bool:
+        return self.config.relegation
 
     @property
     def max_batch_tokens(self) -> int:
@@ -112,6 +112,3 @@ class NiyamaScheduler(Scheduler):
             shed.append(low)
             work += low.num_remaining_prefill
         return shed
-
-    def observe(self, plan: BatchPlan, duration_s: float) -> None:
-        self.prefill_rate.observe(plan.num_prefill_tokens, duration_s)

@@ -1,6 +1,9 @@
-"""Eager relegation and the prefill-rate estimate it relies on."""
+"""Eager relegation and admission: the rate estimates they rely on."""
 
 from __future__ import annotations
+
+import math
+from bisect import bisect_left
 
 from ..request import Request
 
@@ -22,3 +25,74 @@ class PrefillRate:
 def too_late(now: float, req: Request, rate: PrefillRate) -> bool:
     """Would `req`'s prefill, started now at the observed rate, miss its first-token deadline?"""
     return now + req.num_remaining_prefill / rate.tokens_per_s > req.first_token_deadline_s
+
+
+class ArrivalWork:
+    """Prefill tokens that arrived in each tier over the last `history_s`: how fast a tier's new work comes,
+    averaged over as long a past as the future one asks about (admission control: how much work of a
+    tighter tier will sort ahead of a request while it waits). A window never shorter than `min_window_s`,
+    so that a lone early arrival does not read as a flood."""
+
+    def __init__(self, history_s: float = 3600.0, min_window_s: float = 60.0):
+        if not history_s >= min_window_s > 0:
+            raise ValueError("the arrival history must be >= its shortest window > 0 s")
+        self.history_s = history_s
+        self.min_window_s = min_window_s
+        self._lanes: dict[str, _Lane] = {}
+
+    def observe(self, req: Request) -> None:
+        lane = self._lanes.get(req.tier.name)
+        if lane is None:
+            lane = self._lanes[req.tier.name] = _Lane(req.arrival_s)
+        lane.add(req.arrival_s, req.num_prompt_tokens, req.ttft_s, self.history_s)
+
+    def rates(self, now: float, horizon_s: float) -> list[tuple[float, float]]:
+        """(TTFT_eff, tokens/s over the last `horizon_s`) of each tier seen."""
+        window = min(max(horizon_s, self.min_window_s), self.history_s)
+        return [(lane.ttft_s, lane.tokens_since(now - window) / max(min(window, now - lane.first_s),
+                                                                     self.min_window_s))
+                for lane in self._lanes.values()]
+
+
+class _Lane:
+    """One tier's arrivals: times and running token totals, oldest dropped past the history."""
+
+    def __init__(self, first_s: float):
+        self.first_s = first_s
+        self.times: list[float] = []
+        self.totals: list[int] = []     # tokens up to and including each arrival
+        self.dropped = 0                # the running total before times[0]
+        self.ttft_s = 0.0
+
+    def add(self, t: float, tokens: int, ttft_s: float, history_s: float) -> None:
+        t = max(t, self.times[-1]) if self.times else t      # server arrivals may come a hair out of order
+        self.times.append(t)
+        self.totals.append((self.totals[-1] if self.totals else self.dropped) + tokens)
+        self.ttft_s = ttft_s
+        old = bisect_left(self.times, t - history_s)
+        if old > len(self.times) // 2:                       # drop in bulk: amortised O(1) per arrival
+            self.dropped = self.totals[old - 1]
+            del self.times[:old], self.totals[:old]
+
+    def tokens_since(self, t: float) -> int:
+        i = bisect_left(self.times, t)
+        if not self.totals:
+            return 0
+        return self.totals[-1] - (self.totals[i - 1] if i > 0 else self.dropped)
+
+
+def wait_with_arrivals(work_s: float, lanes: list[tuple[float, float]]) -> float:
+    """Seconds x until a request is served when `work_s` seconds of prefill are ahead of it now and each lane
+    (cap_s, share) adds `share` seconds of work per second (its arrivals sort ahead) until `cap_s`: the least
+    x with x = work_s + sum(share * min(x, cap_s)), inf if there is none."""
+    lanes = sorted((cap, share) for cap, share in lanes if cap > 0 and share > 0)
+    active = sum(share for _, share in lanes)
+    base = work_s
+    for cap, share in lanes:
+        if active < 1:
+            x = base / (1 - active)
+            if x <= cap:
+                return x
+        base += share * cap          # past `cap` this lane adds nothing more
+        active -= share
+    return base / (1 - active) if active < 1 else math.inf

@@ -38,6 +38,10 @@ class Event:
     error: str | None = None        # the request failed; `status` is the HTTP status to answer with
     token_ids: list[int] = field(default_factory=list)   # the tokens new in this event
     status: int = 500
+    retry_after_s: int | None = None   # with a 429: when the client may try again
+
+
+ADMITTED = Event("", 0)     # marks a tier-rejecting request's admission (resolves its verdict; not queued)
 
 
 class Stream:
@@ -54,6 +58,8 @@ class Stream:
         self.finished = False            # event loop: the handler has seen the last event
         self.relegated = False
         self.last_token_time: float | None = None
+        # in a tier that rejects infeasible requests: resolves to None once admitted, or to the error Event
+        self.verdict: asyncio.Future | None = None
 
     def __aiter__(self):
         return self
@@ -165,6 +171,8 @@ class EngineClient:
         if self.tokenizer is not None:
             text = TextOutput(self.tokenizer, gen.params.stop, stop_token_ids(gen.params, self.info["eos_token_ids"]))
         stream = Stream(rid, gen, arrival, text)
+        if gen.tier.rejects_infeasible:
+            stream.verdict = asyncio.get_running_loop().create_future()
         self.streams[rid] = stream          # before the engine can answer
         if self.stopped is not None:        # the engine died meanwhile: the reader may not have seen this one
             del self.streams[rid]
@@ -202,8 +210,8 @@ class EngineClient:
         self.stats = stats
         if self.metrics is not None:
             self.metrics.observe(stats)
-        ready = []
         streams = self.streams
+        ready = [(streams[rid], ADMITTED) for rid in stats["admitted"] if rid in streams]
         for rid, token in zip(rids, tokens):
             stream = streams.get(rid)
             if stream is not None and (event := self._advance(stream, [token], None, now)) is not None:
@@ -226,7 +234,8 @@ class EngineClient:
             return None
         if end is not None and end.error is not None:
             stream.done = True
-            return Event("", len(stream.output_ids), error=end.error, status=end.status)
+            return Event("", len(stream.output_ids), error=end.error, status=end.status,
+                         retry_after_s=end.retry_after_s)
         finish = end.finish_reason if end is not None else None
         stream.output_ids += new
         text = ""
@@ -251,7 +260,11 @@ class EngineClient:
     def _deliver(self, ready: list) -> None:
         def put():
             for stream, event in ready:
-                stream.queue.put_nowait(event)
+                verdict = stream.verdict
+                if verdict is not None and not verdict.done():     # the first news decides it
+                    verdict.set_result(event if event.error is not None else None)
+                if event is not ADMITTED:
+                    stream.queue.put_nowait(event)
         try:
             self._loop.call_soon_threadsafe(put)
         except (RuntimeError, AttributeError):      # the event loop is closed (shutting down) or never started

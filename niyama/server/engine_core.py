@@ -13,7 +13,10 @@ Engine -> HTTP side (one message per step, and after commands that changed somet
     ("fatal", message)           the model did not load; the process exits
     ("out", rids, tokens, [Output, ...], stats)
                                  rids[i] made tokens[i] in this step (running requests make one token per
-                                 step); each finished request's last tokens come in an Output
+                                 step); each finished request's last tokens come in an Output;
+                                 stats["admitted"]: the rids of tier-rejecting requests that were admitted
+                                 (a rejected one gets an Output with status 429), so that their handlers
+                                 can wait for the verdict before answering
 
 Every request the engine accepts gets exactly one `Output` (a finish reason or an error), also when it
 was aborted: the HTTP side records its metrics from that. Running requests' tokens travel as two flat
@@ -23,6 +26,7 @@ lists because pickling them is ~10x cheaper than an object per request (benchmar
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from typing import NamedTuple
@@ -42,6 +46,7 @@ class Output(NamedTuple):
     violated: bool = False            # it missed its tier's target (TTFT or TTLT)
     error: str | None = None          # the request failed; `status` is the HTTP status to send
     status: int = 500
+    retry_after_s: int | None = None  # a rejected request may try again after this long
 
 
 def engine_info(engine) -> dict:
@@ -64,6 +69,8 @@ class EngineCore:
         self.sent: dict[int, int] = {}          # rid -> output tokens already sent
         self.rid_of: dict[object, int] = {}     # Request -> rid
         self.pending: list[Output] = []         # outputs decided outside a step (refused adds, failures)
+        self.awaiting_verdict: list[int] = []   # rids added in tiers that reject infeasible requests
+        self.admitted: list[int] = []           # ... of which admitted, not told yet
         self.steps: list[dict] = []             # what each step since the last message did (metrics)
         self.degraded: str | None = None
         engine.replica.on_step.append(self._observe)
@@ -102,8 +109,19 @@ class EngineCore:
                                                                 "this request (the server log has the details)"))
             if not self.commands.poll(0):
                 break
+        self._admit()
         self._publish(self.engine.take_finished())
         return True
+
+    def _admit(self) -> None:
+        """Admission control right away, not at the next step: the handlers of tier-rejecting requests wait
+        for the verdict before they answer."""
+        self.engine.replica.admit_arrivals()
+        if self.awaiting_verdict:
+            live = self.live
+            self.admitted += [rid for rid in self.awaiting_verdict
+                              if rid in live and not live[rid].request.rejected]
+            self.awaiting_verdict = []
 
     def _add(self, rid, prompt_ids, params, tier, priority, arrival) -> None:
         engine = self.engine
@@ -116,6 +134,8 @@ class EngineCore:
         self.live[rid] = seq
         self.sent[rid] = 0
         self.rid_of[seq.request] = rid
+        if tier.rejects_infeasible:
+            self.awaiting_verdict.append(rid)
 
     def _abort(self, rid, reason) -> None:
         seq = self.live.get(rid)
@@ -173,6 +193,10 @@ class EngineCore:
                 continue
             del self.live[rid]
             req = seq.request
+            if req.rejected:
+                self.sent.pop(rid)
+                out.append(rejection(rid, req))
+                continue
             finished = seq.finish_reason in ("stop", "length") and req.first_token_s is not None
             out.append(Output(rid, seq.output_ids[self.sent.pop(rid):], seq.finish_reason or "abort",
                               req.relegated, finished and is_violated(req)))
@@ -183,15 +207,34 @@ class EngineCore:
                 rids.append(rid)
                 tokens.append(seq.output_ids[-1])
                 sent[rid] = n
-        if not out and not rids and not self.steps:
+        if not out and not rids and not self.steps and not self.admitted:
             return
         engine, kv = self.engine, self.engine.allocator
         waiting, started = len(engine.scheduler.waiting), engine.scheduler.waiting.num_started
         stats = {"time": time.monotonic(), "steps": self.steps, "kv_free": kv.num_free, "kv_blocks": kv.num_blocks,
                  "running": len(engine.replica.decodes) + started, "waiting": waiting - started,
-                 "degraded": self.degraded}
+                 "degraded": self.degraded, "admitted": self.admitted}
         self.steps = []
+        self.admitted = []
         self.outputs.send(("out", rids, tokens, out, stats))
+
+
+def rejection(rid: int, req) -> Output:
+    """The 429 of a request that admission control refused, saying why and when to try again."""
+    tier = req.tier
+    target = (f"TTFT target of {tier.ttft_s:g} s" if tier.interactive else
+              f"first-token deadline of {req.ttft_s:g} s (its TTLT of {tier.ttlt_s:g} s less the predicted output time)")
+    late_s = req.predicted_first_token_s - req.first_token_deadline_s
+    if math.isfinite(late_s):
+        when = f"its first token {req.predicted_first_token_s - req.arrival_s:.1f} s after arrival"
+        retry = max(1, math.ceil(late_s))
+    else:                     # work of tighter tiers arrives faster than the replica serves it
+        when = "that its first token would wait behind ever more work of tighter tiers"
+        retry = 60
+    return Output(rid, [], error=f"the server cannot meet this request's deadline now: the scheduler predicts "
+                                 f"{when}, past the {tier.name} tier's {target}, and this tier rejects such "
+                                 f"requests instead of accepting them late; retry in {retry} s or use a tier with "
+                                 "a looser target", status=429, retry_after_s=retry)
 
 
 def serve_engine(config, tiers, commands, outputs) -> None:

@@ -63,6 +63,9 @@ class ServerMetrics:
                                        m + ("tier",), registry=r)
         self.relegations = Counter("niyama:relegations", "Requests relegated behind on-time work",
                                    m + ("tier",), registry=r)
+        self.rejections = Counter("niyama:rejections", "Requests refused at arrival (429) because their deadline "
+                                  "was predicted infeasible, in tiers with on_infeasible = reject",
+                                  m + ("tier",), registry=r)
         self.chunk_size = Histogram("niyama:chunk_size_tokens",
                                     "Token budget the scheduler chose for iterations with prefill work", m,
                                     registry=r, buckets=CHUNK_BUCKETS)
@@ -79,8 +82,8 @@ class ServerMetrics:
                        self.preemptions):
             metric.labels(model_name)          # every series exists from the start (at 0), for dashboards
         for tier in (t.name for t in tiers):      # every configured tier shows up from the start, at 0
-            for metric in (self.tier_requests, self.tier_violations, self.relegations, self.ttft, self.itl, self.e2e,
-                           self.queue_time):
+            for metric in (self.tier_requests, self.tier_violations, self.relegations, self.rejections, self.ttft,
+                           self.itl, self.e2e, self.queue_time):
                 metric.labels(model_name, tier)
 
     def render(self) -> bytes:
@@ -118,7 +121,10 @@ class ServerMetrics:
         stream.last_token_time = now_s
 
     def request_finished(self, stream, out, now_s: float) -> None:
-        """The engine's last output for a request (finished, aborted, or failed)."""
+        """The engine's last output for a request (finished, aborted, rejected, or failed)."""
+        if out.error is not None and out.status == 429:
+            self.rejections.labels(self.model, stream.gen.tier.name).inc()
+            return
         reason = "error" if out.error is not None else out.finish_reason
         self.success.labels(self.model, reason).inc()
         if reason in ("abort", "error"):

@@ -11,7 +11,7 @@ vLLM's integer priority (lower runs first; default 0): > 0 means `low`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..qos import Priority, Tier
 from .errors import APIError
@@ -25,10 +25,12 @@ class QoSPolicy:
     tiers: dict[str, Tier]
     default_tier: str
     service_tiers: dict[str, str] = field(default_factory=dict)   # OpenAI service_tier -> tier name
+    custom_on_infeasible: str = "relegate"    # for requests that give their own targets
 
     @classmethod
     def build(cls, tiers: "tuple[Tier, ...]", default_tier: str | None = None,
-              service_tier_map: dict[str, str] | None = None) -> "QoSPolicy":
+              service_tier_map: dict[str, str] | None = None,
+              custom_on_infeasible: str | None = None) -> "QoSPolicy":
         by_name = {t.name: t for t in tiers}
         default = default_tier or tiers[0].name
         if default not in by_name:
@@ -40,7 +42,7 @@ class QoSPolicy:
             if name not in by_name:
                 raise ValueError(f"service tier {key!r} maps to {name!r}, which is not one of {', '.join(by_name)}")
             mapping[key] = name
-        return cls(by_name, default, mapping)
+        return cls(by_name, default, mapping, custom_on_infeasible or "relegate")
 
     def resolve(self, body: dict) -> tuple[Tier, Priority]:
         """The tier and priority a request body asks for; APIError (400) says what is wrong."""
@@ -55,7 +57,7 @@ class QoSPolicy:
             raise APIError(f"give one of tier, service_tier or explicit targets, not {' and '.join(given)}",
                            param=given[1])
         if targets:
-            return targets_tier(targets)
+            return replace(targets_tier(targets), on_infeasible=self.custom_on_infeasible)
         if name is not None:
             if not isinstance(name, str) or name not in self.tiers:
                 raise APIError(f"unknown tier {name!r}; this server's tiers are {', '.join(self.tiers)}",

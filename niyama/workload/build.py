@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..qos import DeadlineRule, Priority, Tier, load_tiers, parse_mix
+from ..qos import DeadlineRule, Priority, Tier, load_tiers, parse_mix, with_admission
 from ..request import Request
 from . import arrivals as arrival_processes
 from .traces import Trace, load_trace
@@ -60,14 +60,16 @@ def make_workload(trace: "str | Trace", qps: float | None = None, *, num_request
                   tiers: "str | tuple[Tier, ...] | None" = None, tier_mix: str | None = None,
                   low_priority_fraction: float = 0.0, diurnal_qps: tuple[float, float] | None = None,
                   diurnal_period_s: float = 900.0, output_len_pred: int | None = None,
-                  output_tokens: int | None = None) -> Workload:
+                  output_tokens: int | None = None, on_infeasible: str | None = None) -> Workload:
     """Arrivals: `poisson` at `qps`; `trace` replays the trace's own arrival times
     (scaled to `qps` if given); `diurnal` alternates `diurnal_qps` (low, high).
     Size: `num_requests`, else enough to span `duration_s` (default 4 hours).
     `output_tokens` fixes every request's output length (1: prefill-only
-    replicas); the predicted output length then defaults to it too."""
+    replicas); the predicted output length then defaults to it too.
+    `on_infeasible`: admission control per tier (see `with_admission`)."""
     tr = load_trace(trace) if isinstance(trace, str) else trace
     tier_set = load_tiers(tiers or tr.tiers) if not isinstance(tiers, tuple) else tiers
+    tier_set = with_admission(tier_set, on_infeasible)
     mix = parse_mix(tier_mix, len(tier_set))
     if not 0 <= low_priority_fraction <= 1:
         raise ValueError("low_priority_fraction must be in [0, 1]")
