@@ -33,6 +33,7 @@ class Outcome:
     num_output_tokens: int = 0
     num_prompt_tokens: int | None = None   # from the server's usage chunk
     relegated: bool = False
+    rejected: bool = False                 # a niyama tier's admission control refused it (429 deadline_infeasible)
     error: str | None = None
 
 
@@ -101,6 +102,8 @@ async def send(client, url: str, body: dict, index: int, start: float, timeout: 
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 out.error = f"HTTP {resp.status_code}: {text[:300]}"
+                out.rejected = resp.status_code == 429 and "deadline_infeasible" in text
+                out.done_s = time.monotonic() - start
                 return out
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -158,17 +161,22 @@ async def run_load(target: Target, bodies: list[dict], arrivals: list[float], ti
 
 
 def to_result(workload: Workload, outcomes: list[Outcome], bodies: list[dict], label: str) -> SimResult:
-    """The successful requests as a `SimResult` (token times laid end to end as 'iterations')."""
+    """The successful requests, and those admission control rejected, as a `SimResult` (token times laid end to
+    end as 'iterations')."""
     tiers = workload.tier_by_name
     times: list[float] = []
     requests = []
     for o in outcomes:
-        if o.error is not None:
+        if o.error is not None and not o.rejected:
             continue
         spec = workload.specs[o.index]
         prompt_len = o.num_prompt_tokens or len(bodies[o.index].get("prompt", ())) or 1   # chat: the server's count
         req = Request(o.index, o.sent_s, prompt_len, bodies[o.index]["max_tokens"],
                       tiers[spec.tier], workload.rule, spec.priority)
+        if o.rejected:
+            req.rejected, req.finish_s = True, o.done_s
+            requests.append(req)
+            continue
         req.first_token_s = o.token_s[0]
         req.anchor_s = max(req.first_token_s, req.first_token_deadline_s)
         req.finish_s = o.done_s

@@ -4,6 +4,11 @@ starts; feasible requests are served; the rejection is counted in /metrics and h
 
 from __future__ import annotations
 
+import csv
+import json
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("torch")
@@ -70,3 +75,22 @@ def test_without_reject_the_same_request_is_accepted_and_relegated(tmp_path_fact
         assert rejections(url) == {t: 0.0 for t in ("Q1", "Q2", "Q3")}
     finally:
         stop_server(proc)
+
+
+def test_bench_serve_counts_rejections_apart(rejecting, tmp_path):
+    """A tier set the server does not know goes out as explicit targets; its 1 ms TTFT tier is refused."""
+    tiers = tmp_path / "tiers.json"
+    tiers.write_text(json.dumps([{"name": "instant", "ttft_ms": 1, "tbt_ms": 1000},
+                                 {"name": "batch", "ttlt_ms": 600_000}]))
+    r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--url", rejecting, "--trace",
+                        "azure-conv", "--qps", "4", "--requests", "10", "--tiers", str(tiers), "--tier-mix", "50,50",
+                        "--max-prompt-tokens", "32", "--max-output-tokens", "4", "--out", str(tmp_path), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    by_tier = {t["name"]: t for t in summary["tiers"]}
+    assert by_tier["instant"]["rejected"] == by_tier["instant"]["count"] > 0     # every one of them
+    assert by_tier["batch"]["rejected"] == 0 and summary["failed"] == 0
+    assert f"{summary['rejected']} of 10 requests were rejected at arrival" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "records.csv")))
+    assert sum(row["rejected"] == "True" for row in rows) == summary["rejected"]

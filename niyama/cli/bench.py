@@ -148,8 +148,13 @@ def run(args) -> int:
         duration = time.monotonic() - t0
     if clipped:
         print(f"note: {clipped} of {len(wl)} requests had their lengths clipped (max_model_len or --max-*-tokens)")
-    if failures:
-        print(f"{len(failures)} of {len(wl)} requests FAILED; first: {failures[0].error}")
+    rejected = sum(o.rejected for o in failures)
+    if rejected:
+        print(f"{rejected} of {len(wl)} requests were rejected at arrival (429: deadline infeasible); the report "
+              "counts them apart")
+    if len(failures) > rejected:
+        first = next(o for o in failures if not o.rejected)
+        print(f"{len(failures) - rejected} of {len(wl)} requests FAILED; first: {first.error}")
     if len(failures) == len(wl):
         return 1
     result = to_result(wl, outcomes, bodies, f"http:{target.model}")
@@ -157,7 +162,7 @@ def run(args) -> int:
     print(format_report(summary))
     dest = Path(args.out)
     write_records_csv(records, dest / "records.csv")
-    (dest / "summary.json").write_text(json.dumps({**asdict(summary), "failed": len(failures),
+    (dest / "summary.json").write_text(json.dumps({**asdict(summary), "failed": len(failures) - rejected,
                                                    "url": url, "model": target.model}, indent=1))
     vres = vllm_result(outcomes, bodies, duration, goodput, metrics, percentiles)
     print("\n" + format_vllm_result(vres, metrics, percentiles))

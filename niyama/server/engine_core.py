@@ -155,8 +155,11 @@ class EngineCore:
     def _observe(self, plan, result, end_s: float) -> None:
         """Replica hook after each step: what the metrics need, as plain values."""
         start_s = end_s - result.duration_s
+        predicted = self.engine.profile.batch_time(plan.num_prefill_tokens, plan.num_decodes, plan.decode_context,
+                                                   plan.prefill_context)
         self.steps.append({
             "duration_s": result.duration_s,
+            "predicted_s": predicted,         # what the scheduler's batch-time profile said this step would take
             "budget": plan.token_budget if plan.prefills else None,
             "tokens": plan.num_prefill_tokens + plan.num_decodes,
             "queue_s": [(c.request.tier.name, start_s - c.request.arrival_s) for c in plan.prefills

@@ -20,6 +20,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 4096, 8192)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -71,13 +72,17 @@ class ServerMetrics:
                                     registry=r, buckets=CHUNK_BUCKETS)
         self.step_time = Histogram("niyama:iteration_duration_seconds", "Measured duration of each engine step",
                                    m, registry=r, buckets=STEP_BUCKETS)
+        self.step_ratio = Histogram("niyama:iteration_time_over_predicted", "Each engine step's measured duration "
+                                    "over what the scheduler's batch-time profile predicted for it (1 = exact; "
+                                    "above 1 the scheduler plans chunks too large for its deadlines)", m,
+                                    registry=r, buckets=RATIO_BUCKETS)
         self.tier_target = Gauge("niyama:tier_target_seconds", "Each configured tier's targets (kind: ttft, tbt, "
                                  "ttlt), to draw beside its latencies", m + ("tier", "kind"), registry=r)
         for t in tiers:
             for kind in ("ttft", "tbt", "ttlt"):
                 if getattr(t, f"{kind}_s") is not None:
                     self.tier_target.labels(model_name, t.name, kind).set(getattr(t, f"{kind}_s"))
-        for metric in (self.step_time, self.iteration_tokens, self.chunk_size, self.prompt_len, self.output_len,
+        for metric in (self.step_time, self.step_ratio, self.iteration_tokens, self.chunk_size, self.prompt_len, self.output_len,
                        self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
                        self.preemptions):
             metric.labels(model_name)          # every series exists from the start (at 0), for dashboards
@@ -98,6 +103,8 @@ class ServerMetrics:
         m = self.model
         for step in stats["steps"]:
             self.step_time.labels(m).observe(step["duration_s"])
+            if step["predicted_s"] > 0:
+                self.step_ratio.labels(m).observe(step["duration_s"] / step["predicted_s"])
             if step["budget"] is not None:
                 self.chunk_size.labels(m).observe(step["budget"])
             self.iteration_tokens.labels(m).observe(step["tokens"])
