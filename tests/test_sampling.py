@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
-from niyama.engine.sampling import sample  # noqa: E402
+from niyama.engine.sampling import penalize, probabilities, sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,22 @@ def test_steps_report_measured_time(engine, prompt):
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"), (dict(temperature=1e-40), "at least 0.01"),
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(min_p=-0.1), r"min_p must be in \[0, 1\]"), (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+    (dict(min_p=float("nan")), "min_p"), (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=-1.2), "repetition_penalty"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"), (dict(presence_penalty=-3), "presence"),
+    (dict(frequency_penalty=-2.01), r"frequency_penalty must be in \[-2, 2\]"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_penalty_and_min_p_limits_are_accepted():
+    p = SamplingParams(min_p=1, repetition_penalty=0.5, presence_penalty=-2, frequency_penalty=2)
+    assert p.penalized and not SamplingParams(min_p=0.5, top_k=3).penalized
 
 
 def test_sampler_survives_extreme_filters_and_logits():
@@ -86,6 +98,13 @@ def test_sampler_survives_extreme_filters_and_logits():
     params = [SamplingParams(top_p=1e-300), SamplingParams(temperature=0.01), SamplingParams(temperature=2.0)]
     for _ in range(20):
         tokens = sample(logits, params, [gen, gen, gen])
+        assert tokens[0] == 0 and all(0 <= t < 3 for t in tokens)
+    # and so do rows with penalties and min_p
+    params = [SamplingParams(min_p=1.0), SamplingParams(repetition_penalty=1.5, min_p=0.5),
+              SamplingParams(presence_penalty=2, frequency_penalty=-2, temperature=0)]
+    histories = [([0], [1]), ([1, 2], [0, 0]), ([2], [0, 1, 1])]
+    for _ in range(20):
+        tokens = sample(logits, params, [gen, gen, gen], histories)
         assert tokens[0] == 0 and all(0 <= t < 3 for t in tokens)
 
 
@@ -177,3 +196,118 @@ def test_abort_frees_blocks_wherever_the_request_is():
         engine.step()
     assert keep.finish_reason == "length" and len(keep.output_ids) == 30
     assert engine.allocator.num_free == engine.allocator.num_blocks and not engine.executor.sequences
+
+
+# --- penalties and min_p ---------------------------------------------------------------------------------
+
+def _hf_distribution(logits, p, ids):
+    """transformers' own processors, in `generate`'s order, as probabilities `[vocab]`."""
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    steps = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(p.repetition_penalty),
+                                 TemperatureLogitsWarper(p.temperature)])
+    if p.top_k:
+        steps.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1:
+        steps.append(TopPLogitsWarper(p.top_p))
+    if p.min_p:
+        steps.append(MinPLogitsWarper(p.min_p))
+    return torch.softmax(steps(torch.tensor([ids]), logits[None].clone())[0], dim=-1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(repetition_penalty=1.3), dict(repetition_penalty=0.7, temperature=0.6), dict(min_p=0.1),
+    dict(min_p=0.3, temperature=1.5, top_k=40), dict(repetition_penalty=1.8, temperature=0.8, top_p=0.9, min_p=0.05),
+])
+def test_penalties_and_min_p_match_transformers(kwargs):
+    gen = torch.Generator().manual_seed(3)
+    p = SamplingParams(**kwargs)
+    for _ in range(10):
+        logits = torch.randn(200, generator=gen) * 3              # both signs, so both sides of the penalty
+        prompt = torch.randint(0, 200, (30,), generator=gen).tolist()
+        output = torch.randint(0, 200, (10,), generator=gen).tolist()
+        ours = probabilities(penalize(logits, p, (prompt, output)), p)
+        want = _hf_distribution(logits, p, prompt + output)
+        assert torch.equal(ours > 0, want > 0)                      # the same tokens survive
+        torch.testing.assert_close(ours / ours.sum(), want, rtol=1e-5, atol=1e-6)
+        if p.min_p:
+            assert (ours == 0).sum() > 0                            # the filter did cut something here
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0, -1.0])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = penalize(logits, p, ([0, 1, 2], [2, 4, 4, 4, 5]))
+    # logit - frequency * count - presence * (count > 0), counting the output only (the prompt's 0, 1 are free)
+    want = torch.tensor([1.0, -2.0, 3.0 - 0.25 - 0.5, 0.5, 4.0 - 0.75 - 0.5, -1.0 - 0.25 - 0.5])
+    torch.testing.assert_close(got, want)
+    assert torch.equal(logits, torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0, -1.0]))   # the input row is left alone
+    # negative values reward repeats; with a repetition penalty too, it comes first (vLLM's order)
+    both = SamplingParams(repetition_penalty=2.0, presence_penalty=-1.0, frequency_penalty=-0.5)
+    got = penalize(logits, both, ([1], [4, 4]))
+    torch.testing.assert_close(got, torch.tensor([1.0, -4.0, 3.0, 0.5, 4.0 / 2 + 1.0 + 1.0, -1.0]))
+    assert torch.equal(penalize(logits, p, ([0, 2, 4], [])), logits)    # nothing generated yet: no change
+
+
+def test_greedy_rows_take_penalties():
+    logits = torch.tensor([[5.0, 4.5, 1.0]] * 4)
+    greedy = SamplingParams(temperature=0)
+    params = [greedy, SamplingParams(temperature=0, repetition_penalty=1.2),
+              SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0, presence_penalty=1.0)]
+    histories = [([0], [0]), ([0, 2], []), ([2], [0]), ([0], [2])]   # token 0 seen in the prompt or output
+    # 5 / 1.2 and 5 - 1 fall below 4.5; a presence penalty ignores the prompt (row 3 keeps token 0)
+    assert sample(logits, params, [None] * 4, histories) == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="history"):
+        sample(logits, params, [None] * 4)
+
+
+def test_min_p_keeps_tokens_near_the_top():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    got = {sample(logits, [SamplingParams(min_p=0.2)], [gen])[0] for _ in range(400)}
+    assert got == {0, 1, 2}                                       # 0.05 < 0.2 x 0.5; the rest stay
+    assert {sample(logits, [SamplingParams(min_p=1.0)], [gen])[0] for _ in range(50)} == {0}
+
+
+def _repeats(ids):
+    return len(ids) - len(set(ids))
+
+
+def test_engine_penalties_read_each_sequences_own_history(engine, prompt):
+    """One batch: a plain greedy request samples the argmax of its logits, as before penalties existed;
+    penalized ones sample what transformers' processor (or the OpenAI formula) makes of their logits with
+    their own prompt and output so far, and the repetition penalty cuts repeats."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    base = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    seqs = [engine.add_request(prompt, SamplingParams(**base)),
+            engine.add_request(prompt, SamplingParams(**base, repetition_penalty=1.3)),
+            engine.add_request(prompt, SamplingParams(**base, presence_penalty=1.0, frequency_penalty=0.5))]
+    seen = {id(s): [] for s in seqs}
+
+    def record(sampled, logits):
+        for i, s in enumerate(sampled):
+            seen[id(s)].append((list(s.prompt_ids), list(s.output_ids), logits[i].clone()))
+
+    engine.executor.logits_hook = record
+    try:
+        while not all(s.finished for s in seqs):
+            engine.step()
+    finally:
+        engine.executor.logits_hook = None
+    plain, rep, openai = seqs
+    assert plain.output_ids == [int(lg.argmax()) for _, _, lg in seen[id(plain)]]
+    hf = RepetitionPenaltyLogitsProcessor(1.3)
+    assert rep.output_ids == [int(hf(torch.tensor([p + o]), lg[None].clone()).argmax()) for p, o, lg in seen[id(rep)]]
+
+    def openai_pick(output, lg):
+        lg = lg.clone()                                            # recorded under inference mode: read-only
+        for t in set(output):
+            lg[t] -= 0.5 * output.count(t) + 1.0
+        return int(lg.argmax())
+
+    assert openai.output_ids == [openai_pick(o, lg) for _, o, lg in seen[id(openai)]]
+    assert len(plain.output_ids) == len(rep.output_ids) == 16
+    assert rep.output_ids != plain.output_ids and _repeats(rep.output_ids) < _repeats(plain.output_ids)
+    assert _repeats(openai.output_ids) < _repeats(plain.output_ids)

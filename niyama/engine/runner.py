@@ -115,7 +115,9 @@ class ModelExecutor:
             logits = self.model.logits(hidden.index_select(0, sample_rows[:len(step.sampled)]))
             if self.logits_hook is not None:
                 self.logits_hook(step.sampled, logits)
-            on_device = sample_on_device(logits, [s.params for s in step.sampled], [s.generator for s in step.sampled])
+            seqs = step.sampled
+            on_device = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                         [(s.prompt_ids, s.output_ids) for s in seqs])
             self._mark(1)
             t2 = time.perf_counter()
             tokens = on_device.tolist()
