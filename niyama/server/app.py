@@ -13,21 +13,21 @@ import importlib.metadata
 import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from .engine_client import EngineClient, EngineStopped, Event, Stream
-from .errors import APIError
+from .errors import APIError, add_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (Generation, ModelInfo, ResponseWriter, check_model, detokenize_ids, parse_body, parse_generation,
                        prompt_ids, usage)
 from .qos import QoSPolicy
+from .schemas import (GENERATION_ERRORS, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
+                      CompletionChunk, CompletionRequest, DetokenizeRequest, DetokenizeResponse, Health, ModelCard,
+                      ModelList, TokenizeRequest, TokenizeResponse, Version, openapi, route)
 
 log = logging.getLogger("niyama.server")
 try:
@@ -72,30 +72,12 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         yield
         await asyncio.to_thread(runner.shutdown)
 
-    app = FastAPI(title="niyama", lifespan=lifespan)
+    app = FastAPI(title="niyama", version=VERSION, lifespan=lifespan)
     app.state.engine = runner
+    add_handlers(app)
+    app.openapi = lambda: openapi(app)      # adds the request bodies the handlers read themselves
 
-    @app.exception_handler(APIError)
-    async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc: StarletteHTTPException):
-        err = APIError(str(exc.detail), exc.status_code, type="not_found_error" if exc.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        return JSONResponse(APIError(str(exc)).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, exc: Exception):
-        ref = uuid.uuid4().hex[:12]
-        log.exception("unhandled error (request %s)", ref)      # the details stay in the log
-        err = APIError(f"internal error (request {ref}); the server log has the details", 500)
-        return JSONResponse(err.body(), status_code=500)
-
-    @app.get("/health")
+    @app.get("/health", **route(Health, errors=(503,)))
     async def health():
         if not runner.alive:
             raise APIError(runner.stopped, 503, type="server_error", code="engine_stopped")
@@ -109,20 +91,20 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
             "max_model_len": model.context, "vocab_size": model.vocab_size, "default_sampling": model.sampling,
             "tiers": [t.describe() for t in qos.tiers.values()], "default_tier": qos.default_tier}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **route(ModelList))
     async def models():
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", **route(ModelCard, errors=(404,)))
     async def model_card(model_id: str):
         check_model({"model": model_id}, model)
         return card
 
-    @app.get("/version")
+    @app.get("/version", **route(Version))
     async def version():
         return {"version": VERSION}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **route(TokenizeResponse, TokenizeRequest, errors=(400, 401, 404, 413, 415)))
     async def tokenize(request: Request):
         check_key(request)
         body = parse_body(await read_body(request))
@@ -130,22 +112,23 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         ids = await asyncio.to_thread(prompt_ids, body, model)
         return {"count": len(ids), "max_model_len": model.context, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", **route(DetokenizeResponse, DetokenizeRequest, errors=(400, 401, 404, 413, 415)))
     async def detokenize(request: Request):
         check_key(request)
         body = parse_body(await read_body(request))
         check_model(body, model)
         return {"prompt": detokenize_ids(body, model)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **route(Completion, CompletionRequest, CompletionChunk, GENERATION_ERRORS))
     async def completions(request: Request):
         return await generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              **route(ChatCompletion, ChatCompletionRequest, ChatCompletionChunk, GENERATION_ERRORS))
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
@@ -229,10 +212,11 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                     yield data(APIError(event.error, event.status).body())
                     break
                 if event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids):
-                    yield data(writer.chunk(event.text, first=first, token_ids=event.token_ids))
+                    yield data(writer.chunk(event.text, first=first, token_ids=event.token_ids,
+                                            num_tokens=event.num_tokens))
                     first = False
                 if event.finish_reason is not None:
-                    yield data(writer.chunk("", event.finish_reason, qos=stream.qos()))
+                    yield data(writer.chunk("", event.finish_reason, qos=stream.qos(), num_tokens=event.num_tokens))
                     if gen.include_usage:
                         yield data(writer.usage_chunk(usage(len(gen.prompt_ids), event.num_tokens)))
             yield "data: [DONE]\n\n"

@@ -1,10 +1,8 @@
 """OpenAI request bodies -> a validated `Generation`; results -> OpenAI response and stream-chunk bodies.
 
-Validation is by hand rather than by pydantic models so that every bad input gets a 400 with a message
-naming the field and what to send instead (OpenAI clients show `error.message` to the user).
-Unknown fields are ignored, as vLLM does; OpenAI and vLLM fields we cannot honour (n > 1, logprobs, tools,
-echo, penalties, response_format, min_p, ...) are refused with a 400 that names them, unless they hold
-their "off" value, rather than silently dropped.
+Types are checked by the pydantic models in schemas.py (a bad one is a 400 naming the field); this module
+adds what a schema cannot say: the model's name, the fields niyama does not honour, the context length,
+token ids in the vocabulary, the chat template, and the QoS fields (qos.py).
 """
 
 from __future__ import annotations
@@ -17,17 +15,11 @@ from dataclasses import dataclass, field
 from ..engine.sampling import SamplingParams
 from ..qos import Priority, Tier
 from .errors import APIError
-from .qos import QoSPolicy, response_service_tier
+from .qos import TARGET_FIELDS, QoSPolicy, response_service_tier
+from .schemas import (PROMPT, UNHONOURED, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
+                      GenerationRequest, StreamOptions, TokenizeRequest, validate)
 
-UNSUPPORTED = {   # field -> values that mean "off" (anything else is refused; null is always off)
-    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],),
-    "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "presence_penalty": (0,),
-    "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},),
-    "min_p": (0,), "repetition_penalty": (1,), "length_penalty": (1,), "min_tokens": (0,),
-    "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
-    "guided_grammar": (), "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
-    "reasoning_effort": (), "web_search_options": (), "store": (False,),
-}
+QOS_FIELDS = ("tier", "service_tier", "priority", *TARGET_FIELDS)
 
 
 @dataclass
@@ -52,6 +44,7 @@ class Generation:
     model: str
     return_token_ids: bool    # put generated token ids in the response (always without a tokenizer)
     service_tier: str = "default"   # what the response reports, in OpenAI's values
+    continuous_usage: bool = False  # every stream chunk carries the usage so far (vLLM's continuous_usage_stats)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -82,97 +75,81 @@ def check_model(body: dict, model: ModelInfo) -> None:
 
 def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) -> Generation:
     check_model(body, model)
-    for key, off in UNSUPPORTED.items():
-        value = body.get(key)
-        if value is not None and value not in off:
-            raise APIError(f"{key}={value!r} is not supported by niyama; leave it out", param=key)
-    prompt_ids = _chat_prompt(body, model) if kind == "chat" else _completion_prompt(body, model)
+    req = validate(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
+    refuse_unhonoured(req)
+    prompt_ids = _chat_prompt(req.messages, model) if kind == "chat" else _completion_prompt(req.prompt, model)
     room = model.context - len(prompt_ids)
-    max_tokens = _max_tokens(body, kind, min(room, model.kv_tokens - len(prompt_ids)))
+    max_tokens = _max_tokens(req, kind, min(room, model.kv_tokens - len(prompt_ids)))
     if max_tokens > room:
         raise APIError(f"this model's maximum context length is {model.context} tokens, but you asked for "
                        f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to "
                        f"generate); shorten the prompt or lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
-    stop = body.get("stop")
-    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError("stop must be a non-empty string or a list of them", param="stop")
-    stop_ids = _field(body, "stop_token_ids", list, [])
-    if not all(_is_int(t) for t in stop_ids):
-        raise APIError("stop_token_ids must be a list of integers", param="stop_token_ids")
-    seed = _field(body, "seed", int, None)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise APIError(f"seed must be in [0, 2^63), got {seed}", param="seed")
-    default = model.sampling
-    try:
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=float(_field(body, "temperature", float, default["temperature"])),
-            top_p=float(_field(body, "top_p", float, default["top_p"])), top_k=_top_k(body, default["top_k"]),
-            seed=seed, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-            ignore_eos=_field(body, "ignore_eos", bool, False))
-    except ValueError as e:
-        raise APIError(str(e)) from None
-    stream = _field(body, "stream", bool, False)
-    options = _field(body, "stream_options", dict, {})
-    include_usage = bool(options.get("include_usage", False))
-    return_ids = _field(body, "return_token_ids", bool, model.tokenizer is None)
-    tier, priority = qos.resolve(body)
-    return Generation(kind, prompt_ids, params, tier, priority, stream, include_usage, model.name, return_ids,
-                      response_service_tier(body))
+    params = _sampling(req, max_tokens, model.sampling)
+    options = req.stream_options or StreamOptions()
+    wanted = {key: getattr(req, key) for key in QOS_FIELDS}
+    tier, priority = qos.resolve(wanted)
+    return_ids = model.tokenizer is None if req.return_token_ids is None else req.return_token_ids
+    return Generation(kind, prompt_ids, params, tier, priority, bool(req.stream), bool(options.include_usage),
+                      model.name, return_ids, response_service_tier(wanted), bool(options.continuous_usage_stats))
+
+
+def refuse_unhonoured(req: GenerationRequest) -> None:
+    for key, off in UNHONOURED.items():
+        value = getattr(req, key)
+        if value is not None and value not in off:
+            raise APIError(f"{key}={value!r} is not supported by niyama; leave it out", param=key)
 
 
 def prompt_ids(body: dict, model: ModelInfo) -> list[int]:
     """The token ids of a body's `messages` (chat template applied) or `prompt` (/tokenize)."""
-    return _chat_prompt(body, model) if "messages" in body else _completion_prompt(body, model)
+    req = validate(TokenizeRequest, body)
+    if req.messages is not None:
+        return _chat_prompt(req.messages, model)
+    if req.prompt is None:
+        raise APIError(f"prompt or messages is required: prompt is {PROMPT}", param="prompt")
+    return _completion_prompt(req.prompt, model)
 
 
 def detokenize_ids(body: dict, model: ModelInfo) -> str:
     """/detokenize: `tokens`, a list of token ids -> text."""
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < model.vocab_size for t in tokens):
+    tokens = validate(DetokenizeRequest, body).tokens
+    if not all(0 <= t < model.vocab_size for t in tokens):
         raise APIError(f"tokens must be a list of token ids in [0, {model.vocab_size})", param="tokens")
     if model.tokenizer is None:
         raise APIError("this model has no tokenizer (dummy weights)", param="tokens")
     return model.tokenizer.decode(tokens, skip_special=False)
 
 
-def _field(body: dict, key: str, kind: type, default):
-    """body[key] checked against `kind` (int excludes bool; float accepts int); null means the default."""
-    value = body.get(key)
-    if value is None:
-        return default
-    ok = {int: _is_int(value), float: isinstance(value, (int, float)) and not isinstance(value, bool)}.get(
-        kind, isinstance(value, kind))
-    if not ok:
-        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-                 dict: "an object"}
-        raise APIError(f"{key} must be {names[kind]}, got {json.dumps(value)[:60]}", param=key)
-    return value
+def _sampling(req: GenerationRequest, max_tokens: int, default: dict) -> SamplingParams:
+    """The request's sampling parameters (the model's defaults where it gives none); SamplingParams checks
+    the ranges."""
+    def pick(key):
+        value = getattr(req, key)
+        return default[key] if value is None else value
+
+    stop = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    top_k = pick("top_k")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=float(pick("temperature")), top_p=float(pick("top_p")),
+            top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=stop,   # vLLM: top_k -1 = off
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos))
+    except ValueError as e:           # its messages open with the field's name
+        name = str(e).split()[0]
+        raise APIError(str(e), param=name if name in type(req).model_fields else None) from None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _top_k(body: dict, default: int) -> int:
-    k = _field(body, "top_k", int, default)
-    return 0 if k == -1 else k           # vLLM: -1 = off
-
-
-def _max_tokens(body: dict, kind: str, room: int) -> int:
+def _max_tokens(req: GenerationRequest, kind: str, room: int) -> int:
     """The requested output length; by default OpenAI's 16 for completions, and for chat all the room the
     context and the KV cache leave."""
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    default = 16 if kind == "completion" else max(room, 1)
-    n = _field(body, key, int, default)
-    if n < 1:
-        raise APIError(f"{key} must be at least 1, got {n}", param=key)
+    n = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if n is None:
+        return 16 if kind == "completion" else max(room, 1)
     return n
 
 
-def _completion_prompt(body: dict, model: ModelInfo) -> list[int]:
-    prompt = body.get("prompt")
+def _completion_prompt(prompt: "str | list", model: ModelInfo) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]                    # a batch of one
     if isinstance(prompt, str):
@@ -180,54 +157,30 @@ def _completion_prompt(body: dict, model: ModelInfo) -> list[int]:
             raise APIError("this model has no tokenizer (dummy weights): send the prompt as a list of token ids",
                            param="prompt")
         ids = model.tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt[0], int):
         bad = [t for t in prompt if not 0 <= t < model.vocab_size]
         if bad:
             raise APIError(f"token ids must be in [0, {model.vocab_size}), got {bad[0]}", param="prompt")
         ids = list(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise APIError("send one prompt per request (a string or a list of token ids)", param="prompt")
     else:
-        raise APIError("prompt is required: a non-empty string or a list of token ids", param="prompt")
+        raise APIError("send one prompt per request (a string or a list of token ids)", param="prompt")
     if not ids:
         raise APIError("the prompt is empty", param="prompt")
     return ids
 
 
-def _chat_prompt(body: dict, model: ModelInfo) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError("messages is required: a non-empty list of {role, content} objects", param="messages")
-    clean = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise APIError(f"messages[{k}] must be an object with a string role", param="messages")
-        if m["role"] not in ("system", "developer", "user", "assistant"):
-            raise APIError(f"messages[{k}].role {m['role']!r} is not supported; use system, user or assistant",
-                           param="messages")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"],
-                      "content": _message_text(m.get("content"), k)})
+def _chat_prompt(messages: list[ChatMessage], model: ModelInfo) -> list[int]:
     if model.tokenizer is None:
         raise APIError("this model has no tokenizer or chat template (dummy weights): use /v1/completions with "
                        "token ids", param="messages")
+    clean = [{"role": "system" if m.role == "developer" else m.role,
+              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+             for m in messages]
     try:
         text = model.tokenizer.apply_chat_template(clean)
     except Exception as e:                      # the template's own raise_exception (e.g. role order)
         raise APIError(f"the chat template rejected the messages: {e}", param="messages") from None
     return model.tokenizer.encode(text)
-
-
-def _message_text(content, k: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):       # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(f"messages[{k}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise APIError(f"messages[{k}].content must be a string or a list of text parts", param="messages")
 
 
 # --- responses ---------------------------------------------------------------
@@ -257,7 +210,9 @@ class ResponseWriter:
         return {**self._base(self.object), "choices": [choice], "usage": usage, "niyama": qos}
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None,
-              token_ids: list[int] | None = None) -> dict:
+              token_ids: list[int] | None = None, num_tokens: int | None = None) -> dict:
+        """A dict matching schemas.CompletionChunk / ChatCompletionChunk (no model here: this is per token).
+        `num_tokens`: tokens generated so far, reported with continuous usage stats."""
         choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
         if self.gen.return_token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
@@ -269,6 +224,8 @@ class ResponseWriter:
         out = {**self._base(self.object + ".chunk" if self.chat else self.object), "choices": [choice]}
         if qos is not None:
             out["niyama"] = qos
+        if self.gen.continuous_usage and num_tokens is not None:
+            out["usage"] = usage(len(self.gen.prompt_ids), num_tokens)
         return out
 
     def usage_chunk(self, usage: dict) -> dict:
