@@ -184,7 +184,7 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server):
             assert all("usage" not in e for e in sse(c, path, {**body, "stream": True}))
 
 
-def test_every_unhonoured_field_is_declared_and_the_coming_penalties_are_numbers():
+def test_every_unhonoured_field_is_declared_and_the_penalties_are_numbers():
     fields = schemas.GenerationRequest.model_fields
     assert set(schemas.UNHONOURED) <= set(fields)
     for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):

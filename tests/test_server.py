@@ -213,8 +213,9 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "hi", "service_tier": "turbo"}, 400, "unknown service_tier"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ("/v1/completions", {"prompt": "hi", "min_p": 0.1}, 400, "min_p"),
-    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p must be in [0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be a finite number > 0"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
     ("/v1/completions", {"prompt": "hi", "priority": "urgent"}, 400, "unknown priority"),
     ("/v1/completions", {"prompt": [1000] * 9000, "max_tokens": 4}, 400, "maximum context length is 8192"),
     ("/v1/completions", {"prompt": [1000] * 5000, "max_tokens": 4}, 400, "KV blocks"),
@@ -454,6 +455,19 @@ def test_a_stop_string_found_on_the_http_side_ends_the_request_in_the_engine(ser
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     health, _ = wait_all_blocks_free(server, 5)
     assert health["kv_blocks_free"] == health["kv_blocks"]
+
+
+def test_penalties_and_min_p_are_honoured(client):
+    base = dict(model=MODEL, prompt="Monday, Tuesday, Wednesday, Monday, Tuesday, Wednesday, Monday,",
+                max_tokens=16, temperature=0)
+    plain = client.completions.create(**base).choices[0].text
+    for extra in ({"repetition_penalty": 1.8}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        changed = client.completions.create(**base, extra_body=extra).choices[0].text
+        assert changed != plain, extra          # the repeated days were the greedy choice
+    # min_p = 1 keeps only the most likely token: sampling at temperature 1 is then greedy, whatever the seed
+    for seed in (1, 2):
+        top_only = client.completions.create(**{**base, "temperature": 1.0}, seed=seed, extra_body={"min_p": 1.0})
+        assert top_only.choices[0].text == plain
 
 
 def test_requests_without_sampling_fields_get_the_models_defaults(client, server):

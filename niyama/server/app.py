@@ -146,10 +146,27 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         except EngineStopped as e:
             raise APIError(f"the server cannot take requests: {e}", 503, type="server_error",
                            code="engine_stopped") from None
+        if stream.verdict is not None:
+            await admission_verdict(stream)
         writer = ResponseWriter(gen)
         if gen.stream:
             return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
         return await collect(request, stream, gen, writer)
+
+    async def admission_verdict(stream: Stream) -> None:
+        """A tier that rejects infeasible requests: wait for the engine's verdict (it comes before the next
+        step) so that a rejection is a 429 before any response has started, streamed or not."""
+        try:
+            rejected = await stream.verdict
+        except BaseException:                  # cancelled: the client left while waiting
+            runner.abort(stream)
+            raise
+        if rejected is None:
+            return
+        if rejected.status != 429:             # the engine stopped meanwhile
+            raise APIError(rejected.error, rejected.status, code="engine_stopped")
+        raise APIError(rejected.error, 429, type="rate_limit_error", code="deadline_infeasible",
+                       headers={"Retry-After": str(rejected.retry_after_s)})
 
     def check_key(request: Request) -> None:
         if limits.api_key is None:

@@ -121,6 +121,9 @@ def detokenize_ids(body: dict, model: ModelInfo) -> str:
     return model.tokenizer.decode(tokens, skip_special=False)
 
 
+PENALTIES = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 def _sampling(req: GenerationRequest, max_tokens: int, default: dict) -> SamplingParams:
     """The request's sampling parameters (the model's defaults where it gives none); SamplingParams checks
     the ranges."""
@@ -134,7 +137,8 @@ def _sampling(req: GenerationRequest, max_tokens: int, default: dict) -> Samplin
         return SamplingParams(
             max_tokens=max_tokens, temperature=float(pick("temperature")), top_p=float(pick("top_p")),
             top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=stop,   # vLLM: top_k -1 = off
-            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos))
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos),
+            **{key: float(getattr(req, key)) for key in PENALTIES if getattr(req, key) is not None})
     except ValueError as e:           # its messages open with the field's name
         name = str(e).split()[0]
         raise APIError(str(e), param=name if name in type(req).model_fields else None) from None

@@ -73,8 +73,6 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1), expect(MESSAGES, sh
 
 # field -> the values that mean "off": anything else is refused with a 400 naming the field (null is off)
 UNHONOURED = {
-    # the sampler's coming features: each leaves this table when protocol passes it to SamplingParams
-    "min_p": (0,), "repetition_penalty": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
     "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},), "suffix": ("",),
     "response_format": ({"type": "text"},), "length_penalty": (1,), "min_tokens": (0,),
@@ -115,11 +113,14 @@ class GenerationRequest(Strict):
     ttlt_ms: Millis | None = Field(None, description="time to last token target (a batch request)")
     priority: Annotated[str | int, expect("'important', 'low' or an integer")] | None = Field(
         None, description="'important' (default) or 'low'; or vLLM's integer (lower runs first; > 0 is low)")
-    # the sampler's coming features (refused while in UNHONOURED)
-    min_p: Number | None = unhonoured()
-    repetition_penalty: Number | None = unhonoured()
-    presence_penalty: Number | None = unhonoured()
-    frequency_penalty: Number | None = unhonoured()
+    min_p: Number | None = Field(None, description="in [0, 1]: drop tokens less likely than min_p x the top one; "
+                                 "0 = off")
+    repetition_penalty: Number | None = Field(None, description="> 0: a token seen in the prompt or the output "
+                                              "has its logit divided (if positive) or multiplied by it; 1 = off")
+    presence_penalty: Number | None = Field(None, description="in [-2, 2]: subtracted once from the logit of "
+                                            "every token already in the output; 0 = off")
+    frequency_penalty: Number | None = Field(None, description="in [-2, 2]: subtracted from a token's logit "
+                                             "once per time it is in the output; 0 = off")
     # OpenAI and vLLM fields niyama does not honour: refused unless off
     n: int | None = unhonoured()
     best_of: int | None = unhonoured()
