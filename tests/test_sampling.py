@@ -164,7 +164,8 @@ def test_dummy_weights_for_a_named_shape():
 def test_measured_profile_times_this_machine_and_leaves_the_engine_clean():
     engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=8192, profile="measure")
     rows = engine.calibration_rows
-    assert engine.scheduler.predictor is engine.profile and engine.profile.name == "measured-dummy-tiny-cpu"
+    assert engine.scheduler.predictor is engine.predictor and engine.predictor.base is engine.profile
+    assert engine.profile.name == "measured-dummy-tiny-cpu"
     assert len(rows) >= 8 and any(r[0] + r[1] > 512 for r in rows) and any(r[3] > 0 for r in rows)
     assert all(r[4] > 0 for r in rows)
     # a bigger prefill costs more, in the measurements and in the fitted model the scheduler plans with

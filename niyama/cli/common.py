@@ -37,6 +37,13 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("replica")
     g.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"batch-time profile: {', '.join(PROFILES)} or a JSON file (default {DEFAULT_PROFILE})")
+    g.add_argument("--executor-profile", default=None, metavar="PROFILE",
+                   help="how long batches really take, when that differs from what the scheduler plans with "
+                        "(--profile); e.g. a100-llama3-8b*2 for a replica twice as slow as planned (default: "
+                        "--profile)")
+    g.add_argument("--online-correction", action="store_true",
+                   help="the scheduler rescales its profile by the batch times it sees, as the engine does by "
+                        "default (default off: the simulator's times are the profile's own)")
     g.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
                    help=f"KV cache capacity in tokens (default {DEFAULT_KV_TOKENS}: Llama-3-8B on 80 GB)")
     g.add_argument("--noise", type=float, default=0.0,
@@ -80,6 +87,19 @@ def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768, c
                         "reference on a CPU (default auto)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly (default: steps of up to 1,024 tokens replay CUDA graphs on a GPU)")
+    g.add_argument("--no-online-correction", action="store_true",
+                   help="plan with the batch-time profile as it is (default: rescale its predictions by the step "
+                        "times measured while serving, per kind of step)")
+
+
+def add_profile_option(p) -> None:
+    """The engine verbs' batch-time profile (the simulator's is in add_replica_options)."""
+    p.add_argument("--profile", default="auto",
+                   help="batch-time profile the scheduler plans with: auto (the shipped profile of this GPU and "
+                        "model shape if there is one, else measured on this machine at start-up, ~20 s on a 2-core "
+                        "CPU, and cached for the next start), measure (always measure), a shipped name "
+                        f"({', '.join(PROFILES)}) or a profile JSON (`niyama fit-predictor`, `niyama replay`) "
+                        "(default auto)")
 
 
 def engine_config_from_args(args, **extra):
@@ -94,7 +114,8 @@ def engine_config_from_args(args, **extra):
     return EngineConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                         kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
                         attention=args.attention, cuda_graphs=not args.no_cuda_graphs, tokenizer=args.tokenizer,
-                        chat_template=load_chat_template(template) if template else None, **extra)
+                        chat_template=load_chat_template(template) if template else None,
+                        online_correction=not args.no_online_correction, **extra)
 
 
 def scenario_from_args(args, trace: str, policy: str) -> Scenario:
@@ -104,7 +125,8 @@ def scenario_from_args(args, trace: str, policy: str) -> Scenario:
                     workload_options=dict(tiers=args.tiers, tier_mix=args.tier_mix,
                                           low_priority_fraction=args.low_priority,
                                           on_infeasible=getattr(args, "on_infeasible", None)),
-                    policy_options=parse_policy_options(policy, args.opt))
+                    policy_options=parse_policy_options(policy, args.opt), executor_profile=args.executor_profile,
+                    online_correction=args.online_correction)
 
 
 def trace_help() -> str:
@@ -144,5 +166,5 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_admission_option", "add_engine_options", "engine_config_from_args", "add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
+__all__ = ["add_admission_option", "add_engine_options", "add_profile_option", "engine_config_from_args", "add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
            "parse_any_policy_options", "describe_policies", "check_policy", "scenario_from_args", "trace_help"]

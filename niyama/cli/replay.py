@@ -9,9 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..metrics import format_report, summarize, write_records_csv
-from ..predictor import DEFAULT_PROFILE
 from ..workload import make_workload
-from .common import (add_engine_options, add_output_options, add_workload_options, check_policy,
+from .common import (add_engine_options, add_output_options, add_profile_option, add_workload_options, check_policy,
                      engine_config_from_args, parse_policy_options, trace_help)
 
 EXAMPLES = """examples:
@@ -37,10 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", default="niyama", help="scheduling policy, see `niyama policies` (default niyama)")
     p.add_argument("--qps", type=float, required=True, help="mean arrival rate (Poisson)")
     p.add_argument("--requests", type=int, default=40, help="number of requests (default 40)")
-    p.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help="batch-time profile the scheduler plans with: a shipped name, a profile.json written by "
-                        "an earlier replay, or 'measure' (time batches on this machine at start-up) "
-                        f"(default {DEFAULT_PROFILE})")
+    add_profile_option(p)
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="clip prompts to N tokens (default: only to the model context and KV cache)")
     p.add_argument("--max-output-tokens", type=int, default=None, metavar="N", help="clip outputs to N tokens")

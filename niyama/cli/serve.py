@@ -9,8 +9,8 @@ import signal
 import socket
 import sys
 
-from ..predictor import DEFAULT_PROFILE
-from .common import add_admission_option, add_engine_options, check_policy, engine_config_from_args, parse_policy_options
+from .common import (add_admission_option, add_engine_options, add_profile_option, check_policy, engine_config_from_args,
+                     parse_policy_options)
 
 EXAMPLES = """examples:
   niyama serve                                          # SmolLM2-135M-Instruct on CPU, port 8000
@@ -57,10 +57,7 @@ def add_parser(sub) -> None:
                         "priority,scale=the first interactive tier, flex=the last tier)")
     s = p.add_argument_group("scheduling")
     s.add_argument("--policy", default="niyama", help="scheduling policy, see `niyama policies` (default niyama)")
-    s.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help="batch-time profile the scheduler plans with: a shipped name, a profile.json from "
-                        "`niyama replay`, or 'measure' (time batches on this machine at start-up: ~20 s on a "
-                        f"2-core CPU, instant on a GPU) (default {DEFAULT_PROFILE})")
+    add_profile_option(s)
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
     s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
     add_engine_options(p, chat=True)

@@ -62,7 +62,8 @@ def run(args) -> int:
                 bar.update(done - bar.n)
 
         result = simulate(wl, args.policy, profile=args.profile, kv_tokens=args.kv_tokens, noise=args.noise,
-                          seed=args.seed, policy_options=options, progress=progress)
+                          seed=args.seed, policy_options=options, progress=progress,
+                          executor_profile=args.executor_profile, online_correction=args.online_correction)
     summary, records = summarize(result)
     print(format_report(summary))
     out = Path(args.out)

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from ..kv import BlockAllocator
-from ..predictor import DEFAULT_PROFILE, load_profile
+from ..predictor.online import OnlineCorrection
 from ..qos import DeadlineRule, Priority, Tier, load_tiers
 from ..replica import Replica, WallClock
 from ..request import Phase, Request
 from ..scheduler import make_scheduler
 from .attention import TorchReference, make_backend
+from . import profile_choice
 from .calibrate import calibrate
 from .config import ModelConfig
 from .kv_cache import DEFAULT_CPU_KV_TOKENS, PagedKVCache
@@ -38,7 +39,6 @@ from .tokenizer import load_tokenizer
 from .weights import DEFAULT_MODEL, read_hf_tensors, resolve, sampling_defaults
 
 
-MEASURE = "measure"    # EngineConfig.profile: fit a profile from batches timed at start-up
 
 
 @dataclass
@@ -53,7 +53,9 @@ class EngineConfig:
     cuda_graphs: bool = True              # steps of <= 1024 tokens replay CUDA graphs (triton attention on cuda)
     policy: str = "niyama"
     policy_options: dict | None = None
-    profile: str = DEFAULT_PROFILE        # batch-time profile the scheduler plans with; "measure": time this machine
+    profile: str = "auto"                 # batch-time profile: auto (shipped for this GPU and model, else measured
+                                          # here and cached), measure (always measure), a shipped name or a file
+    online_correction: bool = True        # rescale the profile by the measured step times (predictor/online.py)
     tiers: str = "default"
     max_num_seqs: int = 256
     seed: int = 0
@@ -102,8 +104,9 @@ class LLMEngine:
         self.sampling_defaults = sampling_defaults(None if kind == "dummy" else source,
                                                    cfg.model in (None, "", "default", DEFAULT_MODEL))
         policy_options = {"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})}
-        profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
-        self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)
+        choice = profile_choice.choose(cfg.profile, model_config, self.device, self.dtype,
+                                       f"{backend.name} graphs={cfg.cuda_graphs} seqs={cfg.max_num_seqs}")
+        self.scheduler = make_scheduler(cfg.policy, choice.profile, **policy_options)   # for its batch bound
         graphs = fast and cfg.cuda_graphs and self.device.type == "cuda"
         buckets = ()
         if fast:
@@ -125,13 +128,19 @@ class LLMEngine:
             if self.device.type == "cuda":
                 backend.warm_up(*self.kv_cache.layer(0), self.scheduler.max_batch_tokens)
         self.calibration_rows: list[tuple] = []
-        if cfg.profile == MEASURE:
+        profile, self.profile_source = choice.profile, choice.why
+        if profile is None:
             profile, self.calibration_rows = calibrate(
                 self.executor, self.allocator, model_config.max_position, model_config.vocab_size,
                 name=f"measured-{self.model_name}-{self.device.type}")
-            self.scheduler = make_scheduler(cfg.policy, profile, **policy_options)
+            profile_choice.remember(choice, profile)
         self.profile = profile
+        # what the scheduler plans with: the profile, rescaled online by the measured steps (predictor/online.py)
+        self.predictor = OnlineCorrection(profile) if cfg.online_correction else profile
+        self.scheduler = make_scheduler(cfg.policy, self.predictor, **policy_options)
         self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock(), keep_finished=False)
+        if cfg.online_correction:
+            self.replica.on_step.append(lambda plan, result, end: self.predictor.observe_plan(plan, result.duration_s))
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
@@ -234,7 +243,8 @@ class LLMEngine:
                 f"KV cache {self.allocator.num_blocks * self.allocator.block_size} tokens ({kv_gib:.2f} GiB); "
                 f"attention {self.executor.backend.name}, "
                 f"{f'{len(graphs.graphs)} CUDA graphs' if graphs else 'no CUDA graphs'}; "
-                f"policy {self.config.policy}, batch-time profile {self.profile.name}; loaded in {self.load_time_s:.1f} s"
+                f"policy {self.config.policy}, batch-time profile {self.profile_source}"
+                f"{', corrected online' if self.config.online_correction else ''}; loaded in {self.load_time_s:.1f} s"
                 + (f"\nmemory plan: {self.memory.describe()}" if self.memory else ""))
 
 

@@ -56,6 +56,8 @@ class Context:
     profile: str = DEFAULT_PROFILE
     kv_tokens: int = DEFAULT_KV_TOKENS
     noise: float = 0.0
+    executor_profile: str | None = None          # how long batches really take (default: `profile`)
+    online_correction: bool = False              # the scheduler rescales its profile by the times it sees
     policy_overrides: dict = field(default_factory=dict)   # --opt: applied to every policy with the knob
     reference_qps: float | None = None           # skip the reference capacity search
     processes: int | None = None
@@ -70,7 +72,8 @@ class Context:
         return Scenario(trace, policy, profile=self.profile, kv_tokens=self.kv_tokens, noise=self.noise,
                         seed=self.seed, duration_s=duration_h * 3600.0,
                         workload_options={k: v for k, v in workload_options.items() if v is not None},
-                        policy_options=opts)
+                        policy_options=opts, executor_profile=self.executor_profile,
+                        online_correction=self.online_correction)
 
     def run_points(self, runs: list[tuple[Scenario, float | None]], desc: str = "simulating") -> list[Run]:
         """Simulate each (scenario, qps), in parallel; summaries and per-request records come back."""

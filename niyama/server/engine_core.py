@@ -73,7 +73,7 @@ class EngineCore:
         self.admitted: list[int] = []           # ... of which admitted, not told yet
         self.steps: list[dict] = []             # what each step since the last message did (metrics)
         self.degraded: str | None = None
-        engine.replica.on_step.append(self._observe)
+        engine.replica.on_step.insert(0, self._observe)     # before the online correction learns from the step
 
     def run(self) -> None:
         try:
@@ -155,11 +155,11 @@ class EngineCore:
     def _observe(self, plan, result, end_s: float) -> None:
         """Replica hook after each step: what the metrics need, as plain values."""
         start_s = end_s - result.duration_s
-        predicted = self.engine.profile.batch_time(plan.num_prefill_tokens, plan.num_decodes, plan.decode_context,
-                                                   plan.prefill_context)
+        predicted = self.engine.predictor.batch_time(plan.num_prefill_tokens, plan.num_decodes,
+                                                     plan.decode_context, plan.prefill_context)
         self.steps.append({
             "duration_s": result.duration_s,
-            "predicted_s": predicted,         # what the scheduler's batch-time profile said this step would take
+            "predicted_s": predicted,         # what the scheduler planned this step to take
             "budget": plan.token_budget if plan.prefills else None,
             "tokens": plan.num_prefill_tokens + plan.num_decodes,
             "queue_s": [(c.request.tier.name, start_s - c.request.arrival_s) for c in plan.prefills
@@ -216,7 +216,8 @@ class EngineCore:
         waiting, started = len(engine.scheduler.waiting), engine.scheduler.waiting.num_started
         stats = {"time": time.monotonic(), "steps": self.steps, "kv_free": kv.num_free, "kv_blocks": kv.num_blocks,
                  "running": len(engine.replica.decodes) + started, "waiting": waiting - started,
-                 "degraded": self.degraded, "admitted": self.admitted}
+                 "degraded": self.degraded, "admitted": self.admitted,
+                 "correction": getattr(engine.predictor, "ratios", None)}
         self.steps = []
         self.admitted = []
         self.outputs.send(("out", rids, tokens, out, stats))

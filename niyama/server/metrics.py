@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from ..predictor.online import KINDS
 from ..qos import Tier
 
 disable_created_metrics()     # no `*_created` series: they double the output and no dashboard reads them
@@ -73,11 +74,17 @@ class ServerMetrics:
         self.step_time = Histogram("niyama:iteration_duration_seconds", "Measured duration of each engine step",
                                    m, registry=r, buckets=STEP_BUCKETS)
         self.step_ratio = Histogram("niyama:iteration_time_over_predicted", "Each engine step's measured duration "
-                                    "over what the scheduler's batch-time profile predicted for it (1 = exact; "
-                                    "above 1 the scheduler plans chunks too large for its deadlines)", m,
+                                    "over what the scheduler predicted for it when it planned it (the profile, "
+                                    "corrected online; 1 = exact; above 1 it plans chunks too large for its "
+                                    "deadlines)", m,
                                     registry=r, buckets=RATIO_BUCKETS)
+        self.correction = Gauge("niyama:predictor_correction", "The online correction of the batch-time profile: "
+                                "measured over profile-predicted step time, per kind of step (1 = the profile is right)",
+                                m + ("kind",), registry=r)
         self.tier_target = Gauge("niyama:tier_target_seconds", "Each configured tier's targets (kind: ttft, tbt, "
                                  "ttlt), to draw beside its latencies", m + ("tier", "kind"), registry=r)
+        for kind in KINDS:
+            self.correction.labels(model_name, kind).set(1.0)
         for t in tiers:
             for kind in ("ttft", "tbt", "ttlt"):
                 if getattr(t, f"{kind}_s") is not None:
@@ -114,6 +121,8 @@ class ServerMetrics:
                 self.relegations.labels(m, tier).inc()
             if step["preempted"]:
                 self.preemptions.labels(m).inc(step["preempted"])
+        for kind, ratio in (stats["correction"] or {}).items():
+            self.correction.labels(m, kind).set(ratio)
         self.running.labels(m).set(stats["running"])
         self.waiting.labels(m).set(stats["waiting"])
         self.kv_usage.labels(m).set(1 - stats["kv_free"] / stats["kv_blocks"])

@@ -28,6 +28,8 @@ class Scenario:
     num_requests: int | None = None           # ...unless a fixed request count is given
     workload_options: dict = field(default_factory=dict)   # more make_workload keywords (tiers, tier_mix, ...)
     policy_options: dict = field(default_factory=dict)     # policy knobs (see `niyama policies`)
+    executor_profile: str | None = None       # how long batches really take (default: `profile`)
+    online_correction: bool = False           # the scheduler rescales its profile by the times it sees
 
     @property
     def label(self) -> str:
@@ -44,4 +46,5 @@ class Scenario:
 
     def simulate(self, qps: float | None, scale: float = 1.0, on_step=None) -> SimResult:
         return simulate(self.workload(qps, scale), self.policy, profile=self.profile, kv_tokens=self.kv_tokens,
-                        noise=self.noise, seed=self.seed, policy_options=self.policy_options, on_step=on_step)
+                        noise=self.noise, seed=self.seed, policy_options=self.policy_options, on_step=on_step,
+                        executor_profile=self.executor_profile, online_correction=self.online_correction)
