@@ -7,5 +7,6 @@ here. Profiles are named per model x hardware; see `profiles.py`.
 from .base import BatchTimePredictor
 from .linear import TwoRegimeLinear
 from .profiles import DEFAULT_PROFILE, PROFILES, load_profile
+from .spline import LinearSpline
 
-__all__ = ["BatchTimePredictor", "TwoRegimeLinear", "DEFAULT_PROFILE", "PROFILES", "load_profile"]
+__all__ = ["BatchTimePredictor", "TwoRegimeLinear", "LinearSpline", "DEFAULT_PROFILE", "PROFILES", "load_profile"]

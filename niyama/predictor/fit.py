@@ -1,15 +1,32 @@
-"""Fit a batch-time profile from measured steps (the engine's step log).
+"""Fit batch-time profiles from measured steps (`niyama profile`'s CSV, a replay's step log).
 
-Each row is one executed batch: its features and its measured duration. The
-fit is the same two-regime linear model as the shipped profiles,
-by least squares per regime; a regime with too few rows borrows the other's
-coefficients."""
+Each row is one executed batch: (prefill tokens, decodes, decode context sum, prefill context, seconds).
+
+- `fit_two_regime`: the shipped profiles' model, SPEC §4 and the artifact's: least squares per regime
+  (<= 512 total tokens and above); a regime with too few rows borrows the other's coefficients.
+- `fit_spline`: one linear spline in total tokens plus attention's costs (spline.py), fitted to
+  minimise relative error (least squares of (predicted - measured) / measured).
+
+`split_by_shape` holds out whole shapes, `error_summary` scores a model on rows.
+"""
 
 from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
 
 import numpy as np
 
 from .linear import FEATURES, LinearCoefficients, TwoRegimeLinear
+from .spline import LinearSpline
+
+KNOTS = (64, 128, 256, 512, 1024, 2048)     # powers of two; a fit keeps those inside its rows' totals
+KINDS = ("decode", "prefill", "mixed")
+
+
+def kind(num_prefill_tokens: int, num_decodes: int) -> str:
+    return "mixed" if num_prefill_tokens and num_decodes else "prefill" if num_prefill_tokens else "decode"
 
 
 def features(num_prefill_tokens, num_decodes, decode_context, prefill_context) -> list[float]:
@@ -42,8 +59,89 @@ def _lstsq(x: np.ndarray, y: np.ndarray) -> LinearCoefficients:
     return LinearCoefficients(**dict(zip(FEATURES, map(float, coef[:-1]))), intercept=float(coef[-1]))
 
 
+def fit_spline(rows: list[tuple[int, int, int, int, float]], name: str, knots: tuple[int, ...] = KNOTS
+               ) -> LinearSpline:
+    """Least squares of the relative error (each row weighted by 1 / its time). The knots kept are those
+    with measured totals on both sides; the attention and context coefficients, costs, are kept >= 0 (a
+    negative one is dropped and the rest refitted)."""
+    p, d, dctx, pctx, y = (np.array([r[i] for r in rows], dtype=float) for i in range(5))
+    total = p + d
+    knots = tuple(k for k in knots if (total < k).any() and (total > k).sum() >= 2)
+    cols = {"intercept": np.ones_like(y), "total_tokens": total,
+            **{f"h{k}": np.maximum(0.0, total - k) for k in knots},
+            "decodes": d, "decode_context": dctx, "prefill_context": pctx, "chunk_context_pairs": p * pctx,
+            "chunk_self_pairs": p * p / 2}
+    if len(rows) < len(cols):
+        raise ValueError(f"need at least {len(cols)} measured steps to fit a linear spline, got {len(rows)}")
+    if (y <= 0).any():
+        raise ValueError("measured times must be > 0")
+    nonneg = ("decode_context", "prefill_context", "chunk_context_pairs", "chunk_self_pairs")
+    used = [c for c in cols if cols[c].any() or c == "intercept"]
+    while True:
+        x = np.stack([cols[c] for c in used], axis=1) / y[:, None]
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+        coef, *_ = np.linalg.lstsq(x / scale, np.ones_like(y), rcond=None)
+        coef = dict(zip(used, coef / scale))
+        bad = [c for c in nonneg if coef.get(c, 0.0) < 0]
+        if not bad:
+            break
+        used.remove(min(bad, key=lambda c: coef[c] * np.abs(cols[c]).max()))
+    c = {col: float(coef.get(col, 0.0)) for col in cols}
+    return LinearSpline(name=name, knots=knots, intercept=c["intercept"], total_tokens=c["total_tokens"],
+                        hinges=tuple(c[f"h{k}"] for k in knots), decodes=c["decodes"],
+                        decode_context=c["decode_context"], prefill_context=c["prefill_context"],
+                        chunk_context_pairs=c["chunk_context_pairs"], chunk_self_pairs=c["chunk_self_pairs"],
+                        max_total=int(total.max()), min_s=float(y.min()) / 2)
+
+
 def relative_errors(profile, rows) -> np.ndarray:
     """|predicted - measured| / measured per row."""
     pred = np.array([profile.batch_time(*r[:4]) for r in rows])
     meas = np.array([r[4] for r in rows])
     return np.abs(pred - meas) / meas
+
+
+def split_by_shape(rows: list[tuple], test_share: float, seed: int = 0) -> tuple[list[tuple], list[tuple]]:
+    """(train, held out): `test_share` of the distinct shapes of each kind (decode-only, prefill-only,
+    mixed) are held out with every row of theirs, so no held-out shape was seen in training."""
+    if not 0 < test_share < 1:
+        raise ValueError("the held-out share must be in (0, 1)")
+    rng = random.Random(seed)
+    held = set()
+    for k in KINDS:
+        shapes = sorted({tuple(r[:4]) for r in rows if kind(r[0], r[1]) == k})
+        rng.shuffle(shapes)
+        held.update(shapes[:round(len(shapes) * test_share)])
+    return [r for r in rows if tuple(r[:4]) not in held], [r for r in rows if tuple(r[:4]) in held]
+
+
+def error_summary(profile, rows) -> dict[str, dict[str, float]]:
+    """Per kind of step and over all rows: number of rows, mean / p95 / max relative error."""
+    out = {}
+    for k in ("all",) + KINDS:
+        sel = [r for r in rows if k == "all" or kind(r[0], r[1]) == k]
+        if sel:
+            err = relative_errors(profile, sel)
+            out[k] = {"rows": len(sel), "mape": float(err.mean()), "p95": float(np.percentile(err, 95)),
+                      "max": float(err.max())}
+    return out
+
+
+def meta_path(csv_path: Path) -> Path:
+    """The sidecar JSON of a `niyama profile` CSV: device, model, dtype, versions, settings."""
+    return Path(csv_path).with_suffix(".meta.json")
+
+
+def read_profile_csv(path: Path, column: str = "wall_s") -> list[tuple[int, int, int, int, float]]:
+    """Rows (prefill tokens, decodes, decode context, prefill context, seconds) of a `niyama profile` CSV;
+    `column`: wall_s or gpu_s (rows without a value are left out)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"prefill_tokens", "prefill_context", "decodes", "decode_context", column}
+        if not need <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: not a `niyama profile` CSV (needs columns {', '.join(sorted(need))})")
+        rows = [(int(r["prefill_tokens"]), int(r["decodes"]), int(r["decode_context"]), int(r["prefill_context"]),
+                 float(r[column])) for r in reader if r[column]]
+    if not rows:
+        raise ValueError(f"{path}: no rows with a {column} value")
+    return rows

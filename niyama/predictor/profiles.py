@@ -1,11 +1,20 @@
-"""Shipped batch-time profiles, by name (model x hardware)."""
+"""Shipped batch-time profiles, by name (model x hardware).
+
+Built in: the paper's A100 fit. Shipped as data: every `data/<name>.json` written by `niyama fit-predictor`
+(a profile measured later ships by dropping its JSON there). Anywhere else: a JSON file by path."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .linear import LinearCoefficients, TwoRegimeLinear
+from .spline import KIND as SPLINE_KIND
+from .spline import LinearSpline
+
+DATA_DIR = Path(__file__).parent / "data"      # shipped JSON profiles, one per name
+KINDS = {"two-regime-linear": TwoRegimeLinear, SPLINE_KIND: LinearSpline}     # a profile JSON's "kind"
 
 # Llama-3-8B on one A100-80GB: the artifact's fitted coefficients.
 A100_LLAMA3_8B = TwoRegimeLinear(
@@ -19,17 +28,68 @@ A100_LLAMA3_8B = TwoRegimeLinear(
 # What the scheduler and the simulator plan with unless told otherwise: the paper's A100 fit.
 DEFAULT_PROFILE = "a100-llama3-8b"
 
-PROFILES = {p.name: p for p in (A100_LLAMA3_8B,)}
+BUILT_IN = {p.name: p for p in (A100_LLAMA3_8B,)}
+
+
+def from_dict(data: dict, source: str = "profile"):
+    """A predictor from its JSON form (`to_dict` of any kind in KINDS)."""
+    cls = KINDS.get(data.get("kind"))
+    if cls is None:
+        raise ValueError(f"{source}: unsupported profile kind {data.get('kind')!r}; known: {', '.join(KINDS)}")
+    return cls.from_dict(data)
+
+
+def shipped_names() -> list[str]:
+    """Names of the JSON profiles shipped under DATA_DIR."""
+    return sorted(p.stem for p in DATA_DIR.glob("*.json")) if DATA_DIR.is_dir() else []
+
+
+def _shipped(name: str):
+    path = DATA_DIR / f"{name}.json"
+    return from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None
+
+
+# Every profile by name: built in, then shipped as data.
+PROFILES = {**BUILT_IN, **{n: _shipped(n) for n in shipped_names() if n not in BUILT_IN}}
+
+
+@dataclass(frozen=True)
+class ScaledPredictor:
+    """Another predictor's times x `factor`: a machine that is uniformly slower or faster than a profile
+    (what-if runs, and a scheduler planning with a wrong profile in the simulator)."""
+
+    base: object
+    factor: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name}*{self.factor:g}"
+
+    def batch_time(self, num_prefill_tokens: int, num_decode_tokens: int,
+                   decode_context: int, prefill_context: int) -> float:
+        return self.factor * self.base.batch_time(num_prefill_tokens, num_decode_tokens, decode_context,
+                                                  prefill_context)
 
 
 def load_profile(spec: str):
-    """A shipped profile name, or a JSON file written by `TwoRegimeLinear.to_dict`."""
+    """A built-in or shipped profile name, or a JSON file (`niyama fit-predictor`, `niyama replay`: any kind
+    in KINDS); `NAME*F` scales every time by F (e.g. `a100-llama3-8b*2`: a machine twice as slow)."""
+    name, star, factor = spec.rpartition("*")
+    if star and name:
+        try:
+            f = float(factor)
+        except ValueError:
+            raise ValueError(f"profile {spec!r}: the factor after '*' must be a number") from None
+        if not f > 0:
+            raise ValueError(f"profile {spec!r}: the factor must be > 0")
+        return ScaledPredictor(load_profile(name), f)
     if spec in PROFILES:
         return PROFILES[spec]
+    shipped = _shipped(spec) if Path(spec).name == spec and not spec.endswith(".json") else None
+    if shipped is not None:
+        return shipped
     path = Path(spec)
-    if not path.exists():
-        raise ValueError(f"unknown profile {spec!r}: use one of {sorted(PROFILES)} or a JSON file")
-    data = json.loads(path.read_text())
-    if data.get("kind") != "two-regime-linear":
-        raise ValueError(f"{spec}: unsupported profile kind {data.get('kind')!r}")
-    return TwoRegimeLinear.from_dict(data)
+    if not path.is_file():
+        raise ValueError(f"unknown profile {spec!r}: use one of {', '.join(list(BUILT_IN) + shipped_names())} "
+                         "or a profile JSON file")
+    return from_dict(json.loads(path.read_text()), spec)
