@@ -97,6 +97,7 @@ def test_spline_json_round_trip_and_load_by_path_name_and_scale(tmp_path, monkey
     (tmp_path / "odd.json").write_text(json.dumps({"kind": "forest", "name": "odd"}))
     with pytest.raises(ValueError, match="unsupported profile kind"):
         load_profile("odd")
+    assert "odd" not in profiles._all_profiles() and "test-machine" in profiles._all_profiles()   # import survives
 
 
 def test_spline_is_sane_beyond_the_measured_range():

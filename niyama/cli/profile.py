@@ -12,8 +12,8 @@ from pathlib import Path
 from .common import add_engine_options, engine_config_from_args
 
 PROFILE_EXAMPLES = """examples:
-  niyama profile --quick                                    # the default model on this CPU, ~1-2 min
-  niyama profile --shapes 200 --repeats 3                   # the CPU run the README reports
+  niyama profile --quick                                    # the default model on this CPU, ~1 min
+  OMP_NUM_THREADS=1 niyama profile --shapes 120 --repeats 3 # the CPU run the README reports
   niyama profile --model llama-3-8b --load-format dummy --device cuda --out results/profile/h100.csv
   niyama fit-predictor results/profile/profile.csv
 
@@ -31,7 +31,7 @@ FIT_EXAMPLES = """examples:
 
 Models: linear, the two-regime linear model of the paper's artifact (split at 512 total tokens); spline,
 a linear spline in total tokens (knots at powers of two) plus decode count, decode context, prefill
-context and a chunk's attention pairs P * (context + P / 2), fitted to relative error. Both are fitted
+context C and a chunk's attention pairs P * C and P * P / 2, fitted to relative error. Both are fitted
 on the training shapes and scored on held-out shapes; the chosen one is refitted on every row.
 """
 

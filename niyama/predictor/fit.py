@@ -69,7 +69,7 @@ def fit_spline(rows: list[tuple[int, int, int, int, float]], name: str, knots: t
     knots = tuple(k for k in knots if (total < k).any() and (total > k).sum() >= 2)
     cols = {"intercept": np.ones_like(y), "total_tokens": total,
             **{f"h{k}": np.maximum(0.0, total - k) for k in knots},
-            "decodes": d, "decode_context": dctx, "prefill_context": pctx, "chunk_context_pairs": p * pctx,
+            "prefill_step": (p > 0).astype(float), "decode_step": (d > 0).astype(float), "decodes": d, "decode_context": dctx, "prefill_context": pctx, "chunk_context_pairs": p * pctx,
             "chunk_self_pairs": p * p / 2}
     if len(rows) < len(cols):
         raise ValueError(f"need at least {len(cols)} measured steps to fit a linear spline, got {len(rows)}")
@@ -88,7 +88,8 @@ def fit_spline(rows: list[tuple[int, int, int, int, float]], name: str, knots: t
         used.remove(min(bad, key=lambda c: coef[c] * np.abs(cols[c]).max()))
     c = {col: float(coef.get(col, 0.0)) for col in cols}
     return LinearSpline(name=name, knots=knots, intercept=c["intercept"], total_tokens=c["total_tokens"],
-                        hinges=tuple(c[f"h{k}"] for k in knots), decodes=c["decodes"],
+                        hinges=tuple(c[f"h{k}"] for k in knots), prefill_step=c["prefill_step"],
+                        decode_step=c["decode_step"], decodes=c["decodes"],
                         decode_context=c["decode_context"], prefill_context=c["prefill_context"],
                         chunk_context_pairs=c["chunk_context_pairs"], chunk_self_pairs=c["chunk_self_pairs"],
                         max_total=int(total.max()), min_s=float(y.min()) / 2)

@@ -6,12 +6,15 @@ Built in: the paper's A100 fit. Shipped as data: every `data/<name>.json` writte
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from .linear import LinearCoefficients, TwoRegimeLinear
 from .spline import KIND as SPLINE_KIND
 from .spline import LinearSpline
+
+log = logging.getLogger("niyama.predictor")
 
 DATA_DIR = Path(__file__).parent / "data"      # shipped JSON profiles, one per name
 KINDS = {"two-regime-linear": TwoRegimeLinear, SPLINE_KIND: LinearSpline}     # a profile JSON's "kind"
@@ -49,8 +52,19 @@ def _shipped(name: str):
     return from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None
 
 
-# Every profile by name: built in, then shipped as data.
-PROFILES = {**BUILT_IN, **{n: _shipped(n) for n in shipped_names() if n not in BUILT_IN}}
+def _all_profiles() -> dict:
+    """Built in, then shipped as data. A shipped file that does not load is left out here (with a
+    warning), not allowed to break every import; `load_profile` of its name raises the error."""
+    out = dict(BUILT_IN)
+    for name in shipped_names():
+        try:
+            out.setdefault(name, _shipped(name))
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            log.warning("shipped profile %s does not load: %r", name, e)
+    return out
+
+
+PROFILES = _all_profiles()     # every profile by name
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """A linear spline in total tokens plus attention's costs: one model for every batch shape.
 
     time = intercept + a * T + sum_k h_k * max(0, T - k)      T = prefill + decode tokens
+         + [P > 0] * prefill_step + [decodes > 0] * decode_step (each part's fixed cost: its kernels)
          + b * decodes + c * decode_context                    (lm_head and sampling per decode; KV read)
          + d * C + e * P * C + f * P * P / 2                   (a chunk of P tokens after C cached ones:
                                                                 its KV read; its attention's query-key pairs)
@@ -29,6 +30,8 @@ class LinearSpline:
     intercept: float                # seconds
     total_tokens: float             # seconds per token, below the first knot
     hinges: tuple[float, ...]       # change of slope at each knot, seconds per token
+    prefill_step: float             # seconds added when the step has a prefill chunk
+    decode_step: float              # seconds added when the step has decodes
     decodes: float                  # seconds per decode, beyond its token
     decode_context: float           # seconds per token of decode context
     prefill_context: float          # seconds per cached token before the chunk
@@ -59,6 +62,10 @@ class LinearSpline:
             t = self._curve(total)
         else:
             t = self.end_value + self.end_slope * (total - self.max_total)
+        if num_prefill_tokens:
+            t += self.prefill_step
+        if num_decode_tokens:
+            t += self.decode_step
         t += (self.decodes * num_decode_tokens + self.decode_context * decode_context
               + (self.prefill_context + self.chunk_context_pairs * num_prefill_tokens) * prefill_context
               + self.chunk_self_pairs * 0.5 * num_prefill_tokens * num_prefill_tokens)
@@ -66,7 +73,8 @@ class LinearSpline:
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "name": self.name, "knots": list(self.knots), "intercept": self.intercept,
-                "total_tokens": self.total_tokens, "hinges": list(self.hinges), "decodes": self.decodes,
+                "total_tokens": self.total_tokens, "hinges": list(self.hinges), "prefill_step": self.prefill_step,
+                "decode_step": self.decode_step, "decodes": self.decodes,
                 "decode_context": self.decode_context, "prefill_context": self.prefill_context,
                 "chunk_context_pairs": self.chunk_context_pairs, "chunk_self_pairs": self.chunk_self_pairs,
                 "max_total": self.max_total, "min_s": self.min_s}
@@ -75,6 +83,7 @@ class LinearSpline:
     def from_dict(cls, data: dict) -> "LinearSpline":
         return cls(name=data["name"], knots=tuple(int(k) for k in data["knots"]), intercept=float(data["intercept"]),
                    total_tokens=float(data["total_tokens"]), hinges=tuple(float(h) for h in data["hinges"]),
+                   prefill_step=float(data.get("prefill_step", 0.0)), decode_step=float(data.get("decode_step", 0.0)),
                    decodes=float(data["decodes"]), decode_context=float(data["decode_context"]),
                    prefill_context=float(data["prefill_context"]),
                    chunk_context_pairs=float(data["chunk_context_pairs"]),
