@@ -6,7 +6,9 @@ decode that emitted token `n0` in iteration `i0` emits token
 
 - its next-token deadline in iteration i is `c + i * tbt` with a constant
   `c`, so the minimum over all decodes is the minimum over a few heaps,
-  one per token pace (`min_slack`) — no scan over decodes;
+  one per token pace (`min_slack`) — no scan over decodes; the earliest
+  deadline still ahead of a time walks each heap only through the decodes
+  already late by then (`late_split`);
 - the iteration in which it reaches `max_output_tokens` is known when it
   starts decoding (a finish heap);
 - it needs a new KV block every 16 iterations, in the iterations congruent to
@@ -97,6 +99,28 @@ class RunningDecodes:
             if heap:
                 best = min(best, heap[0][0] + iteration * tbt)
         return best
+
+    def late_split(self, now: float, iteration: int) -> tuple[float, float]:
+        """(earliest next-token deadline still after `now`, smallest pace among decodes already due by `now`),
+        inf where there is none. Walks each heap only through its late entries."""
+        ahead, late_tbt = math.inf, math.inf
+        for tbt, heap in self._deadline_heaps.items():
+            stack = [0]
+            while stack:
+                k = stack.pop()
+                if k >= len(heap):
+                    continue
+                c, seq, req = heap[k]
+                deadline = c + iteration * tbt
+                if deadline >= ahead:
+                    continue                      # nothing below it is earlier
+                if req.decode_seq == seq:         # live entry
+                    if deadline > now:
+                        ahead = deadline
+                        continue
+                    late_tbt = min(late_tbt, tbt)
+                stack += (2 * k + 1, 2 * k + 2)
+        return ahead, late_tbt
 
     def next_deadline(self, req: Request, iteration: int) -> float:
         return req.anchor_s + (req.decode_token0 - 1 + iteration - req.decode_iter0) * req.tbt_s

@@ -3,8 +3,17 @@
 - Token budget: the largest candidate T (128 ... 2552 total tokens) whose
   predicted batch time x `safety_factor` fits in `min_slack`, the time to
   the earliest next-token deadline of the running decodes (binary search).
-  No decodes: the largest; `min_slack <= 0`: the smallest. With fewer than
-  `low_memory_tokens` KV tokens free the candidates shrink to 128..512.
+  No decodes: the largest. With fewer than `low_memory_tokens` KV tokens
+  free the candidates shrink to 128..512.
+- Late recovery (`min_slack <= 0`): a late decode's lost time is sunk. The
+  smallest chunk buys it back only at (pace - step) per step, not at all
+  when that step is slower than the pace, and it starves every prefill. So
+  a late decode is re-anchored at `now`: the step may take its pace (TBT),
+  the decodes still on time their slack; the largest candidate that fits
+  both. If no candidate keeps the pace, every step loses ground: of those
+  fitting the on-time slack, the one losing the least per prefill token,
+  (predicted - pace) / (T - decodes); the smallest if none fits.
+  `late_recovery=False`: the smallest candidate (the artifact's rule).
 - Queue order: `arrival + TTFT_eff + alpha * remaining_prefill_tokens`
   (alpha = 0 is EDF; large alpha tends to shortest-remaining-first).
 - Eager relegation: a request that has not started is relegated when
@@ -19,7 +28,8 @@
   next ones late too and doubled important violations under overload: see
   the overload experiment in docs/experiments.md.)
 Ablations switch the parts off: `dynamic_chunking=False` uses the fixed
-`chunk_size`; `relegation=False`; `priority_relegation=False`; `alpha_s=0`.
+`chunk_size`; `relegation=False`; `priority_relegation=False`; `alpha_s=0`;
+`late_recovery=False`.
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ from ..kv import BlockAllocator
 from ..predictor import BatchTimePredictor
 from ..qos import Priority
 from ..request import Request
+from ..running import RunningDecodes
 from .base import Scheduler, SchedulerConfig
+from .plan import BatchPlan
 from .relegation import too_late
 
 CHUNK_CANDIDATES = (128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2552)
@@ -47,6 +59,7 @@ class NiyamaConfig(SchedulerConfig):
     chunk_candidates: tuple[int, ...] = CHUNK_CANDIDATES
     low_memory_candidates: tuple[int, ...] = LOW_MEMORY_CANDIDATES
     low_memory_tokens: int = 32_000        # below this many free KV tokens, use the low-memory candidates
+    late_recovery: bool = True             # late decodes ask for their pace, not for the smallest candidate
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,6 +79,12 @@ class NiyamaScheduler(Scheduler):
         self.config: NiyamaConfig = config
         self.predictor = predictor
         self.name = name
+        self._decodes: RunningDecodes | None = None   # this iteration's, for `token_budget` (late recovery)
+        self._iteration = 0
+
+    def schedule(self, now: float, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> BatchPlan:
+        self._decodes, self._iteration = decodes, iteration
+        return super().schedule(now, decodes, kv, iteration)
 
     @property
     def relegates_late_work(self) -> bool:
@@ -84,17 +103,37 @@ class NiyamaScheduler(Scheduler):
             return cfg.chunk_size
         low_memory = kv.num_free * kv.block_size < cfg.low_memory_tokens
         cands = cfg.low_memory_candidates if low_memory else cfg.chunk_candidates
-        if min_slack <= 0:
-            return cands[0]
         head = self.waiting.peek()
         prefill_context = head.num_computed_tokens if head is not None else 0
-        best, lo, hi = cands[0], 0, len(cands) - 1
+        predicted_s = lambda total: self.predictor.batch_time(max(0, total - num_decodes), num_decodes,
+                                                              decode_context, prefill_context)
+        if min_slack > 0:
+            return self._largest_fitting(cands, min_slack, predicted_s) or cands[0]
+        if not cfg.late_recovery or self._decodes is None:
+            return cands[0]
+        return self._late_budget(now, cands, num_decodes, predicted_s)
+
+    def _late_budget(self, now: float, cands: tuple[int, ...], num_decodes: int, predicted_s) -> int:
+        """Some decode is late. Its lost time is sunk: re-anchored at `now`, it needs the step to take at most
+        its pace, and a decode still on time needs its slack. If no candidate keeps the pace, every step loses
+        ground: lose the least per prefill token."""
+        ahead, pace = self._decodes.late_split(now, self._iteration)
+        fitting = self._largest_fitting(cands, min(ahead - now, pace), predicted_s)
+        if fitting:
+            return fitting
+        safe = ahead - now
+        room = [t for t in cands if t > num_decodes and predicted_s(t) * self.config.safety_factor <= safe]
+        if not room:
+            return cands[0]
+        return min(room, key=lambda t: (predicted_s(t) - pace) / (t - num_decodes))
+
+    def _largest_fitting(self, cands: tuple[int, ...], slack: float, predicted_s) -> int | None:
+        """The largest candidate whose predicted step x `safety_factor` fits `slack`: a binary search."""
+        best, lo, hi = None, 0, len(cands) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
-            total = cands[mid]
-            t = self.predictor.batch_time(max(0, total - num_decodes), num_decodes, decode_context, prefill_context)
-            if t * cfg.safety_factor <= min_slack:
-                best, lo = total, mid + 1
+            if predicted_s(cands[mid]) * self.config.safety_factor <= slack:
+                best, lo = cands[mid], mid + 1
             else:
                 hi = mid - 1
         return best
