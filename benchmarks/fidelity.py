@@ -97,6 +97,7 @@ def main() -> int:
     clip = [a for flag, v in (("--max-prompt-tokens", args.max_prompt_tokens),
                               ("--max-output-tokens", args.max_output_tokens)) if v for a in (flag, v)]
     work = Path(args.out) / "fidelity_runs"
+    path = Path(args.out) / f"fidelity_{args.tag or args.device or 'default'}.json"
     results = []
     for point in args.point:
         trace, _, qps = point.partition(":")
@@ -106,7 +107,7 @@ def main() -> int:
         t0 = time.monotonic()
         real = niyama("replay", *workload, *engine, *clip, "--out", str(where / "replay"), "--quiet")
         wall = time.monotonic() - t0
-        print(real.stdout)
+        print(real.stdout, flush=True)
         if real.returncode:
             print(real.stderr[-3000:])
             return 1
@@ -131,10 +132,8 @@ def main() -> int:
         print(f"  violations sim/real {row['violation_pct'][0]:.2f}/{row['violation_pct'][1]:.2f}% (strict "
               f"{row['strict_violation_pct'][0]:.2f}/{row['strict_violation_pct'][1]:.2f}%), goodput "
               f"{row['goodput_rps'][0]:.3f}/{row['goodput_rps'][1]:.3f} req/s")
-    tag = args.tag or (args.device or "default")
-    path = Path(args.out) / f"fidelity_{tag}.json"
-    path.write_text(json.dumps({"args": vars(args), "points": results}, indent=1))
-    print(f"wrote {path}")
+        path.write_text(json.dumps({"args": vars(args), "points": results}, indent=1))   # after each point
+        print(f"wrote {path}", flush=True)
     return 0
 
 

@@ -36,6 +36,7 @@ def test_a_shipped_profile_is_chosen_only_for_its_gpu_and_model_shape(monkeypatc
     for model, dtype in ((SHAPES["smollm2-135m"], torch.bfloat16), (llama, torch.float16)):
         assert profile_choice.choose("auto", model, cuda, dtype, "triton").profile is None   # measure instead
     monkeypatch.setattr(profile_choice, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert profile_choice.choose("auto", llama, cuda, torch.bfloat16, "triton").profile is load_profile("h100-llama3-8b")
     with caplog.at_level(logging.WARNING, logger="niyama.engine"):
         asked = profile_choice.choose("a100-llama3-8b", llama, cuda, torch.bfloat16, "triton")
     assert asked.profile is load_profile("a100-llama3-8b")                  # used as asked...

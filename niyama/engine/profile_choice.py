@@ -29,7 +29,9 @@ MEASURE = "measure"
 
 # shipped profile -> (a substring of the GPU's name, the model shape it was measured with, dtype)
 MEASURED_ON = {
-    "a100-llama3-8b": ("A100", "llama-3-8b", torch.bfloat16),
+    "a100-llama3-8b": ("A100", "llama-3-8b", torch.bfloat16),     # the paper's fit
+    "h100-llama3-8b": ("H100", "llama-3-8b", torch.bfloat16),     # `niyama profile` + `fit-predictor`, this engine
+    "h200-llama3-8b": ("H200", "llama-3-8b", torch.bfloat16),
 }
 
 
