@@ -207,7 +207,6 @@ class EngineClient:
 
     def _on_outputs(self, rids: list[int], tokens: list[int], ends: list[Output], stats: dict) -> None:
         now = time.monotonic()
-        self.stats = stats
         if self.metrics is not None:
             self.metrics.observe(stats)
         streams = self.streams
@@ -227,6 +226,7 @@ class EngineClient:
                 self.metrics.request_finished(stream, end, now)
         if ready:
             self._deliver(ready)
+        self.stats = stats          # last: once /health shows a request's blocks free, its metrics are recorded
 
     def _advance(self, stream: Stream, new: list[int], end: Output | None, now: float) -> Event | None:
         """The event that `new` tokens (and the request's `end`, if it ended) make for its stream, or None."""
