@@ -109,6 +109,24 @@ def test_spline_is_sane_beyond_the_measured_range():
     assert spline.batch_time(0, 0, 0, 0) == pytest.approx(spline.min_s) or spline.batch_time(0, 0, 0, 0) > 0
 
 
+def test_the_sample_leaves_out_what_the_kv_cache_cannot_hold_in_whole_blocks():
+    pytest.importorskip("torch")
+    from niyama.engine.profiling import Shape, SyntheticSteps, sample_shapes
+    from niyama.kv import BlockAllocator
+
+    alloc = BlockAllocator(num_blocks=1000, block_size=16, watermark=0.0)
+    steps = SyntheticSteps(executor=None, allocator=alloc, max_len=8192, vocab_size=100)
+    # 24 decodes of 640 tokens: 15,384 tokens fit 16,000, but 24 x 41 blocks (984) fit 1,000 only just
+    assert steps.why_not(Shape(0, 0, 24, 640)) is None
+    assert "KV cache" in steps.why_not(Shape(0, 0, 25, 640))       # 25 x 41 = 1,025 blocks
+    assert "model context" in steps.why_not(Shape(2048, 6144, 0, 0))
+    shapes, skipped = sample_shapes(200, steps, max_num_seqs=256, seed=1)
+    assert len(shapes) == len(set(shapes)) == 200
+    assert all(s.kv_blocks(16) <= 1000 for s in shapes) and skipped["decode"] and skipped["mixed"]
+    assert {s.kind for s in shapes} == {"decode", "prefill", "mixed"}
+    assert sample_shapes(200, steps, max_num_seqs=256, seed=1)[0] == shapes                   # seeded
+
+
 def niyama(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     # one thread: where other jobs share the cores, OpenMP's barriers make a 2-thread step 10x slower and erratic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -113,15 +113,18 @@ def run_profile(args) -> int:
     print(f"profiling {len(shapes)} shapes ({', '.join(f'{n} {k}' for k, n in counts.items())}), "
           f"{args.warmup} warm-up + {repeats} timed runs each")
     busy_note(engine.device)
-    with tqdm(total=len(shapes), unit="shape", desc="profile", disable=args.quiet, dynamic_ncols=True) as bar:
-        rows = profile(steps, shapes, warmup=args.warmup, repeats=repeats, progress=lambda _: bar.update(1),
-                       max_shape_s=0.5)
-    out = Path(args.out)
-    write_csv(rows, out)
-    meta = {**engine_facts(engine), "shapes": len(rows), "repeats": repeats, "warmup": args.warmup,
-            "seed": args.seed, "quick": args.quick, "skipped": {k: len(v) for k, v in skipped.items()},
-            "seconds": round(time.perf_counter() - t0, 1)}
-    meta_path(out).write_text(json.dumps(meta, indent=1))
+    out, rows = Path(args.out), []
+    try:
+        with tqdm(total=len(shapes), unit="shape", desc="profile", disable=args.quiet, dynamic_ncols=True) as bar:
+            for row in profile(steps, shapes, warmup=args.warmup, repeats=repeats, max_shape_s=0.5):
+                rows.append(row)
+                bar.update(1)
+    finally:            # an interrupted or failed run keeps what it measured
+        write_csv(rows, out)
+        meta = {**engine_facts(engine), "shapes": len(rows), "planned_shapes": len(shapes), "repeats": repeats,
+                "warmup": args.warmup, "seed": args.seed, "quick": args.quick,
+                "skipped": {k: len(v) for k, v in skipped.items()}, "seconds": round(time.perf_counter() - t0, 1)}
+        meta_path(out).write_text(json.dumps(meta, indent=1))
     busy = sum(r.wall_s * r.repeats for r in rows)
     print(f"{len(rows)} shapes in {meta['seconds']:.0f} s ({busy:.0f} s of timed steps); wrote {out} and "
           f"{meta_path(out)}")

@@ -30,7 +30,7 @@ import torch
 
 from ..predictor.fit import kind as kind_of
 from ..qos import TIER_PRESETS, DeadlineRule
-from ..request import Request
+from ..request import Request, blocks_for
 from ..scheduler import BatchPlan, PrefillChunk
 from .runner import ModelExecutor
 from .sampling import SamplingParams
@@ -65,6 +65,11 @@ class Shape:
         prefill = self.prefill_context + self.prefill_tokens + 1 if self.prefill_tokens else 0
         return prefill + self.num_decodes * (self.decode_context + 1)
 
+    def kv_blocks(self, block_size: int) -> int:
+        """KV blocks the step takes: each sequence rounds its tokens up to whole blocks."""
+        prefill = blocks_for(self.prefill_context + self.prefill_tokens + 1, block_size) if self.prefill_tokens else 0
+        return prefill + self.num_decodes * blocks_for(self.decode_context + 1, block_size)
+
 
 @dataclass
 class ProfileRow:
@@ -98,9 +103,9 @@ class SyntheticSteps:
         self.ids = iter(range(-1, -10**9, -1))     # negative ids: never confused with served requests
 
     @property
-    def kv_room(self) -> int:
+    def kv_room_blocks(self) -> int:
         a = self.allocator
-        return (a.num_blocks - a.num_watermark_blocks) * a.block_size
+        return a.num_free - a.num_watermark_blocks
 
     def why_not(self, shape: Shape) -> str | None:
         """Why this engine cannot run `shape` (one reason per kind of limit), or None."""
@@ -110,8 +115,8 @@ class SyntheticSteps:
             return f"prompt over the model context ({self.max_len} tokens)"
         if shape.num_decodes and not 2 <= shape.decode_context < self.max_len:
             return f"decode context outside [2, {self.max_len})"
-        if shape.kv_tokens > self.kv_room:
-            return f"over the KV cache ({self.kv_room} tokens free)"
+        if shape.kv_blocks(self.allocator.block_size) > self.kv_room_blocks:
+            return f"over the KV cache ({self.kv_room_blocks * self.allocator.block_size} tokens free)"
         return None
 
     def _sequence(self, context: int, outputs: int) -> Sequence:
@@ -187,31 +192,27 @@ def _weighted_sample(items: list, weights: list[float], k: int, rng: random.Rand
     return [items[i] for i in sorted(keys[:k])]
 
 
-def profile(steps: SyntheticSteps, shapes: list[Shape], warmup: int = 1, repeats: int = 5, progress=None,
-            max_shape_s: float = math.inf) -> list[ProfileRow]:
-    """Time every shape: `warmup` runs first (a new shape's first run on a GPU pays one-off costs: kernel
-    selection, cuDNN plans, allocator growth), then the medians of `repeats` runs. A step slower than
-    `max_shape_s` (a long CPU step, beside which those costs are noise) runs twice in all, its last warm-up
-    run counted. `progress(shape)` after each shape."""
+def profile(steps: SyntheticSteps, shapes: list[Shape], warmup: int = 1, repeats: int = 5,
+            max_shape_s: float = math.inf):
+    """Time every shape, yielding its row: `warmup` runs first (a new shape's first run on a GPU pays
+    one-off costs: kernel selection, cuDNN plans, allocator growth), then the medians of `repeats` runs.
+    A step slower than `max_shape_s` (a long CPU step, beside which those costs are noise) runs twice in
+    all, its last warm-up run counted."""
     ex = steps.executor
     was = ex.record_gpu_span
     ex.record_gpu_span = ex.device.type == "cuda"
-    rows = []
     try:
         steps.run(Shape(16, 0, 1, 32))             # first-call allocations
         for shape in shapes:
             runs = _timed_runs(steps, shape, warmup, repeats, max_shape_s)
             walls = [w for w, _ in runs]
             gpus = [g for _, g in runs if g is not None]
-            rows.append(ProfileRow(shape.kind, shape.prefill_tokens, shape.prefill_context, shape.num_decodes,
-                                   shape.num_decodes * shape.decode_context, shape.total_tokens,
-                                   statistics.median(walls), statistics.median(gpus) if gpus else None,
-                                   min(walls), len(runs)))
-            if progress is not None:
-                progress(shape)
+            yield ProfileRow(shape.kind, shape.prefill_tokens, shape.prefill_context, shape.num_decodes,
+                             shape.num_decodes * shape.decode_context, shape.total_tokens,
+                             statistics.median(walls), statistics.median(gpus) if gpus else None, min(walls),
+                             len(runs))
     finally:
         ex.record_gpu_span = was
-    return rows
 
 
 def _timed_runs(steps: SyntheticSteps, shape: Shape, warmup: int, repeats: int, max_shape_s: float) -> list:
