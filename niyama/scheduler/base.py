@@ -64,7 +64,7 @@ class Scheduler:
         return max(self.config.max_num_seqs, self.config.chunk_size)
 
     # --- policy hooks ----------------------------------------------------
-    def token_budget(self, now: float, num_decodes: int, decode_context: int, min_slack: float,
+    def token_budget(self, now: float, decodes: RunningDecodes, iteration: int, min_slack: float,
                      kv: BlockAllocator) -> int:
         """Total tokens (decodes + prefill) this iteration may run."""
         return self.config.chunk_size
@@ -117,7 +117,7 @@ class Scheduler:
         prefills: list[PrefillChunk] = []
         relegated: list[Request] = []
         if self.waiting:
-            budget = max(num_decodes, self.token_budget(now, num_decodes, decode_context, min_slack, kv))
+            budget = max(num_decodes, self.token_budget(now, decodes, iteration, min_slack, kv))
             prefills, relegated = self._fill(now, budget - num_decodes, kv, num_decodes)
         plan = BatchPlan(iteration, num_decodes, decode_context, prefills, budget, min_slack, preempted, relegated)
         self._check(plan, decodes)

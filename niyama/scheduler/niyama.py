@@ -42,7 +42,6 @@ from ..qos import Priority
 from ..request import Request
 from ..running import RunningDecodes
 from .base import Scheduler, SchedulerConfig
-from .plan import BatchPlan
 from .relegation import too_late
 
 CHUNK_CANDIDATES = (128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2552)
@@ -79,12 +78,6 @@ class NiyamaScheduler(Scheduler):
         self.config: NiyamaConfig = config
         self.predictor = predictor
         self.name = name
-        self._decodes: RunningDecodes | None = None   # this iteration's, for `token_budget` (late recovery)
-        self._iteration = 0
-
-    def schedule(self, now: float, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> BatchPlan:
-        self._decodes, self._iteration = decodes, iteration
-        return super().schedule(now, decodes, kv, iteration)
 
     @property
     def relegates_late_work(self) -> bool:
@@ -96,11 +89,12 @@ class NiyamaScheduler(Scheduler):
         budgets = cfg.chunk_candidates + cfg.low_memory_candidates if cfg.dynamic_chunking else (cfg.chunk_size,)
         return max(cfg.max_num_seqs, *budgets)
 
-    def token_budget(self, now: float, num_decodes: int, decode_context: int, min_slack: float,
+    def token_budget(self, now: float, decodes: RunningDecodes, iteration: int, min_slack: float,
                      kv: BlockAllocator) -> int:
         cfg = self.config
         if not cfg.dynamic_chunking:
             return cfg.chunk_size
+        num_decodes, decode_context = len(decodes), decodes.context_sum(iteration)
         low_memory = kv.num_free * kv.block_size < cfg.low_memory_tokens
         cands = cfg.low_memory_candidates if low_memory else cfg.chunk_candidates
         head = self.waiting.peek()
@@ -109,15 +103,16 @@ class NiyamaScheduler(Scheduler):
                                                               decode_context, prefill_context)
         if min_slack > 0:
             return self._largest_fitting(cands, min_slack, predicted_s) or cands[0]
-        if not cfg.late_recovery or self._decodes is None:
+        if not cfg.late_recovery:
             return cands[0]
-        return self._late_budget(now, cands, num_decodes, predicted_s)
+        return self._late_budget(now, decodes.late_split(now, iteration), cands, num_decodes, predicted_s)
 
-    def _late_budget(self, now: float, cands: tuple[int, ...], num_decodes: int, predicted_s) -> int:
+    def _late_budget(self, now: float, late_split: tuple[float, float], cands: tuple[int, ...], num_decodes: int,
+                     predicted_s) -> int:
         """Some decode is late. Its lost time is sunk: re-anchored at `now`, it needs the step to take at most
         its pace, and a decode still on time needs its slack. If no candidate keeps the pace, every step loses
         ground: lose the least per prefill token."""
-        ahead, pace = self._decodes.late_split(now, self._iteration)
+        ahead, pace = late_split
         fitting = self._largest_fitting(cands, min(ahead - now, pace), predicted_s)
         if fitting:
             return fitting
