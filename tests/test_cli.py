@@ -32,6 +32,10 @@ def test_capacity_writes_table_and_chart(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = {r["policy"]: float(r["capacity_qps"]) for r in csv.DictReader((out / "capacity.csv").open())}
     assert set(rows) == {"fcfs", "niyama"} and all(v > 0 for v in rows.values())
+    for r in csv.DictReader((out / "capacity.csv").open()):    # each capacity as a share of `niyama bound`
+        assert float(r["bound_qps"]) == pytest.approx(6.36, abs=0.01) and r["sustainable_pct_of_bound"] == ""
+        assert float(r["capacity_pct_of_bound"]) == pytest.approx(100 * rows[r["policy"]] / 6.362, rel=1e-3)
+    assert "% of bound" in p.stdout
     assert (out / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = list(csv.DictReader((out / "points.csv").open()))
     assert any(r["passed"] == "True" for r in points) and any(r["passed"] == "False" for r in points)

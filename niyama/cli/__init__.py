@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, capacity, experiment, generate, policies, profile, replay, serve, simulate
+from . import bench, bound, capacity, experiment, generate, policies, profile, replay, serve, simulate
 
-VERBS = (simulate, capacity, experiment, policies, generate, replay, serve, bench, profile)
+VERBS = (simulate, capacity, bound, experiment, policies, generate, replay, serve, bench, profile)
 EXTRAS = {"torch": "engine", "tokenizers": "engine", "safetensors": "engine", "jinja2": "engine", "gguf": "engine",
           "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve"}
 TORCH_CPU = ("pip install torch --index-url https://download.pytorch.org/whl/cpu (a CPU-only build, ~200 MB; "

@@ -8,11 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..metrics.bound import MAX_NUM_SEQS, trace_bound
 from ..metrics.paper import FIG7_GOODPUT
 from ..sim.capacity import CapacityJob, run_capacity_jobs
-from ..workload import TRACES
-from .common import (add_output_options, add_replica_options, add_workload_options, check_policy, scenario_from_args,
-                     trace_help)
+from ..sim.scenario import Scenario
+from .common import (add_output_options, add_replica_options, add_traces_option, add_workload_options, check_policy,
+                     scenario_from_args, trace_names)
 
 EXAMPLES = """examples:
   niyama capacity                                   # all shipped traces x fcfs, edf, niyama (~3 min on 2 cores)
@@ -27,8 +28,7 @@ def add_parser(sub) -> None:
                                    "(coarse-to-fine, then linear interpolation), per trace x policy; print a "
                                    "table and write CSV/JSON and a bar chart like the paper's Fig. 7.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", "--traces", dest="traces", default=",".join(TRACES),
-                   help=f"comma-separated traces: {trace_help()} (default: all shipped)")
+    add_traces_option(p)
     p.add_argument("--policies", default="fcfs,edf,niyama", help="comma-separated policies (default fcfs,edf,niyama)")
     p.add_argument("--requests", type=int, default=None,
                    help="fixed requests per run (default: arrivals span --duration-h at every load)")
@@ -50,7 +50,7 @@ def run(args) -> int:
     if args.requests is not None and args.requests < MIN_REQUESTS:
         raise ValueError(f"--requests {args.requests} is too few for a capacity search: with 3 tiers one late "
                          f"request is already over the 1% rule; use at least {MIN_REQUESTS}, or --duration-h")
-    traces = [t for t in args.traces.split(",") if t]
+    traces = trace_names(args)
     policies = [check_policy(x) for x in args.policies.split(",") if x]
     jobs = [CapacityJob(scenario_from_args(args, trace, pol), target_pct=args.target,
                         sustainable=not args.no_sustainable)
@@ -58,7 +58,7 @@ def run(args) -> int:
     results = run_capacity_jobs(jobs, args.jobs, show_progress=not args.quiet)
     from ..metrics.plots import goodput_bars   # matplotlib is slow to import; only needed here
 
-    rows = [r.to_dict() for r in results]
+    rows = with_bounds([r.to_dict() for r in results], [r.job.scenario for r in results])
     print(format_table(rows))
     for line in short_run_warnings(results):
         print(line, file=sys.stderr)
@@ -88,15 +88,34 @@ def short_run_warnings(results) -> list[str]:
     return out
 
 
+def with_bounds(rows: list[dict], scenarios: list[Scenario]) -> list[dict]:
+    """Each row with its trace's throughput bound (`niyama bound`) under the replica's real batch times and the
+    policy's max_num_seqs, and the capacities as % of it. One bound per distinct (trace, profile, ...)."""
+    bounds = {}
+    for row, sc in zip(rows, scenarios):
+        key = (sc.trace, sc.executor_profile or sc.profile, sc.policy_options.get("max_num_seqs", MAX_NUM_SEQS),
+               sc.seed, sc.workload_options.get("output_tokens"))
+        if key not in bounds:
+            bounds[key] = trace_bound(*key[:3], seed=key[3], output_tokens=key[4]).qps
+        row["bound_qps"] = bounds[key]
+        row["capacity_pct_of_bound"] = 100 * row["capacity_qps"] / bounds[key]
+        row["sustainable_pct_of_bound"] = (None if row["sustainable_qps"] is None
+                                           else 100 * row["sustainable_qps"] / bounds[key])
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'trace':<12} {'policy':<22} {'goodput QPS':>11} {'sustainable':>11} {'paper Fig.7':>11} "
-             f"{'runs':>5} {'time':>6}"]
+             f"{'bound':>6} {'% of bound':>10} {'runs':>5} {'time':>6}"]
     for r in rows:
         ref = FIG7_GOODPUT.get(r["trace"], {}).get(r["policy"])
         sus = "-" if r["sustainable_qps"] is None else f"{r['sustainable_qps']:.2f}"
+        pct = f"{r['capacity_pct_of_bound']:.0f}%"
+        if r["sustainable_pct_of_bound"] is not None:
+            pct += f"/{r['sustainable_pct_of_bound']:.0f}%"
         lines.append(f"{r['trace']:<12} {r['policy']:<22} {r['capacity_qps']:>11.2f} {sus:>11} "
-                     f"{'-' if ref is None else f'{ref:.1f}':>11} {len(r['points']) + len(r['long_points']):>5} "
-                     f"{r['seconds']:>5.0f}s")
+                     f"{'-' if ref is None else f'{ref:.1f}':>11} {r['bound_qps']:>6.2f} {pct:>10} "
+                     f"{len(r['points']) + len(r['long_points']):>5} {r['seconds']:>5.0f}s")
     return "\n".join(lines)
 
 
@@ -104,11 +123,14 @@ def write_tables(rows: list[dict], out: Path) -> None:
     (out / "capacity.json").write_text(json.dumps(rows, indent=1))
     with (out / "capacity.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trace", "policy", "capacity_qps", "sustainable_qps", "paper_fig7_qps"])
+        w.writerow(["trace", "policy", "capacity_qps", "sustainable_qps", "paper_fig7_qps", "bound_qps",
+                    "capacity_pct_of_bound", "sustainable_pct_of_bound"])
         for r in rows:
             w.writerow([r["trace"], r["policy"], f"{r['capacity_qps']:.4f}",
                         "" if r["sustainable_qps"] is None else f"{r['sustainable_qps']:.4f}",
-                        FIG7_GOODPUT.get(r["trace"], {}).get(r["policy"], "")])
+                        FIG7_GOODPUT.get(r["trace"], {}).get(r["policy"], ""), f"{r['bound_qps']:.4f}",
+                        f"{r['capacity_pct_of_bound']:.2f}",
+                        "" if r["sustainable_pct_of_bound"] is None else f"{r['sustainable_pct_of_bound']:.2f}"])
     with (out / "points.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["trace", "policy", "run_length", "qps", "worst_tier_violation_pct", "passed", "backlog_s",

@@ -22,6 +22,10 @@ def add_workload_options(p: argparse.ArgumentParser, admission: bool = True) -> 
                    help="fraction of requests with the 'low' priority hint (default 0)")
     if admission:
         add_admission_option(g)
+    add_seed_option(g)
+
+
+def add_seed_option(g) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for arrivals, lengths, tiers, noise (default 0)")
 
 
@@ -35,8 +39,7 @@ def add_admission_option(g) -> None:
 
 def add_replica_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("replica")
-    g.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help=f"batch-time profile: {', '.join(PROFILES)} or a JSON file (default {DEFAULT_PROFILE})")
+    add_sim_profile_option(g)
     g.add_argument("--executor-profile", default=None, metavar="PROFILE",
                    help="how long batches really take, when that differs from what the scheduler plans with "
                         "(--profile); e.g. a100-llama3-8b*2 for a replica twice as slow as planned (default: "
@@ -50,6 +53,12 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
                    help="log-normal sigma of multiplicative batch-time noise (default 0)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override a policy knob, e.g. --opt alpha_s=0.004 (see `niyama policies`)")
+
+
+def add_sim_profile_option(g) -> None:
+    """The simulator verbs' batch-time profile (the engine verbs' is add_profile_option)."""
+    g.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"batch-time profile: {', '.join(PROFILES)} or a JSON file (default {DEFAULT_PROFILE})")
 
 
 def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) -> None:
@@ -129,6 +138,16 @@ def scenario_from_args(args, trace: str, policy: str) -> Scenario:
                     online_correction=args.online_correction)
 
 
+def add_traces_option(p) -> None:
+    """--trace/--traces: a comma-separated list, every shipped trace by default."""
+    p.add_argument("--trace", "--traces", dest="traces", default=",".join(TRACES),
+                   help=f"comma-separated traces: {trace_help()} (default: all shipped)")
+
+
+def trace_names(args) -> list[str]:
+    return [t for t in args.traces.split(",") if t]
+
+
 def trace_help() -> str:
     return f"{', '.join(TRACES)} or a CSV with num_prefill_tokens,num_decode_tokens[,arrived_at]"
 
@@ -166,5 +185,7 @@ def describe_policies() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["add_admission_option", "add_engine_options", "add_profile_option", "engine_config_from_args", "add_workload_options", "add_replica_options", "add_output_options", "parse_policy_options",
-           "parse_any_policy_options", "describe_policies", "check_policy", "scenario_from_args", "trace_help"]
+__all__ = ["add_admission_option", "add_engine_options", "add_profile_option", "add_seed_option",
+           "add_sim_profile_option", "add_traces_option", "engine_config_from_args", "add_workload_options",
+           "add_replica_options", "add_output_options", "parse_policy_options", "parse_any_policy_options",
+           "describe_policies", "check_policy", "scenario_from_args", "trace_help", "trace_names"]
