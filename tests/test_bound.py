@@ -115,6 +115,31 @@ def test_time_sharing_gains_nothing_on_an_affine_profile_without_contexts():
     assert b.absolute_qps == pytest.approx(1 / 0.0306, rel=1e-9) and b.absolute_kind == "mixed"
 
 
+def test_paced_bound_by_hand():
+    class NoContext:
+        name = "no-context"
+
+        def batch_time(self, p, d, decode_context, prefill_context):
+            return 0.010 + 1e-4 * p + 2e-4 * d
+
+    b = throughput_bound(NoContext(), TWO, budget=203, pace_s=0.020)
+    # a step of T tokens in the mix (p = 200T/203, d = 3T/203) takes 0.010 + T * 0.0206 / 203 s: at most 20 ms up
+    # to T = 98 (98.54); p = 96.5517, t = 0.0199448 s, QPS = p / (t * 200) = 24.2048
+    assert b.paced.total_tokens == pytest.approx(98)
+    assert b.paced.time_s == pytest.approx(0.010 + 98 * 0.0206 / 203)
+    assert b.paced_qps == pytest.approx(24.2048, rel=1e-5)
+    assert b.paced_qps < b.qps
+    assert throughput_bound(NoContext(), TWO, budget=203, pace_s=0.005).paced_qps == 0     # no step is that short
+    assert throughput_bound(NoContext(), TWO, budget=203).paced_qps is None               # no interactive tier
+
+
+def test_paced_bound_of_shipped_traces_uses_the_tightest_tbt():
+    b = trace_bound("sharegpt", "a100-llama3-8b", num_requests=2000)
+    assert b.pace_s == 0.055 and b.paced.time_s <= 0.055
+    assert b.paced_qps < b.qps
+    assert trace_bound("azure-conv", "a100-llama3-8b", num_requests=2000).pace_s == 0.050
+
+
 def test_lengths_are_the_simulators_draws():
     lengths = request_lengths("azure-conv", num_requests=500, seed=4)
     wl = make_workload("azure-conv", 3.0, num_requests=500, seed=4)

@@ -16,7 +16,8 @@ EXAMPLES = """examples:
   niyama bound --trace sharegpt --max-num-seqs 163      # decodes held to what 440K KV tokens fit
 
 bound: only steps of 2552 tokens in the trace's prefill/decode mix. absolute: the cheapest steps the
-profile allows (any size, prefill and decode apart, or two shapes time-shared). docs/bound.md defines both.
+profile allows (any size, prefill and decode apart, or two shapes time-shared). paced: the best step that
+takes no longer than the tightest interactive tier's TBT. docs/bound.md defines them.
 """
 
 
@@ -52,10 +53,13 @@ def run(args) -> int:
 
 
 def format_table(bounds: list[ThroughputBound]) -> str:
-    lines = [f"{'trace':<12} {'mean P':>7} {'mean D':>7} {'bound step':>26} {'bound QPS':>9} {'absolute QPS':>12}  "
-             "absolute shape"]
+    lines = [f"{'trace':<12} {'mean P':>7} {'mean D':>7} {'bound step':>26} {'bound QPS':>9} {'absolute QPS':>12} "
+             f"{'paced QPS':>9} {'paced step':>26}  absolute shape"]
     for b in bounds:
+        paced = "-" if b.paced_qps is None else f"{b.paced_qps:.3f}"
+        paced_step = (f"<= {b.pace_s * 1e3:.0f} ms: " + (b.paced.describe() if b.paced else "none fits")
+                      if b.pace_s is not None else "-")
         lines.append(f"{b.trace:<12} {b.mean_prompt_tokens:>7.1f} {b.mean_decode_tokens:>7.1f} "
-                     f"{b.step.describe():>26} {b.qps:>9.3f} {b.absolute_qps:>12.3f}  "
+                     f"{b.step.describe():>26} {b.qps:>9.3f} {b.absolute_qps:>12.3f} {paced:>9} {paced_step:>26}  "
                      f"{b.absolute_kind}: {b.absolute_shape}")
     return "\n".join(lines)

@@ -36,6 +36,13 @@ Absolute bound: the cheapest the profile allows, over step sizes and groupings; 
         leaves the hull. Shapes are scanned on a grid (p every 16, d every 8, plus the winners of (a) and
         (b)), then every integer shape within one grid step of the winning pair; (c) >= (a) and (b).
 
+Paced bound: the bound when no step may take longer than the pace of the tightest interactive tier (its TBT,
+e.g. 50 ms): a replica whose interactive decodes never wait longer than their pace between tokens runs only
+such steps while any of them decodes. The best mixed step with t <= pace, T in 1..B (option (a) with a time
+limit). A replica can beat it only by spending slack (a first token that came early lets the decodes of that
+request fall behind the pace for a while) or in stretches without interactive decodes: it is the ceiling of a
+policy that keeps every interactive token on time while interactive decodes run all the time.
+
 What it leaves out: KV capacity (a decode holds its context: d decodes need about d * Cd KV tokens; ShareGPT's
 Cd ~ 2,700 lets 440K tokens hold ~160, not 256: pass max_num_seqs=160 to see), the slot a prefill in progress
 takes beside max_num_seqs decodes, deadlines, noise, and mixed chunk sizes' contexts (each shape is charged
@@ -51,9 +58,10 @@ from functools import cached_property
 import numpy as np
 
 from ..predictor import load_profile
+from ..qos import load_tiers
 from ..scheduler.base import SchedulerConfig
 from ..scheduler.niyama import CHUNK_CANDIDATES
-from ..workload import make_workload
+from ..workload import load_trace, make_workload
 
 BUDGET = CHUNK_CANDIDATES[-1]                      # 2552: niyama's largest step
 MAX_NUM_SEQS = SchedulerConfig.max_num_seqs        # 256
@@ -166,11 +174,15 @@ def mixed_step(profile, lengths: Lengths, total: float = BUDGET, max_num_seqs: i
     return step(profile, lengths, *mix_shape(lengths, total, max_num_seqs))
 
 
-def best_mixed_step(profile, lengths: Lengths, budget: int = BUDGET, max_num_seqs: int = MAX_NUM_SEQS) -> Step:
-    """Option (a): the mixed step of the best size in 1..budget."""
+def best_mixed_step(profile, lengths: Lengths, budget: int = BUDGET, max_num_seqs: int = MAX_NUM_SEQS,
+                    max_time_s: float = math.inf) -> Step | None:
+    """Option (a): the mixed step of the best size in 1..budget (that takes at most `max_time_s`; None if none
+    does)."""
     shapes = [mix_shape(lengths, total, max_num_seqs) for total in range(1, budget + 1)]
     pctx = lengths.prefill_context([p for p, _ in shapes])
-    return max((_step(profile, lengths, p, d, float(c)) for (p, d), c in zip(shapes, pctx)), key=lambda s: s.qps)
+    steps = [s for s in (_step(profile, lengths, p, d, float(c)) for (p, d), c in zip(shapes, pctx))
+             if s.time_s <= max_time_s]
+    return max(steps, key=lambda s: s.qps, default=None)
 
 
 @dataclass(frozen=True)
@@ -294,6 +306,8 @@ class ThroughputBound:
     mixed: Step                    # option (a)
     separate: Separate             # option (b)
     shared: TimeShared             # option (c)
+    pace_s: float | None = None    # the tightest interactive TBT (None: no interactive tier)
+    paced: Step | None = None      # the paced bound's step (None: no pace, or no step fits it)
 
     @property
     def qps(self) -> float:
@@ -302,6 +316,12 @@ class ThroughputBound:
     @property
     def absolute_qps(self) -> float:
         return max(self.mixed.qps, self.separate.qps, self.shared.qps)
+
+    @property
+    def paced_qps(self) -> float | None:
+        if self.pace_s is None:
+            return None
+        return self.paced.qps if self.paced is not None else 0.0
 
     @property
     def absolute_kind(self) -> str:
@@ -331,12 +351,15 @@ class ThroughputBound:
                 "absolute_shape": self.absolute_shape,
                 "mixed": asdict(self.mixed), "separate": asdict(self.separate),
                 "time_shared": {"qps": self.shared.qps, "time_shares": list(self.shared.time_shares),
-                                "steps": [asdict(s) for s in self.shared.steps]}}
+                                "steps": [asdict(s) for s in self.shared.steps]},
+                "pace_s": self.pace_s, "paced_qps": self.paced_qps,
+                "paced_step": None if self.paced is None else asdict(self.paced)}
 
 
 def throughput_bound(profile, lengths: Lengths, trace: str = "", budget: int = BUDGET,
-                     max_num_seqs: int = MAX_NUM_SEQS) -> ThroughputBound:
-    """Both bounds of `lengths` under `profile` (any object with `batch_time` and `name`)."""
+                     max_num_seqs: int = MAX_NUM_SEQS, pace_s: float | None = None) -> ThroughputBound:
+    """The bounds of `lengths` under `profile` (any object with `batch_time` and `name`); the paced one when a
+    `pace_s` is given."""
     if budget < 1 or max_num_seqs < 1:
         raise ValueError("the budget and max_num_seqs must be >= 1")
     fixed = mixed_step(profile, lengths, budget, max_num_seqs)
@@ -344,12 +367,20 @@ def throughput_bound(profile, lengths: Lengths, trace: str = "", budget: int = B
     sep = separate_steps(profile, lengths, budget, max_num_seqs)
     extra = ((mixed.prefill_tokens, mixed.decodes), (float(sep.prefill_chunk), 0.0), (0.0, float(sep.decode_batch)))
     shared = time_shared(profile, lengths, budget, max_num_seqs, extra)
+    paced = None if pace_s is None else best_mixed_step(profile, lengths, budget, max_num_seqs, pace_s)
     return ThroughputBound(trace, getattr(profile, "name", str(profile)), lengths.num_requests, max_num_seqs, budget,
-                           lengths.mean_prompt, lengths.mean_decode, lengths.decode_context, fixed, mixed, sep, shared)
+                           lengths.mean_prompt, lengths.mean_decode, lengths.decode_context, fixed, mixed, sep, shared,
+                           pace_s, paced)
+
+
+def tightest_pace(trace: str) -> float | None:
+    """The smallest TBT among the interactive tiers a trace is served with (None if it has none)."""
+    paces = [t.tbt_s for t in load_tiers(load_trace(trace).tiers) if t.interactive]
+    return min(paces, default=None)
 
 
 def trace_bound(trace: str, profile: str, max_num_seqs: int = MAX_NUM_SEQS, num_requests: int = NUM_REQUESTS,
                 seed: int = 0, output_tokens: int | None = None, budget: int = BUDGET) -> ThroughputBound:
     """`throughput_bound` of a trace (name or CSV) under a profile name, from the simulator's sample."""
     return throughput_bound(load_profile(profile), request_lengths(trace, num_requests, seed, output_tokens),
-                            trace, budget, max_num_seqs)
+                            trace, budget, max_num_seqs, tightest_pace(trace))
