@@ -1,0 +1,139 @@
+"""Routers: which replica of a pool gets a request, decided at its arrival.
+
+A router sees each replica of its pool as the cluster simulation leaves it
+at that moment (`sim.py`: every step that started before the arrival has
+run) and returns the index of one, or None to hold the request and be asked
+again `retry_s` later.
+
+- `round-robin` (the paper's): replica k, k+1, ... in turn; looks at nothing.
+- `least-loaded`: the least outstanding predicted work, in seconds: the
+  replica's queued prefill tokens at the profile's full-chunk rate (the
+  time of a 2552-token prefill step / 2552) plus its running decodes, each
+  with `decode_tokens` tokens still to come (the tier rule's predicted
+  output length), at the per-token cost of a 128-decode step. Ties go to
+  the first in a rotating order, so idle replicas take turns.
+- `qos` (ours): for each replica, the scheduler's own prediction of the
+  request's first token there (`Scheduler.predicted_first_token_s`: the
+  prefill work queued ahead of it in that replica's priority order, at that
+  replica's observed prefill rate, from the end of its step in flight), so
+  slack = first-token deadline - predicted first token. A Q1 request is
+  only ordered behind Q1 work (and batch work whose TTFT_eff has all but
+  run out); a Q2/Q3 request behind everything more urgent. A replica is
+  feasible if the slack is >= 0 and, for an interactive request, its running
+  decodes are not already past a token deadline (there the replica runs its
+  smallest chunks: one more paced decode only slows its prefills further).
+  Rule: among the feasible replicas, those within `tie_s` of the most slack
+  are equally good and the least loaded of them (least-loaded's measure)
+  wins; this keeps idle replicas from losing every tie to the one whose
+  prefill-rate estimate happens to be highest. If none is feasible, the
+  request is held and asked about again every `retry_s` for up to `hold_s`
+  (0 by default: a held request only loses slack, and the replicas' own
+  queues already put it behind more urgent work), then sent where it is
+  least late (the most slack, the decode check dropped).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..predictor import BatchTimePredictor
+from ..request import Request
+
+FULL_CHUNK = 2552          # niyama's largest candidate: the profile's saturated prefill step
+DECODE_BATCH = 128         # a decode's per-token cost is taken in a step of this many decodes...
+DECODE_CONTEXT = 2048      # ...of this context each
+
+
+class Router:
+    name = "base"
+    retry_s = 0.0          # a held request is asked about again this much later
+
+    def route(self, now: float, req: Request, nodes: Sequence) -> int | None:
+        """Index in `nodes` of the replica that gets `req`, or None to hold it."""
+        raise NotImplementedError
+
+
+class RoundRobin(Router):
+    name = "round-robin"
+
+    def __init__(self, predictor: BatchTimePredictor | None = None, decode_tokens: int = 15):
+        self._next = 0
+
+    def route(self, now: float, req: Request, nodes: Sequence) -> int:
+        k = self._next % len(nodes)
+        self._next = k + 1
+        return k
+
+
+class WorkEstimate:
+    """Outstanding work of a replica in seconds, from the profile (see least-loaded above)."""
+
+    def __init__(self, predictor: BatchTimePredictor, decode_tokens: int):
+        self.prefill_s_per_token = predictor.batch_time(FULL_CHUNK, 0, 0, 0) / FULL_CHUNK
+        self.decode_s = decode_tokens * predictor.batch_time(0, DECODE_BATCH, DECODE_BATCH * DECODE_CONTEXT,
+                                                             0) / DECODE_BATCH
+
+    def seconds(self, node) -> float:
+        return node.queued_prefill_tokens * self.prefill_s_per_token + len(node.replica.decodes) * self.decode_s
+
+
+class LeastLoaded(Router):
+    name = "least-loaded"
+
+    def __init__(self, predictor: BatchTimePredictor, decode_tokens: int = 15):
+        self.work = WorkEstimate(predictor, decode_tokens)
+        self._start = 0
+
+    def route(self, now: float, req: Request, nodes: Sequence) -> int:
+        n = len(nodes)
+        order = [(self._start + j) % n for j in range(n)]
+        self._start = (self._start + 1) % n
+        return min(order, key=lambda k: self.work.seconds(nodes[k]))
+
+
+class QoSRouter(Router):
+    name = "qos"
+
+    def __init__(self, predictor: BatchTimePredictor, decode_tokens: int = 15, *, tie_s: float = 0.5,
+                 hold_s: float = 0.0, retry_s: float = 0.1):
+        if tie_s < 0 or hold_s < 0 or retry_s <= 0:
+            raise ValueError("tie_s and hold_s must be >= 0, retry_s > 0")
+        self.work = WorkEstimate(predictor, decode_tokens)
+        self.tie_s = tie_s
+        self.hold_s = hold_s
+        self.retry_s = retry_s
+        self._start = 0
+
+    def slack(self, now: float, req: Request, node) -> tuple[float, bool]:
+        """(first-token deadline - predicted first token on `node`, whether `node` is feasible for `req`)."""
+        replica = node.replica
+        at = max(now, replica.clock.now())          # a replica mid-step starts on it at the step's end
+        slack = req.first_token_deadline_s - replica.scheduler.predicted_first_token_s(at, req)
+        feasible = slack >= 0
+        if feasible and req.tier.interactive and replica.decodes:
+            feasible = replica.decodes.min_deadline(replica.iteration) >= at
+        return slack, feasible
+
+    def route(self, now: float, req: Request, nodes: Sequence) -> int | None:
+        n = len(nodes)
+        order = [(self._start + j) % n for j in range(n)]
+        self._start = (self._start + 1) % n
+        scored = [(k, *self.slack(now, req, nodes[k])) for k in order]
+        feasible = [(k, s) for k, s, ok in scored if ok]
+        if not feasible:
+            if now - req.arrival_s + self.retry_s <= self.hold_s:
+                return None
+            return max(scored, key=lambda x: x[1])[0]
+        best = max(s for _, s in feasible)
+        near = [k for k, s in feasible if s >= best - self.tie_s]
+        return min(near, key=lambda k: self.work.seconds(nodes[k]))
+
+
+# name -> class; each takes (predictor, decode_tokens, **options)
+ROUTERS = {"round-robin": RoundRobin, "least-loaded": LeastLoaded, "qos": QoSRouter}
+
+
+def make_router(name: str, predictor: BatchTimePredictor, decode_tokens: int = 15, **options) -> Router:
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}")
+    return ROUTERS[name](predictor, decode_tokens, **options)
