@@ -55,7 +55,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
     talking to it when it starts serving and shuts it down when it stops."""
     limits = limits or Limits()
     in_flight = [0]                      # requests submitted and not yet finished (event loop only)
-    metrics = runner.metrics = ServerMetrics(served_name, tuple(qos.tiers.values()))
+    runner.metrics = ServerMetrics(served_name, tuple(qos.tiers.values()))
     info = runner.info
     context = info["max_position"]
     if limits.max_model_len is not None:
@@ -121,7 +121,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(runner.render_metrics(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions", **route(Completion, CompletionRequest, CompletionChunk, GENERATION_ERRORS))
     async def completions(request: Request):

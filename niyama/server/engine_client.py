@@ -94,6 +94,7 @@ class EngineClient:
         self.streams: dict[int, Stream] = {}
         self.stats: dict = {"kv_free": info["kv_blocks"], "kv_blocks": info["kv_blocks"], "degraded": None}
         self.stopped: str | None = None      # why the engine is not running
+        self.load: dict | None = None        # the engine's last load report (`report_load`), for a router
         self._ids = itertools.count()
         self._send_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -187,6 +188,13 @@ class EngineClient:
         pause, and the engine's final output for it still comes (for the metrics)."""
         self._send_queue.put(("abort", stream.rid, reason))
 
+    def report_load(self, period_s: float) -> None:
+        """Ask the engine for its load (`engine_core.load_report`) at most every `period_s` while it works."""
+        self._send_queue.put(("load", period_s))
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
     # --- the threads ---------------------------------------------------------
     def _send_loop(self) -> None:
         while (cmd := self._send_queue.get()) is not None:
@@ -226,6 +234,8 @@ class EngineClient:
                 self.metrics.request_finished(stream, end, now)
         if ready:
             self._deliver(ready)
+        if "load" in stats:
+            self.load = stats["load"]
         self.stats = stats          # last: once /health shows a request's blocks free, its metrics are recorded
 
     def _advance(self, stream: Stream, new: list[int], end: Output | None, now: float) -> Event | None:

@@ -7,6 +7,8 @@ engine state across the boundary: everything the HTTP side knows comes in messag
 HTTP side -> engine (commands, read between steps):
     ("add", rid, prompt_ids, SamplingParams, Tier, Priority, arrival)   arrival: time.monotonic() at the API
     ("abort", rid, reason)       the client left ("abort"), or a stop string ended the text ("stop")
+    ("load", period_s)           put the replica's load (`load_report`) in stats["load"], at most every
+                                 period_s while it has work (a router's input; off unless asked)
     ("shutdown",)
 Engine -> HTTP side (one message per step, and after commands that changed something):
     ("ready", info)              once, after the model loaded (`engine_info`)
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 from ..metrics.records import is_violated
 from ..qos import DeadlineRule
+from ..request import Request
 
 log = logging.getLogger("niyama.engine")
 
@@ -73,6 +76,9 @@ class EngineCore:
         self.admitted: list[int] = []           # ... of which admitted, not told yet
         self.steps: list[dict] = []             # what each step since the last message did (metrics)
         self.degraded: str | None = None
+        self.load_period_s: float | None = None    # stats["load"] at most this often (None: never)
+        self.load_due = False                      # send a load report with the next message, even if nothing else
+        self.last_load_s = -math.inf
         engine.replica.on_step.insert(0, self._observe)     # before the online correction learns from the step
 
     def run(self) -> None:
@@ -100,6 +106,8 @@ class EngineCore:
             try:
                 if cmd[0] == "add":
                     self._add(*cmd[1:])
+                elif cmd[0] == "load":
+                    self.load_period_s, self.load_due = cmd[1], True
                 else:
                     self._abort(*cmd[1:])
             except Exception:      # a bug, not a bad request (the HTTP side validated it): keep serving
@@ -210,7 +218,8 @@ class EngineCore:
                 rids.append(rid)
                 tokens.append(seq.output_ids[-1])
                 sent[rid] = n
-        if not out and not rids and not self.steps and not self.admitted:
+        load = self._load_if_due()
+        if not out and not rids and not self.steps and not self.admitted and load is None:
             return
         engine, kv = self.engine, self.engine.allocator
         waiting, started = len(engine.scheduler.waiting), engine.scheduler.waiting.num_started
@@ -218,9 +227,45 @@ class EngineCore:
                  "running": len(engine.replica.decodes) + started, "waiting": waiting - started,
                  "degraded": self.degraded, "admitted": self.admitted,
                  "correction": getattr(engine.predictor, "ratios", None)}
+        if load is not None:
+            stats["load"] = load
         self.steps = []
         self.admitted = []
         self.outputs.send(("out", rids, tokens, out, stats))
+
+    def _load_if_due(self) -> dict | None:
+        """The load report, if one was asked for and the last is `load_period_s` old, or one is due now: asked
+        for just now, or the engine has no work left (so that an idle replica never looks busy)."""
+        if self.load_period_s is None:
+            return None
+        now = time.monotonic()
+        if not self.load_due and self.engine.has_work and now - self.last_load_s < self.load_period_s:
+            return None
+        self.last_load_s, self.load_due = now, False
+        return load_report(self.engine, ((seq.request, len(seq.output_ids)) for seq in self.live.values()))
+
+
+def load_report(engine, live) -> dict:
+    """What a router weighs this replica by (`live`: (Request, output tokens made) of each request in the engine;
+    a running decode's Request does not count its tokens one by one). O(requests) and O(waiting) per
+    tier, so the engine sends it only on request and at most every few tenths of a second.
+
+    ahead_s[tier]: seconds until a new request of that tier (1 token of prompt) would make its first token here,
+        the scheduler's own `predicted_first_token_s`: the prefill work queued ahead of it in this policy's order
+        (EDF / niyama: tighter tiers first) at the observed prefill rate;
+    work_tokens: prompt tokens not prefilled yet plus output tokens not made yet (up to each max_tokens), over
+        every request in the engine: its outstanding work."""
+    sched, kv = engine.scheduler, engine.allocator
+    now = engine.now()
+    ahead = {name: sched.predicted_first_token_s(now, Request(-1, now, 1, 1, tier, engine.rule)) - now
+             for name, tier in engine.tiers.items()}
+    work = requests = 0
+    for req, num_output in live:
+        requests += 1
+        work += req.num_remaining_prefill + max(0, req.max_output_tokens - num_output)
+    return {"time": time.time(), "prefill_tokens_per_s": sched.prefill_rate.tokens_per_s, "ahead_s": ahead,
+            "work_tokens": work, "requests": requests,
+            "kv_free_tokens": max(0, kv.num_free - kv.num_watermark_blocks) * kv.block_size}
 
 
 def rejection(rid: int, req) -> Output:
