@@ -10,7 +10,8 @@ from . import bench, bound, capacity, experiment, generate, policies, profile, r
 
 VERBS = (simulate, capacity, bound, experiment, policies, generate, replay, serve, bench, profile)
 EXTRAS = {"torch": "engine", "tokenizers": "engine", "safetensors": "engine", "jinja2": "engine", "gguf": "engine",
-          "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve"}
+          "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
+          "ray": "cluster"}
 TORCH_CPU = ("pip install torch --index-url https://download.pytorch.org/whl/cpu (a CPU-only build, ~200 MB; "
              "a plain `pip install torch` pulls the CUDA stack, GBs)")
 

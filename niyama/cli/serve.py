@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 
+from ..server.routing import ROUTERS
 from .common import (add_admission_option, add_engine_options, add_profile_option, check_policy, engine_config_from_args,
                      parse_policy_options)
 
@@ -19,6 +20,8 @@ EXAMPLES = """examples:
   niyama serve --profile measure                        # plan with batch times measured on this machine
   niyama serve --chat-template my-template.jinja        # a chat template other than the model's
   niyama serve --model llama-3-8b --load-format dummy --tokenizer ~/models/Llama-3-8B-Instruct --device cuda
+  niyama serve --replicas 2                             # two engines on a local Ray instance, one endpoint
+  niyama serve --replicas 8 --address auto --device cuda --router qos   # on this node's Ray cluster
 
 then:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -68,6 +71,19 @@ def add_parser(sub) -> None:
                         "HTTP work then slows the engine's steps)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info)")
+    r = p.add_argument_group("several replicas on Ray Serve (needs the cluster extra: pip install 'niyama[cluster]')")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve N engine replicas as a Ray Serve deployment behind this one endpoint (default: one "
+                        "engine, no Ray)")
+    r.add_argument("--router", default="qos", choices=ROUTERS,
+                   help="how a request picks its replica: round-robin, least-loaded (least outstanding tokens) or "
+                        "qos (its tier's predicted first token and deadline; see README) (default qos)")
+    r.add_argument("--address", default=None,
+                   help="an existing Ray cluster: 'auto' (this node's), or ray://HOST:10001 (default: start a local "
+                        "Ray instance)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    r.add_argument("--replica-gpus", type=float, default=None,
+                   help="GPUs per replica (default 1 when the device is CUDA, else 0)")
     p.set_defaults(run=run)
 
 
@@ -112,7 +128,8 @@ def run(args) -> int:
     options = parse_policy_options(args.policy, args.opt)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    check_port_free(args.host, args.port)      # before a model load that can take minutes
+    if args.address is None:                   # (on a Ray cluster the port is its proxies', not this machine's)
+        check_port_free(args.host, args.port)  # before a model load that can take minutes
     limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None, args.max_model_len)
     if not limits.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use "
@@ -124,6 +141,13 @@ def run(args) -> int:
                                      max_num_seqs=args.max_num_seqs, seed=args.seed)
     if config.tokenizer or config.chat_template:
         check_tokenizer(config)
+    if args.replicas is not None or args.address is not None:
+        args.replicas = 1 if args.replicas is None else args.replicas
+        if args.replicas < 1 or args.replica_cpus < 0 or (args.replica_gpus or 0) < 0:
+            raise ValueError("--replicas must be >= 1 and --replica-cpus / --replica-gpus >= 0")
+        from ..server import ray_serve     # Ray only on this path (ImportError: the CLI names the extra)
+
+        return ray_serve.run(args, config, tiers, qos, limits)
     # the tiers read once above are the engine's and what the QoS policy resolves to
     runner = start_engine(config, tiers, args.in_process_engine)
     name = args.served_model_name or runner.info["model_name"]
