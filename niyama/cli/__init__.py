@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, bound, capacity, experiment, generate, policies, profile, replay, serve, simulate
+from . import bench, bound, capacity, experiment, generate, plan, policies, profile, replay, serve, simulate
 
-VERBS = (simulate, capacity, bound, experiment, policies, generate, replay, serve, bench, profile)
+VERBS = (simulate, capacity, bound, plan, experiment, policies, generate, replay, serve, bench, profile)
 EXTRAS = {"torch": "engine", "tokenizers": "engine", "safetensors": "engine", "jinja2": "engine", "gguf": "engine",
           "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
           "ray": "cluster"}

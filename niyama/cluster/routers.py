@@ -19,17 +19,23 @@ again `retry_s` later.
   slack = first-token deadline - predicted first token. A Q1 request is
   only ordered behind Q1 work (and batch work whose TTFT_eff has all but
   run out); a Q2/Q3 request behind everything more urgent. A replica is
-  feasible if the slack is >= 0 and, for an interactive request, its running
-  decodes are not already past a token deadline (there the replica runs its
-  smallest chunks: one more paced decode only slows its prefills further).
-  Rule: among the feasible replicas, those within `tie_s` of the most slack
-  are equally good and the least loaded of them (least-loaded's measure)
-  wins; this keeps idle replicas from losing every tie to the one whose
-  prefill-rate estimate happens to be highest. If none is feasible, the
-  request is held and asked about again every `retry_s` for up to `hold_s`
-  (0 by default: a held request only loses slack, and the replicas' own
-  queues already put it behind more urgent work), then sent where it is
-  least late (the most slack, the decode check dropped).
+  comfortable for the request if that slack is at least `comfort` (0.5, as
+  in the server's router, `niyama/server/routing.py`) x the request's
+  first-token budget (TTFT, or TTFT_eff; the prediction cannot see later
+  arrivals that will sort ahead, hence the margin) and, for an
+  interactive request, none of its running decodes is already past a token
+  deadline (there the replica runs its smallest chunks: one more paced
+  decode only slows its prefills further). Rule: the least loaded
+  comfortable replica (least-loaded's measure; ties in turn); if none is
+  comfortable, the one with the most slack (the least late). With `hold_s`
+  > 0 a request no replica is comfortable for is first held and asked about
+  again every `retry_s` for up to `hold_s` (0 by default: a held request
+  only loses slack, and a replica's own queue already puts it behind more
+  urgent work). `prefer="slack"` picks the comfortable replica with the
+  most slack instead of the least loaded: measured worse (docs/design.md,
+  "Cluster"): Q1 requests then flee a replica that has started batch
+  prefills, batch requests fill it because no Q1 work is queued ahead of
+  them there, and the other replicas drown in Q1 work.
 """
 
 from __future__ import annotations
@@ -93,40 +99,60 @@ class LeastLoaded(Router):
 
 class QoSRouter(Router):
     name = "qos"
+    PREFER = ("load", "slack")
 
-    def __init__(self, predictor: BatchTimePredictor, decode_tokens: int = 15, *, tie_s: float = 0.5,
-                 hold_s: float = 0.0, retry_s: float = 0.1):
-        if tie_s < 0 or hold_s < 0 or retry_s <= 0:
-            raise ValueError("tie_s and hold_s must be >= 0, retry_s > 0")
+    def __init__(self, predictor: BatchTimePredictor, decode_tokens: int = 15, *, comfort: float = 0.5,
+                 prefer: str = "load", hold_s: float = 0.0, retry_s: float = 0.1):
+        if not 0 <= comfort < 1 or hold_s < 0 or retry_s <= 0:
+            raise ValueError("comfort must be in [0, 1), hold_s >= 0, retry_s > 0")
+        if prefer not in self.PREFER:
+            raise ValueError(f"prefer must be one of {self.PREFER}")
         self.work = WorkEstimate(predictor, decode_tokens)
-        self.tie_s = tie_s
+        self.comfort = comfort
+        self.prefer = prefer
         self.hold_s = hold_s
         self.retry_s = retry_s
         self._start = 0
 
     def slack(self, now: float, req: Request, node) -> tuple[float, bool]:
-        """(first-token deadline - predicted first token on `node`, whether `node` is feasible for `req`)."""
+        """(first-token deadline - predicted first token on `node`, whether `node` is comfortable for `req`)."""
         replica = node.replica
         at = max(now, replica.clock.now())          # a replica mid-step starts on it at the step's end
-        slack = req.first_token_deadline_s - replica.scheduler.predicted_first_token_s(at, req)
-        feasible = slack >= 0
-        if feasible and req.tier.interactive and replica.decodes:
-            feasible = replica.decodes.min_deadline(replica.iteration) >= at
-        return slack, feasible
+        deadline = req.first_token_deadline_s
+        slack = deadline - replica.scheduler.predicted_first_token_s(at, req)
+        return slack, self._comfortable(slack, at, req, replica)
+
+    def _comfortable(self, slack: float, at: float, req: Request, replica) -> bool:
+        ok = slack >= self.comfort * (req.first_token_deadline_s - req.arrival_s)
+        if ok and req.tier.interactive and replica.decodes:
+            ok = replica.decodes.min_deadline(replica.iteration) >= at
+        return ok
+
+    def _surely_comfortable(self, now: float, req: Request, node) -> bool:
+        """Comfortable even if every token queued on `node` were ahead of `req`: the exact prediction (which
+        walks the replica's queue in its order) is not needed."""
+        replica = node.replica
+        at = max(now, replica.clock.now())
+        ahead = node.queued_prefill_tokens + req.num_remaining_prefill
+        slack = req.first_token_deadline_s - at - ahead / replica.scheduler.prefill_rate.tokens_per_s
+        return self._comfortable(slack, at, req, replica)
 
     def route(self, now: float, req: Request, nodes: Sequence) -> int | None:
         n = len(nodes)
         order = [(self._start + j) % n for j in range(n)]
         self._start = (self._start + 1) % n
+        if self.prefer == "load":
+            comfortable = [k for k in order if self._surely_comfortable(now, req, nodes[k])
+                           or self.slack(now, req, nodes[k])[1]]
+            if comfortable:
+                return min(comfortable, key=lambda k: self.work.seconds(nodes[k]))
         scored = [(k, *self.slack(now, req, nodes[k])) for k in order]
-        feasible = [(k, s) for k, s, ok in scored if ok]
-        if not feasible:
-            if now - req.arrival_s + self.retry_s <= self.hold_s:
-                return None
-            return max(scored, key=lambda x: x[1])[0]
-        best = max(s for _, s in feasible)
-        near = [k for k, s in feasible if s >= best - self.tie_s]
-        return min(near, key=lambda k: self.work.seconds(nodes[k]))
+        comfortable = [(k, s) for k, s, ok in scored if ok]
+        if comfortable:                               # prefer == "slack"
+            return max(comfortable, key=lambda x: x[1])[0]
+        if now - req.arrival_s + self.retry_s <= self.hold_s:
+            return None
+        return max(scored, key=lambda x: x[1])[0]
 
 
 # name -> class; each takes (predictor, decode_tokens, **options)
