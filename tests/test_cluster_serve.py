@@ -1,0 +1,299 @@
+"""`niyama serve --replicas 2` as users reach it: a local Ray instance, two CPU engine replicas of the default model
+(SmolLM2-135M) behind one OpenAI endpoint on 127.0.0.1, real HTTP; and the routing rules and the metrics merge
+on their own (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+parser = pytest.importorskip("prometheus_client.parser")
+
+from niyama.server.remote_engine import merge_metrics  # noqa: E402
+from niyama.server.routing import Load, Route, Sent, counted, rank  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+KV_TOKENS = 4096
+
+
+# --- the routing rules --------------------------------------------------------------------------------------
+def load(**kw) -> Load:
+    base = dict(time=time.time(), prefill_tokens_per_s=1000.0, ahead_s={"Q1": 0.0, "Q3": 0.0}, work_tokens=0,
+                requests=0, kv_free_tokens=100_000)
+    return Load(**{**base, **kw})
+
+
+def route(tier="Q1", prompt=100, max_tokens=50, first_token_s=6.0, age_s=0.0) -> Route:
+    return Route(tier, prompt, max_tokens, first_token_s, time.time(), age_s)
+
+
+def test_round_robin_takes_turns_whatever_the_load():
+    loads = {"a": load(work_tokens=10_000), "b": load(), "c": load()}
+    assert [rank("round-robin", ["c", "a", "b"], loads, {}, route(), k)[0] for k in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_least_loaded_counts_reported_and_unreported_work():
+    loads = {"a": load(work_tokens=500), "b": load(work_tokens=300)}
+    assert rank("least-loaded", ["a", "b"], loads, {}, route(), 0) == ["b", "a"]
+    sent = {"b": Sent([route(prompt=400, max_tokens=100)])}       # sent to b since its report: 800 > 500
+    assert rank("least-loaded", ["a", "b"], loads, sent, route(), 0) == ["a", "b"]
+
+
+def test_qos_sends_each_tier_where_its_own_queue_is_short():
+    # a: a long batch backlog, which Q1 requests overtake; b: a Q1 backlog of 5 s
+    loads = {"a": load(ahead_s={"Q1": 0.2, "Q3": 60.0}, work_tokens=50_000),
+             "b": load(ahead_s={"Q1": 5.0, "Q3": 5.0}, work_tokens=5_000)}
+    assert rank("qos", ["a", "b"], loads, {}, route("Q1"), 0)[0] == "a"                  # b leaves < 50% slack
+    assert rank("least-loaded", ["a", "b"], loads, {}, route("Q1"), 0)[0] == "b"
+    assert rank("qos", ["a", "b"], loads, {}, route("Q3", first_token_s=594.0), 0)[0] == "b"   # both fine: less work
+    # nowhere comfortable: the earliest first token, and a replica whose KV cannot hold it last
+    tight = route("Q1", prompt=2000, first_token_s=1.0)
+    loads = {"a": load(ahead_s={"Q1": 3.0}), "b": load(ahead_s={"Q1": 1.5}), "c": load(kv_free_tokens=1000)}
+    assert rank("qos", ["a", "b", "c"], loads, {}, tight, 0) == ["b", "a", "c"]
+    # tokens sent since the last report wait ahead too; a report made after a send counts it
+    sent = {"b": Sent([route(prompt=5000)])}
+    assert rank("qos", ["a", "b"], loads, sent, tight, 0)[0] == "a"
+    assert counted(route(), load(time=time.time() + 1)) and not counted(route(), load())
+
+
+def test_an_idle_fleet_spreads_requests_in_turn():
+    loads = {"a": load(), "b": load(prefill_tokens_per_s=1001.0)}      # predictions a hair apart: a tie
+    for router in ("least-loaded", "qos"):
+        assert [rank(router, ["a", "b"], loads, {}, route(), k)[0] for k in range(4)] == ["a", "b", "a", "b"]
+    assert rank("qos", ["a", "b"], {"a": Load(), "b": Load()}, {}, None, 1) == ["b", "a"]     # no report yet
+    with pytest.raises(ValueError, match="unknown router"):
+        rank("random", ["a"], {"a": Load()}, {}, None, 0)
+
+
+def test_merged_metrics_label_each_replica_and_parse():
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    def replica_text(n: int) -> bytes:
+        r = CollectorRegistry()
+        Counter("niyama:request_success", "done", ["finished_reason"], registry=r).labels("stop").inc(n)
+        Histogram("niyama:ttft_seconds", "ttft", ["tier"], registry=r, buckets=(0.1, 1.0)).labels("Q1").observe(0.5)
+        return generate_latest(r)
+
+    text = merge_metrics({"r1": replica_text(2), "r2": replica_text(3)}).decode()
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    done = {s.labels["replica"]: s.value for s in families["niyama:request_success"].samples
+            if s.name.endswith("_total")}
+    assert done == {"r1": 2.0, "r2": 3.0}
+    counts = [s for s in families["niyama:ttft_seconds"].samples if s.name.endswith("_count")]
+    assert {s.labels["replica"] for s in counts} == {"r1", "r2"}
+    assert families["niyama:replicas"].samples[0].value == 2
+    assert text.count("# TYPE niyama:ttft_seconds histogram") == 1       # one family, both replicas' samples
+
+
+def test_without_ray_the_error_names_the_extra():
+    from niyama.cli import import_hint
+
+    assert "pip install 'niyama[cluster]'" in import_hint(ModuleNotFoundError("No module named 'ray'", name="ray"))
+    code = "import sys, niyama.cli; sys.exit('ray' in sys.modules)"   # no Ray at import
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+# --- the cluster over HTTP -------------------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    pytest.importorskip("ray")
+    port = free_port()
+    log = tmp_path_factory.mktemp("cluster") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}     # a local instance of its own
+    started = time.monotonic()
+    with open(log, "w") as out:
+        # a shipped profile: no start-up measurement, which two replicas on 2 cores would slow each other in
+        proc = subprocess.Popen([sys.executable, "-m", "niyama.cli", "serve", "--replicas", "2", "--port", str(port),
+                                 "--kv-tokens", str(KV_TOKENS), "--profile", "a100-llama3-8b",
+                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: len(replicas(url)) == 2, 240, "two replicas reporting", proc, log)
+        print(f"cluster ready after {time.monotonic() - started:.1f} s")
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        print(log.read_text()[-4000:])
+        assert code == 0
+
+
+def wait_for(ok, limit_s: float, what: str, proc=None, log=None):
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            if ok():
+                return
+        except (httpx.TransportError, httpx.HTTPStatusError, KeyError, ValueError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the server exited (code {proc.returncode}):\n{log.read_text()[-6000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {limit_s} s" + (f":\n{log.read_text()[-6000:]}" if log else ""))
+        time.sleep(0.3)
+
+
+def replicas(url: str) -> list[dict]:
+    r = httpx.get(f"{url}/replicas", timeout=10)
+    r.raise_for_status()
+    return r.json()["data"]
+
+
+def per_replica(url: str, name: str, **labels) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                out[s.labels["replica"]] = out.get(s.labels["replica"], 0) + s.value
+    return out
+
+
+def all_blocks_free(url: str) -> bool:
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    reps = replicas(url)
+    return (len(reps) == 2 and all(r["kv_blocks_free"] == r["kv_blocks"] for r in reps)
+            and health["kv_blocks_free"] == health["kv_blocks"] == 2 * KV_TOKENS // 16)
+
+
+def finished(url: str) -> float:
+    return sum(per_replica(url, "niyama:request_success_total").values())
+
+
+def test_requests_spread_over_both_replicas_with_per_replica_metrics(cluster):
+    url, _ = cluster
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    before = finished(url)
+    for i in range(3):
+        r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           extra_body={"tier": "Q3", "priority": "low"})
+        assert r.model_extra["niyama"] == {"tier": "Q3", "priority": "low", "relegated": False}
+    wait_for(lambda: finished(url) - before >= 6, 10, "metrics of the 6 requests")
+    counts = per_replica(url, "niyama:request_success_total")
+    assert len(counts) == 2 and all(n >= 1 for n in counts.values()), counts     # both replicas served some
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "niyama:replicas 2.0" in text and text.count("# TYPE niyama:time_to_first_token_seconds histogram") == 1
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["engine"]["mode"] == "ray-serve"
+    bad = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "tier": "Q9"}, timeout=30)      # answered
+    assert bad.status_code == 400 and "Q9" in bad.json()["error"]["message"]                       # at the ingress
+
+
+def test_streaming_and_a_busy_replica_is_avoided_and_a_disconnect_frees_its_blocks(cluster):
+    url, _ = cluster
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"service_tier": "flex"}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    aborts = per_replica(url, "niyama:request_success_total", finished_reason="abort")
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = (line for line in resp.iter_lines() if line.startswith("data:"))
+        next(lines)
+        busy: list[str] = []
+        wait_for(lambda: busy.extend(r["replica"] for r in replicas(url) if r["running"] or r["waiting"]) or busy,
+                 10, "the long request's replica reporting it")        # reports come every 0.5 s
+        done = per_replica(url, "niyama:request_success_total")
+        for _ in range(3):       # the qos router sends short requests to the replica without the long one
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        wait_for(lambda: finished(url) - sum(done.values()) >= 3, 10, "metrics of the 3 short requests")
+        after = per_replica(url, "niyama:request_success_total")
+        assert busy and all(after.get(r, 0) == done.get(r, 0) for r in busy), (busy, done, after)
+        for _ in range(3):
+            next(lines)
+    # leaving the block closed the connection: the request is aborted on its replica and its blocks return
+    wait_for(lambda: all_blocks_free(url), 15, "every KV block free after the disconnect")
+    wait_for(lambda: sum(per_replica(url, "niyama:request_success_total", finished_reason="abort").values())
+             - sum(aborts.values()) == 1, 10, "the abort counted")
+
+
+def test_a_non_streaming_client_that_leaves_is_aborted_too(cluster):
+    url, _ = cluster
+    aborts = sum(per_replica(url, "niyama:request_success_total", finished_reason="abort").values())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={"prompt": "Count.", "max_tokens": 400, "ignore_eos": True},
+                   timeout=httpx.Timeout(30, read=2))
+    wait_for(lambda: sum(per_replica(url, "niyama:request_success_total", finished_reason="abort").values())
+             - aborts == 1, 15, "the abort counted")
+    wait_for(lambda: all_blocks_free(url), 15, "every KV block free")
+
+
+def stream_events(url: str, started: threading.Event) -> dict:
+    """One long streamed completion: its data lines, whether an error event came, its finish reason."""
+    body = {"prompt": "Tell me a long story.", "max_tokens": 80, "ignore_eos": True, "stream": True}
+    out = {"chunks": 0, "error": None, "finish": None, "done": False, "transport": None}
+    try:
+        with httpx.Client(timeout=httpx.Timeout(60, read=30)) as c, \
+                c.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                if line == "data: [DONE]":
+                    out["done"] = True
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    out["error"] = event["error"]["message"]
+                else:
+                    out["chunks"] += 1
+                    out["finish"] = event["choices"][0]["finish_reason"] or out["finish"]
+                started.set()
+    except httpx.TransportError as e:      # a cut connection is an acceptable end too; a hang is not
+        out["transport"] = repr(e)
+    out["ended"] = time.monotonic()
+    return out
+
+
+def test_a_killed_replica_fails_its_streams_and_is_replaced(cluster):
+    url, _ = cluster
+    flags = [threading.Event(), threading.Event()]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(stream_events, url, flag) for flag in flags]
+        assert all(flag.wait(60) for flag in flags)
+        wait_for(lambda: all(r["running"] for r in replicas(url)), 10, "both replicas running a stream")
+        victim = replicas(url)[0]
+        t0 = time.monotonic()
+        os.kill(victim["pid"], signal.SIGKILL)
+        results = [f.result(timeout=120) for f in futures]
+    failed = [r for r in results if r["error"] or r["transport"]]
+    ok = [r for r in results if r["finish"] == "length" and r["chunks"] == 81 and r["done"]]    # + the last
+    assert len(failed) == 1 and len(ok) == 1, results
+    assert failed[0]["error"] is None or "replica" in failed[0]["error"]
+    failed_s = failed[0]["ended"] - t0
+    assert failed_s < 15          # told at once (Ray reports the actor's death), not left hanging
+    wait_for(lambda: len(reps := replicas(url)) == 2 and victim["replica"] not in {r["replica"] for r in reps},
+             120, "a replacement replica")
+    wait_for(lambda: all_blocks_free(url), 15, "every KV block free")
+    print(f"the killed replica's stream ended {failed_s:.1f} s after the kill, the other "
+          f"{ok[0]['ended'] - t0:.1f} s after; replaced after {time.monotonic() - t0:.1f} s")
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
