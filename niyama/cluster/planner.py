@@ -13,9 +13,8 @@ artifact's definition, SPEC.md section 7). The searches:
   request for request. A round-robin pool is evaluated on `sample_replicas`
   of its replicas (spread over j; 0 = all), at the cost of those alone.
 - Any other router couples the replicas, so its pool is simulated whole
-  (`simulate_cluster`). Its search starts from the round-robin answer (a
-  router that reads the replicas' state should need no more) and walks down
-  while it passes (up if it fails).
+  (`simulate_cluster`); the round-robin shared pool is searched too, for
+  comparison, at the cost of its sampled replicas.
 - Each search starts from the pool's load over one replica's throughput
   bound in the trace's mix at the pool's largest step (2552 tokens shared,
   the silo's fixed chunk; `niyama bound`) and steps by 1, 2, 4, ... until
@@ -25,7 +24,8 @@ artifact's definition, SPEC.md section 7). The searches:
   load lasts, and only a run too short to show it passes them (the
   planner's runs are short, for speed). Without it the answer is the
   paper's criterion on a run of this length alone.
-The searches run in parallel worker processes (`niyama.sim.parallel`).
+The searches run side by side in worker processes (`niyama.sim.parallel`), the
+whole-fleet one first.
 """
 
 from __future__ import annotations
@@ -257,14 +257,17 @@ def smallest_passing(evaluate: Callable[[int], Evaluation], start: int, max_n: i
     return hi, list(seen.values())
 
 
-def load_over_bound(setup: PlanSetup, wl: Workload, pool: str) -> float:
-    """The pool's load over one replica's throughput bound at its largest step: the replicas it keeps busy."""
+def load_over_bound(setup: PlanSetup, wl: Workload, pools: list[str]) -> dict[str, float]:
+    """Per pool, its load over one replica's throughput bound at its largest step: the replicas it keeps busy."""
     lengths = request_lengths(setup.trace, seed=setup.seed)
-    budget = 2552 if pool == SHARED else silo_options(pool, wl)["chunk_size"]
-    bound = mixed_step(load_profile(setup.executor_profile or setup.profile), lengths, budget,
-                       setup.policy_options.get("max_num_seqs", 256)).qps
-    load = len(pool_workload(wl, None if pool == SHARED else pool)) / max(wl.last_arrival_s, 1e-9)
-    return load / bound
+    profile = load_profile(setup.executor_profile or setup.profile)
+    max_num_seqs = setup.policy_options.get("max_num_seqs", 256)
+    out = {}
+    for pool in pools:
+        budget = 2552 if pool == SHARED else silo_options(pool, wl)["chunk_size"]
+        load = len(pool_workload(wl, None if pool == SHARED else pool)) / max(wl.last_arrival_s, 1e-9)
+        out[pool] = load / mixed_step(profile, lengths, budget, max_num_seqs).qps
+    return out
 
 
 def search_range(setup: PlanSetup, busy: float) -> tuple[int, int]:
@@ -273,64 +276,33 @@ def search_range(setup: PlanSetup, busy: float) -> tuple[int, int]:
     return max(floor, math.floor(busy)), floor
 
 
-def _search(item, tick) -> Search:
-    setup, pool, router = item
-    wl = setup.workload()
-    busy = load_over_bound(setup, wl, pool)
-    start, floor = search_range(setup, busy)
-
-    def ev(n: int) -> Evaluation:
-        e = evaluate_pool(setup, wl, pool, n, router)
-        tick(f"{pool} x{n} {router}: worst {e.worst_pct:.2f}%")
-        return e
-    answer, points = smallest_passing(ev, start, setup.max_replicas, floor)
-    return Search(pool, router, answer, sorted(points, key=lambda p: p.num_replicas), busy)
-
-
 def plan_fleet(setup: PlanSetup, processes: int | None = None, show_progress: bool = True) -> Plan:
-    """The smallest shared pool (with setup.router) and the best silo split for setup's load."""
+    """The smallest shared pool (with setup.router, and with round-robin) and the best silo split for setup's
+    load. The searches run side by side; the whole-fleet one (setup.router) first, as it is the longest."""
     t0 = time.time()
     wl = setup.workload()
     tiers = [t.name for t in wl.tiers]
     used = {s.tier for s in wl.specs}
     silo_tiers = [t for t in tiers if t in used]
-    items = [(setup, SHARED, "round-robin")] + [(setup, t, "round-robin") for t in silo_tiers]
-    found = run_parallel(_search, items, processes=processes, desc="planning", ticks_per_item=4,
+    busy = load_over_bound(setup, wl, [SHARED] + silo_tiers)
+    items = ([(SHARED, setup.router)] if setup.router != "round-robin" else []) + \
+        [(SHARED, "round-robin")] + [(t, "round-robin") for t in silo_tiers]
+
+    def search(item, tick) -> Search:
+        pool, router = item
+        start, floor = search_range(setup, busy[pool])
+
+        def ev(n: int) -> Evaluation:
+            e = evaluate_pool(setup, wl, pool, n, router)
+            tick(f"{pool} x{n} {router}: worst {e.worst_pct:.2f}%")
+            return e
+        answer, points = smallest_passing(ev, start, setup.max_replicas, floor)
+        return Search(pool, router, answer, sorted(points, key=lambda p: p.num_replicas), busy[pool])
+
+    found = run_parallel(search, items, processes=processes, desc="planning", ticks_per_item=3,
                          ticks_of=lambda s: len(s.points), unit="run", show_progress=show_progress)
-    shared_rr, silos = found[0], found[1:]
-    silos = _with_empty_tiers(silos, tiers, used)
-    if setup.router == "round-robin":
-        shared, shared_rr = shared_rr, None
-    else:
-        shared = _router_search(setup, shared_rr, processes, show_progress)
+    shared = found[0]
+    shared_rr = found[1] if setup.router != "round-robin" else None
+    by = {s.pool: s for s in found[len(items) - len(silo_tiers):]}
+    silos = [by[t] if t in by else Search(t, "round-robin", 0, [], 0.0) for t in tiers]
     return Plan(setup, tiers, shared, shared_rr, silos, time.time() - t0)
-
-
-def _with_empty_tiers(silos: list[Search], tiers: list[str], used: set) -> list[Search]:
-    by = {s.pool: s for s in silos}
-    return [by[t] if t in by else Search(t, "round-robin", 0, [], 0.0) for t in tiers]
-
-
-def _router_search(setup: PlanSetup, rr: Search, processes, show_progress) -> Search:
-    """The shared pool with a state-reading router: full-fleet runs from the round-robin answer, the first two
-    candidates (it and one less) in parallel."""
-    _, floor = search_range(setup, rr.bound)
-    start = rr.answer or max(floor, math.floor(rr.bound))
-    first = [n for n in (start, start - 1) if n >= floor]
-    wl = setup.workload()
-
-    def one(n, tick) -> Evaluation:
-        e = evaluate_pool(setup, wl, SHARED, n, setup.router)
-        tick(f"shared x{n} {setup.router}: worst {e.worst_pct:.2f}%")
-        return e
-    done = run_parallel(one, first, processes=processes, desc=f"shared pool, {setup.router}",
-                        show_progress=show_progress)
-    cache = {e.num_replicas: e for e in done}
-
-    def ev(n: int) -> Evaluation:
-        if n not in cache:
-            cache[n] = one(n, lambda text="": None)
-        return cache[n]
-    answer, points = smallest_passing(ev, start - 1 if cache.get(start - 1, done[0]).passed else start,
-                                      setup.max_replicas, floor)
-    return Search(SHARED, setup.router, answer, sorted(cache.values(), key=lambda p: p.num_replicas), rr.bound)

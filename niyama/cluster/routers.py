@@ -120,32 +120,36 @@ class QoSRouter(Router):
         at = max(now, replica.clock.now())          # a replica mid-step starts on it at the step's end
         deadline = req.first_token_deadline_s
         slack = deadline - replica.scheduler.predicted_first_token_s(at, req)
-        return slack, self._comfortable(slack, at, req, replica)
+        ok = slack >= self.comfort * (deadline - req.arrival_s) and self._decodes_on_time(at, req, replica)
+        return slack, ok
 
-    def _comfortable(self, slack: float, at: float, req: Request, replica) -> bool:
-        ok = slack >= self.comfort * (req.first_token_deadline_s - req.arrival_s)
-        if ok and req.tier.interactive and replica.decodes:
-            ok = replica.decodes.min_deadline(replica.iteration) >= at
-        return ok
+    @staticmethod
+    def _decodes_on_time(at: float, req: Request, replica) -> bool:
+        """An interactive request avoids a replica with a decode already past its token deadline."""
+        decodes = replica.decodes
+        return not (req.tier.interactive and decodes and decodes.min_deadline(replica.iteration) < at)
 
-    def _surely_comfortable(self, now: float, req: Request, node) -> bool:
-        """Comfortable even if every token queued on `node` were ahead of `req`: the exact prediction (which
-        walks the replica's queue in its order) is not needed."""
+    def _comfortable(self, now: float, req: Request, node, latest: float) -> bool:
+        """Whether `node` is comfortable for `req` (first token by `latest`): first as if every token queued
+        there were ahead of it, which needs no walk of the queue; if not, the scheduler's exact prediction."""
         replica = node.replica
         at = max(now, replica.clock.now())
         ahead = node.queued_prefill_tokens + req.num_remaining_prefill
-        slack = req.first_token_deadline_s - at - ahead / replica.scheduler.prefill_rate.tokens_per_s
-        return self._comfortable(slack, at, req, replica)
+        if at + ahead / replica.scheduler.prefill_rate.tokens_per_s <= latest:
+            return self._decodes_on_time(at, req, replica)
+        return self.slack(now, req, node)[1]
 
     def route(self, now: float, req: Request, nodes: Sequence) -> int | None:
         n = len(nodes)
         order = [(self._start + j) % n for j in range(n)]
         self._start = (self._start + 1) % n
-        if self.prefer == "load":
-            comfortable = [k for k in order if self._surely_comfortable(now, req, nodes[k])
-                           or self.slack(now, req, nodes[k])[1]]
-            if comfortable:
-                return min(comfortable, key=lambda k: self.work.seconds(nodes[k]))
+        if self.prefer == "load":                     # the least loaded comfortable one: try them by load
+            deadline = req.first_token_deadline_s
+            latest = deadline - self.comfort * (deadline - req.arrival_s)
+            seconds = self.work.seconds
+            for _, _, k in sorted((seconds(nodes[k]), j, k) for j, k in enumerate(order)):
+                if self._comfortable(now, req, nodes[k], latest):
+                    return k
         scored = [(k, *self.slack(now, req, nodes[k])) for k in order]
         comfortable = [(k, s) for k, s, ok in scored if ok]
         if comfortable:                               # prefer == "slack"

@@ -82,7 +82,8 @@ def run(p: Params, ctx: Context, out: Path) -> Report:
     table = [{**done[it], **_paper(it)} for it in dict.fromkeys(table_items)]
     routers = [done[it] for it in router_items]
     needed = _replicas_needed(routers, p.routers, router_counts, setup.target_pct)
-    fig = _plot(table, routers, needed, tiers, setup.target_pct, out / "cluster.png")
+    targets = {t.name: (t.ttft_s if t.interactive else t.ttlt_s) for t in setup.workload().tiers}
+    fig = _plot(table, routers, needed, tiers, targets, setup.target_pct, out / "cluster.png")
     body = [f"Load {qps:g} QPS = {p.load:.2f} x niyama's capacity of {cap:.2f} QPS per replica on {p.trace} (the "
             f"paper's {PAPER_QPS:g} QPS over its {PAPER_CAPACITY:g}), {p.duration_h:g} h of Poisson arrivals, equal "
             f"tier shares. Silos: edf (FCFS within a tier), chunk 256 for Q1 and 2048 for Q2/Q3, round-robin inside; "
@@ -182,7 +183,8 @@ def _plan_text(plan: Plan, steady: dict) -> str:
             f"{steady['silo_total']}, {steady['ratio']:.2f}x ({100 * (1 - steady['ratio']):.0f}% fewer).")
 
 
-def _plot(table: list[dict], routers: list[dict], needed: dict, tiers: list[str], target: float, path: Path) -> Path:
+def _plot(table: list[dict], routers: list[dict], needed: dict, tiers: list[str], targets: dict, target: float,
+          path: Path) -> Path:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.3, 1]})
     width = 0.8 / len(tiers)
@@ -193,7 +195,7 @@ def _plot(table: list[dict], routers: list[dict], needed: dict, tiers: list[str]
     for i, r in enumerate(table):
         if r.get("paper_violation_pct") is not None:
             left.plot([i - 0.4, i + 0.4], [max(r["paper_violation_pct"], floor)] * 2, color="black", lw=2,
-                      label="paper" if i == 0 else None)
+                      label="paper (overall)" if i == 0 else None)
     left.axhline(target, color="black", ls=":", lw=1)
     left.set_yscale("log")
     left.set_xticks(range(len(table)), [f"{r['fleet']}\n{r['replicas']} GPUs".replace(" niyama/", "\n")
@@ -201,17 +203,24 @@ def _plot(table: list[dict], routers: list[dict], needed: dict, tiers: list[str]
     left.set_ylabel(f"violated % (0 drawn at {floor:g})")
     left.set_title("silos vs the shared pool, same workload", fontsize=10)
     left.legend(fontsize=7, ncols=2)
-    for r in dict.fromkeys(row["router"] for row in routers):
-        pts = sorted((row["replicas"], max(row["worst_pct"], floor)) for row in routers if row["router"] == r)
-        right.plot(*zip(*pts), marker="o", label=f"{r} (needs {needed.get(r) or '>'})")
-    right.axhline(target, color="black", ls=":", lw=1, label=f"{target:g}% target")
+    groups = [(n, r) for n in sorted({row["replicas"] for row in routers}) for r in dict.fromkeys(
+        row["router"] for row in routers)]
+    by = {(row["replicas"], row["router"]): row for row in routers}
+    for j, t in enumerate(tiers):
+        xs = [i + (j - (len(tiers) - 1) / 2) * width for i in range(len(groups))]
+        right.bar(xs, [by[g][f"{t}_p99_s"] / targets[t] for g in groups], width * 0.92, label=f"{t} p99 / target")
+    for i, g in enumerate(groups):
+        top = max(by[g][f"{t}_p99_s"] / targets[t] for t in tiers)
+        right.text(i, top * 1.3, f"{by[g]['worst_pct']:.2g}%", ha="center", fontsize=7)
+    right.axhline(1.0, color="black", ls=":", lw=1)
     right.set_yscale("log")
-    right.set_xlabel("replicas in the shared pool")
-    right.set_ylabel("worst tier violated %")
-    right.set_xticks(sorted({row["replicas"] for row in routers}))
-    right.set_title("routers, shared pool (niyama)", fontsize=10)
+    right.set_xticks(range(len(groups)), [f"{r}\n{n} replicas" for n, r in groups], fontsize=7)
+    right.set_ylim(top=right.get_ylim()[1] * 3)
+    right.set_ylabel("p99 latency / tier target")
+    right.set_title("routers on the shared pool; above the bars: worst tier violated %\nreplicas needed: "
+                    + ", ".join(f"{r} {n or '-'}" for r, n in needed.items()), fontsize=9)
     right.legend(fontsize=7)
-    right.grid(alpha=0.3)
+    right.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
 
