@@ -208,3 +208,17 @@ def test_sustainable_answer_raises_each_pool_to_its_throughput_floor():
     s = sustainable(plan)
     assert (s["shared"], s["silo"], s["silo_total"]) == (10, (6, 4, 3), 13)
     assert s["ratio"] == pytest.approx(10 / 13) and plan.saving == pytest.approx(1 - 10 / 12)
+
+
+def test_cluster_experiment_quick(tmp_path):
+    """The --quick path (CI size: a 2-replica load for 6 minutes); tests/test_experiments.py checks its files."""
+    assert main(["experiment", "cluster", "--quick", "--reference-qps", "4.66", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    res = json.loads((tmp_path / "cluster" / "results.json").read_text())["results"]
+    fleets = [r["fleet"] for r in res["table"]]
+    assert fleets[0] == "silo-(2,1,1)" and "shared:4 niyama/round-robin" in fleets
+    plan, steady = res["plan"], res["sustainable"]
+    assert plan["shared"]["replicas"] <= steady["shared"] and plan["silo"]["replicas"] <= steady["silo_total"]
+    counts = {r["replicas"] for r in res["routers"]}
+    assert len(res["routers"]) == 2 * len(counts) and set(res["replicas_needed"]) == {"round-robin", "qos"}
+    assert all(r["requests_min"] <= r["requests_max"] for r in res["routers"])
