@@ -115,11 +115,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    # opt-in: Ray and two engine replicas did not start reliably within 4 minutes on a loaded 2-core machine,
-    # and a red CI run lands nothing. Run them with NIYAMA_RAY_TESTS=1 (and `pip install -e '.[cluster]'`).
-    if not os.environ.get("NIYAMA_RAY_TESTS"):
-        pytest.skip("live Ray Serve tests are opt-in: NIYAMA_RAY_TESTS=1")
-    pytest.importorskip("ray")
+    pytest.importorskip("ray")         # the test extra installs it (niyama[cluster])
     port = free_port()
     log = tmp_path_factory.mktemp("cluster") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}     # a local instance of its own
@@ -131,7 +127,8 @@ def cluster(tmp_path_factory):
                                  "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: len(replicas(url)) == 2, 240, "two replicas reporting", proc, log)
+        # ~35 s on a 2-core machine running only this; a loaded one has taken over 4 minutes
+        wait_for(lambda: len(replicas(url)) == 2, 480, "two replicas reporting", proc, log)
         print(f"cluster ready after {time.monotonic() - started:.1f} s")
         yield url, proc
     finally:
