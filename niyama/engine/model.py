@@ -1,4 +1,4 @@
-"""A Llama-architecture decoder over one flat token batch.
+"""A Llama-architecture decoder over one flat token batch (Qwen2 is the same with a Q/K/V bias).
 
 The batch is whatever the scheduler's `BatchPlan` says: prefill chunks of
 several requests and one token per running decode, concatenated into one
@@ -44,6 +44,7 @@ class DecoderLayer(nn.Module):
         self.c = c
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.qkv_proj = nn.Parameter(torch.empty(q + 2 * kv, c.hidden_size), requires_grad=False)
+        self.qkv_bias = nn.Parameter(torch.empty(q + 2 * kv), requires_grad=False) if c.qkv_bias else None
         self.o_proj = nn.Parameter(torch.empty(c.hidden_size, q), requires_grad=False)
         self.gate_up_proj = nn.Parameter(torch.empty(2 * c.intermediate_size, c.hidden_size), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(c.hidden_size, c.intermediate_size), requires_grad=False)
@@ -54,7 +55,8 @@ class DecoderLayer(nn.Module):
         """Add the previous layer's output `delta` to the residual stream `x`; return (x, this layer's output)."""
         c = self.c
         x, h = ops.add_rms_norm(x, delta, self.input_norm, c.rms_norm_eps)
-        q, k, v = ops.rope_qkv(F.linear(h, self.qkv_proj), c.num_heads, c.num_kv_heads, c.head_dim, rope)
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)                               # [T, (H + 2 KVH) * D]
+        q, k, v = ops.rope_qkv(qkv, c.num_heads, c.num_kv_heads, c.head_dim, rope)
         attn = backend.forward(q, k, v, k_cache, v_cache, meta)                       # [T, H, D]
         x, h = ops.add_rms_norm(x, F.linear(attn.flatten(1), self.o_proj), self.post_attention_norm, c.rms_norm_eps)
         return x, F.linear(ops.silu_mul(F.linear(h, self.gate_up_proj)), self.down_proj)
@@ -92,7 +94,7 @@ class LlamaModel(nn.Module):
     # --- weights ---------------------------------------------------------
     @torch.inference_mode()
     def load_hf_weights(self, tensors) -> None:
-        """Fill from HF Llama names (`model.layers.0.self_attn.q_proj.weight`, ...).
+        """Fill from HF Llama/Qwen2 names (`model.layers.0.self_attn.q_proj.weight`, `...q_proj.bias`, ...).
         `tensors` maps name -> tensor (any dtype/device; copied into this model's)."""
         missing = []
 
@@ -119,6 +121,8 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             fill(layer.qkv_proj, *(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+            if layer.qkv_bias is not None:
+                fill(layer.qkv_bias, *(p + f"self_attn.{n}_proj.bias" for n in "qkv"))
             fill(layer.o_proj, p + "self_attn.o_proj.weight")
             fill(layer.gate_up_proj, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
             fill(layer.down_proj, p + "mlp.down_proj.weight")
@@ -130,10 +134,11 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random weights for a named shape (`--load-format dummy`): normal(0, std) matrices, unit norms."""
+        """Random weights for a named shape (`--load-format dummy`): normal(0, std) matrices and biases,
+        unit norms."""
         gen = torch.Generator(device=self.embed.device).manual_seed(seed)
         for name, param in self.named_parameters():
-            if param.dim() == 1:
+            if param.dim() == 1 and not name.endswith("bias"):
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=gen)

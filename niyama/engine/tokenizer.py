@@ -1,7 +1,8 @@
 """Tokenizer and chat template, from the checkpoint unless given apart.
 
 An HF directory gives `tokenizer.json` (+ `tokenizer_config.json` for the
-chat template and special tokens); a GGUF file gives the same facts in its
+chat template and special tokens; newer transformers write the template to
+`chat_template.jinja` beside it); a GGUF file gives the same facts in its
 metadata, which `gguf_convert` turns into those two files once. Encoding
 uses the `tokenizers` library; chat templates are rendered with Jinja2.
 `--tokenizer` and `--chat-template` (as in vLLM) replace the checkpoint's.
@@ -30,6 +31,8 @@ class Tokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if (file.parent / "chat_template.jinja").is_file():   # newer transformers save it apart, and read it first
+            template = (file.parent / "chat_template.jinja").read_text()
         self.chat_template: str | None = chat_template or template
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
