@@ -35,10 +35,9 @@ from .ops import make_ops
 from .runner import ModelExecutor
 from .sampling import SamplingParams
 from .sequence import Sequence
+from .tensor_parallel import Shard, TensorParallel, TensorParallelOps, WorkerSpec, init_random_shard, shard_hf_tensors
 from .tokenizer import load_tokenizer
 from .weights import DEFAULT_MODEL, read_hf_tensors, resolve, sampling_defaults
-
-
 
 
 @dataclass
@@ -59,6 +58,7 @@ class EngineConfig:
     tiers: str = "default"
     max_num_seqs: int = 256
     seed: int = 0
+    tensor_parallel_size: int = 1         # ranks: GPUs on cuda, processes on cpu (tensor_parallel.py; no CUDA graphs)
     tokenizer: str | None = None          # tokenizer dir or tokenizer.json instead of the model's (dummy: its only one)
     chat_template: str | None = None      # Jinja text replacing the tokenizer's chat template
 
@@ -92,22 +92,45 @@ class LLMEngine:
         self.tokenizer_path = self.tokenizer.path if self.tokenizer else None
         self.model_name = f"dummy-{cfg.model}" if kind == "dummy" else cfg.model or DEFAULT_MODEL
         block_size = 16
-        backend = make_backend(cfg.attention, model_config, self.device, cfg.max_num_seqs, block_size)
+        tp = cfg.tensor_parallel_size
+        shard = Shard(model_config, tp, 0) if tp > 1 else None      # refuses a size that does not split the model
+        if shard and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)
+        self.tp = None
+        if shard:     # the workers load their shards while this process loads its own
+            self.tp = TensorParallel(WorkerSpec(
+                kind, source if kind == "hf" else None, model_config, str(self.dtype).removeprefix("torch."),
+                str(self.device), cfg.attention, cfg.max_num_seqs, block_size, cfg.seed, tp))
+        try:
+            self._start(kind, source, shard, block_size)
+        except BaseException:
+            self.close()
+            raise
+        self.load_time_s = time.perf_counter() - t0
+
+    def _start(self, kind: str, source, shard: Shard | None, block_size: int) -> None:
+        """Load this rank's model, size and allocate the KV cache, choose the batch-time profile."""
+        cfg, model_config = self.config, self.model_config
+        rank_config = shard.config if shard else model_config       # what this process computes
+        backend = make_backend(cfg.attention, rank_config, self.device, cfg.max_num_seqs, block_size)
         fast = not isinstance(backend, TorchReference)
-        self.model = build_model(model_config, self.dtype, self.device, make_ops("triton" if fast else "torch"))
-        if kind == "dummy":
-            self.model.init_random(cfg.seed)
-        else:
-            self.model.load_hf_weights(read_hf_tensors(source, self.device))
+        ops = make_ops("triton" if fast else "torch")
+        self.model = load_model(kind, source, model_config, self.dtype, self.device,
+                                TensorParallelOps(ops) if shard else ops, cfg.seed, shard)
+        if self.tp:
+            self.tp.expect("loaded")
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
         # temperature / top_p / top_k for server requests that set none
         self.sampling_defaults = sampling_defaults(None if kind == "dummy" else source,
                                                    cfg.model in (None, "", "default", DEFAULT_MODEL))
         policy_options = {"max_num_seqs": cfg.max_num_seqs, **(cfg.policy_options or {})}
-        choice = profile_choice.choose(cfg.profile, model_config, self.device, self.dtype,
-                                       f"{backend.name} graphs={cfg.cuda_graphs} seqs={cfg.max_num_seqs}")
+        # a rank's step time is its shard's: a tensor-parallel engine never takes a whole model's profile
+        choice = profile_choice.choose(cfg.profile, rank_config, self.device, self.dtype,
+                                       f"{backend.name} graphs={cfg.cuda_graphs} seqs={cfg.max_num_seqs}"
+                                       + (f" tp={shard.size}" if shard else ""))
         self.scheduler = make_scheduler(cfg.policy, choice.profile, **policy_options)   # for its batch bound
-        graphs = fast and cfg.cuda_graphs and self.device.type == "cuda"
+        # CUDA graphs would capture the NCCL all-reduces too: not tried yet, so tensor-parallel steps run eagerly
+        graphs = fast and cfg.cuda_graphs and self.device.type == "cuda" and not shard
         buckets = ()
         if fast:
             from .cuda_graphs import bucket_sizes
@@ -115,14 +138,22 @@ class LLMEngine:
         self.memory = None
         kv_tokens = cfg.kv_tokens
         if kv_tokens is None and self.device.type == "cuda":
-            self.memory = plan_kv_cache(self.model, backend, model_config, self.dtype, self.device,
-                                        cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens,
-                                        cfg.max_num_seqs, buckets[-1] if graphs else 0, block_size)
+            limits = (cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens, cfg.max_num_seqs)
+            if self.tp:          # every rank runs the same worst steps (their all-reduces meet)
+                self.tp.send(("plan", *limits))
+            self.memory = self._together(lambda: plan_kv_cache(
+                self.model, backend, rank_config, self.dtype, self.device, *limits,
+                buckets[-1] if graphs else 0, block_size))
             kv_tokens = self.memory.kv_tokens
+            if self.tp:          # the rank with the least room decides
+                kv_tokens = min([kv_tokens] + self.tp.expect("plan"))
         self.allocator = BlockAllocator.for_tokens(kv_tokens or DEFAULT_CPU_KV_TOKENS, block_size)
-        self.kv_cache = PagedKVCache(model_config, self.allocator.num_blocks, self.allocator.block_size,
+        self.kv_cache = PagedKVCache(rank_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
         self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
+        if self.tp:
+            self.tp.call("cache", self.allocator.num_blocks, buckets, self.scheduler.max_batch_tokens)
+            self.executor.tp = self.tp
         if fast:
             self.executor.use_buckets(buckets, graphs)
             if self.device.type == "cuda":
@@ -144,7 +175,22 @@ class LLMEngine:
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
-        self.load_time_s = time.perf_counter() - t0
+
+    def _together(self, fn):
+        """`fn()`, which runs collectives with the workers: their failure is raised as theirs."""
+        return self.tp.run(fn) if self.tp else fn()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (an engine without them holds nothing that needs closing).
+        Also done at interpreter exit; the workers leave by themselves if this process dies."""
+        if getattr(self, "tp", None) is not None:
+            self.tp.close()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- requests ----------------------------------------------------------
     def add_request(self, prompt: "str | list[int]", params: SamplingParams | None = None, *,
@@ -239,7 +285,9 @@ class LLMEngine:
     def describe(self) -> str:
         kv_gib = self.kv_cache.nbytes / 2**30
         graphs = self.executor.graphs
-        return (f"{self.model_name}: {self.model_config.describe()}; {self.dtype} on {self.device}; "
+        tp = (f"tensor parallel x{self.tp.size} ({'nccl' if self.device.type == 'cuda' else 'gloo'}), KV cache "
+              f"and heads per rank; " if self.tp else "")
+        return (f"{self.model_name}: {self.model_config.describe()}; {self.dtype} on {self.device}; {tp}"
                 f"KV cache {self.allocator.num_blocks * self.allocator.block_size} tokens ({kv_gib:.2f} GiB); "
                 f"attention {self.executor.backend.name}, "
                 f"{f'{len(graphs.graphs)} CUDA graphs' if graphs else 'no CUDA graphs'}; "
@@ -255,3 +303,20 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, o
     model = model.to(dtype).to_empty(device=device)
     model.inv_freq = rope_inv_freq(config).to(device)    # rotary frequencies stay float32
     return model.eval()
+
+
+def load_model(kind: str, source, config: ModelConfig, dtype: torch.dtype, device: torch.device, ops, seed: int,
+               shard: Shard | None = None) -> LlamaModel:
+    """The model with its weights (`kind`, `source` from weights.resolve), or rank `shard.rank`'s part of it.
+    Dummy weights are the same on every rank and the same as an unsharded model's with this seed."""
+    model = build_model(shard.config if shard else config, dtype, device, ops)
+    if kind == "dummy":
+        if shard:
+            init_random_shard(model, shard, seed)
+        else:
+            model.init_random(seed)
+    elif shard:       # read on the host, only this rank's rows and columns go to the device
+        model.load_hf_weights(shard_hf_tensors(read_hf_tensors(source, torch.device("cpu")), shard))
+    else:
+        model.load_hf_weights(read_hf_tensors(source, device))
+    return model

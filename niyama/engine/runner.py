@@ -10,6 +10,9 @@ With the triton backend a step of up to the largest bucket size (1,024
 tokens) replays the CUDA graph of its bucket (cuda_graphs.py); without graphs
 the eager path pads the step to the same bucket layout, so both run the same
 shapes. Reading the sampled tokens back is the step's only wait for the GPU.
+
+Under tensor parallelism (`tp`, tensor_parallel.py) this is rank 0's executor: it sends each step's
+inputs to the workers, whose executors run `forward` on them, before running its own.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class ModelExecutor:
         # Optional observer of every sampling step: hook(sequences, logits [n, vocab] float32). It runs
         # before sampling and may edit the logits in place (checks use that to force tokens).
         self.logits_hook = None
+        # Rank 0 of a tensor-parallel group (tensor_parallel.TensorParallel): each step goes to the workers too.
+        self.tp = None
 
     # --- sequences: the engine adds, the replica loop releases ---------------
     def add(self, seq: Sequence) -> None:
@@ -105,10 +110,10 @@ class ModelExecutor:
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult:
         t0 = time.perf_counter()
         step = self._layout(plan, decodes)
-        if self.buffers is not None:
-            hidden, sample_rows, t1 = self._run_packed(step)
+        if self.tp is not None:         # the workers run the same step on their shards
+            hidden, sample_rows, t1 = self.tp.run_step(step, self.forward)
         else:
-            hidden, sample_rows, t1 = self._run_reference(step)
+            hidden, sample_rows, t1 = self.forward(step)
         stopped = []
         t2 = t3 = time.perf_counter()
         if step.sampled:
@@ -120,6 +125,8 @@ class ModelExecutor:
                                          [(s.prompt_ids, s.output_ids) for s in seqs])
             self._mark(1)
             t2 = time.perf_counter()
+            if self.tp is not None and self.device.type == "cuda":
+                self.tp.wait_gpu()
             tokens = on_device.tolist()
             t3 = time.perf_counter()
             for seq, token in zip(step.sampled, tokens):
@@ -130,6 +137,11 @@ class ModelExecutor:
         end = time.perf_counter()
         self.last_timing = StepTiming(t1 - t0, t2 - t1, t3 - t2, end - t3)
         return StepResult(end - t0, stopped)
+
+    def forward(self, step: StepInputs):
+        """The model's hidden states for the step's rows, the rows to sample (on the device), and the host
+        time of the first launch."""
+        return self._run_packed(step) if self.buffers is not None else self._run_reference(step)
 
     def _layout(self, plan: BatchPlan, decodes: RunningDecodes) -> StepInputs:
         bs = self.kv.block_size
