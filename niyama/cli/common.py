@@ -94,6 +94,10 @@ def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768, c
     g.add_argument("--attention", default="auto", choices=("auto", "triton", "torch-reference"),
                    help="attention backend: auto = triton (paged kernels, fused ops) on a GPU, the PyTorch "
                         "reference on a CPU (default auto)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split each layer's heads and FFN over N GPUs (cuda:0..N-1; N processes on a CPU), one "
+                        "all-reduce per attention and per MLP; N must divide the attention heads and the FFN size "
+                        "(default 1)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly (default: steps of up to 1,024 tokens replay CUDA graphs on a GPU)")
     g.add_argument("--no-online-correction", action="store_true",
@@ -118,13 +122,16 @@ def engine_config_from_args(args, **extra):
 
     if args.kv_tokens is not None and args.kv_tokens < 16:
         raise ValueError("--kv-tokens must be at least one 16-token block")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
     # read and parsed here, before any weights load; the config carries the text to every process
     template = getattr(args, "chat_template", None)
     return EngineConfig(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
                         kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
                         attention=args.attention, cuda_graphs=not args.no_cuda_graphs, tokenizer=args.tokenizer,
                         chat_template=load_chat_template(template) if template else None,
-                        online_correction=not args.no_online_correction, **extra)
+                        online_correction=not args.no_online_correction,
+                        tensor_parallel_size=args.tensor_parallel_size, **extra)
 
 
 def scenario_from_args(args, trace: str, policy: str) -> Scenario:

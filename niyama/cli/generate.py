@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   niyama generate "Write a haiku about GPUs" --temperature 0.8 --seed 1
   niyama generate "Once upon a time" --no-chat --max-tokens 64 --stop "."
   niyama generate "Hi" --model ~/models/Llama-3.1-8B-Instruct --device cuda
+  niyama generate "Hi" --model ~/models/Llama-3.1-8B-Instruct --device cuda --tensor-parallel-size 2
   niyama generate "Hi" --chat-template '{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:'
 """
 

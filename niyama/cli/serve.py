@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   niyama serve --profile measure                        # plan with batch times measured on this machine
   niyama serve --chat-template my-template.jinja        # a chat template other than the model's
   niyama serve --model llama-3-8b --load-format dummy --tokenizer ~/models/Llama-3-8B-Instruct --device cuda
+  niyama serve --model llama-3-70b --load-format dummy --device cuda -tp 2   # one engine over 2 GPUs
   niyama serve --replicas 2                             # two engines on a local Ray instance, one endpoint
   niyama serve --replicas 8 --address auto --device cuda --router qos   # on this node's Ray cluster
 
@@ -143,6 +144,9 @@ def run(args) -> int:
         check_tokenizer(config)
     if args.replicas is not None or args.address is not None:
         args.replicas = 1 if args.replicas is None else args.replicas
+        if config.tensor_parallel_size > 1:
+            raise ValueError("--tensor-parallel-size with --replicas (Ray Serve) is not supported yet: run one "
+                             "tensor-parallel engine per `niyama serve`")
         if args.replicas < 1 or args.replica_cpus < 0 or (args.replica_gpus or 0) < 0:
             raise ValueError("--replicas must be >= 1 and --replica-cpus / --replica-gpus >= 0")
         from ..server import ray_serve     # Ray only on this path (ImportError: the CLI names the extra)
