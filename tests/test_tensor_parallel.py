@@ -314,8 +314,9 @@ def test_cli_flag_reaches_the_engine_config():
 @pytest.mark.skipif(not TWO_GPUS, reason="needs 2 GPUs")
 def test_tp2_on_two_gpus():
     """On 2 GPUs over NCCL: the reference path in float32 gives TP=1's tokens exactly; the fast path (triton
-    attention and ops, bf16, eager) fed TP=1's tokens stays as close to TP=1's logits as bf16 allows; an
-    engine whose KV cache comes from the memory plan (every rank runs the plan's steps) runs."""
+    attention and ops, bf16) fed TP=1's tokens stays as close to TP=1's logits as bf16 allows, with CUDA
+    graphs (all-reduces captured) giving the eager path's bits; an engine whose KV cache comes from the
+    memory plan (every rank runs the plan's steps) runs."""
     ids = prompts(TINY.vocab_size)
     cuda = dict(ENGINE, model="tiny", load_format="dummy", device="cuda")
     ref = dict(cuda, dtype="float32", attention="torch-reference")
@@ -324,11 +325,14 @@ def test_tp2_on_two_gpus():
         print(f"\n[NCCL, float32 reference] max |logit diff| {assert_same(one, run(engine, ids)):.1e}")
     fast = dict(cuda, dtype="bfloat16")
     tokens, logits, _ = run(LLMEngine(**fast), ids)
-    with LLMEngine(**fast, tensor_parallel_size=2) as engine:
-        assert engine.executor.buffers is not None and engine.executor.graphs is None
-        _, logits2, _ = run(engine, ids, force=tokens)
-    worst = max(float((a - b).norm() / b.norm()) for a, b in zip(logits2, logits))
-    print(f"[NCCL, triton bf16, teacher-forced] worst relative logit error {worst:.1e}")
+    logits2 = {}
+    for graphs in (False, True):
+        with LLMEngine(**fast, tensor_parallel_size=2, cuda_graphs=graphs) as engine:
+            assert (engine.executor.graphs is not None) == graphs
+            logits2[graphs] = run(engine, ids, force=tokens)[1]
+    assert all(torch.equal(a, b) for a, b in zip(logits2[True], logits2[False]))
+    worst = max(float((a - b).norm() / b.norm()) for a, b in zip(logits2[True], logits))
+    print(f"[NCCL, triton bf16, teacher-forced, graphs = eager] worst relative logit error {worst:.1e}")
     assert worst < 2e-2
     planned = dict(fast, kv_tokens=None, gpu_memory_utilization=0.3)
     with LLMEngine(**planned, tensor_parallel_size=2) as engine:

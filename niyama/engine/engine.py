@@ -58,7 +58,7 @@ class EngineConfig:
     tiers: str = "default"
     max_num_seqs: int = 256
     seed: int = 0
-    tensor_parallel_size: int = 1         # ranks: GPUs on cuda, processes on cpu (tensor_parallel.py; no CUDA graphs)
+    tensor_parallel_size: int = 1         # ranks: GPUs on cuda, processes on cpu (tensor_parallel.py)
     tokenizer: str | None = None          # tokenizer dir or tokenizer.json instead of the model's (dummy: its only one)
     chat_template: str | None = None      # Jinja text replacing the tokenizer's chat template
 
@@ -129,8 +129,8 @@ class LLMEngine:
                                        f"{backend.name} graphs={cfg.cuda_graphs} seqs={cfg.max_num_seqs}"
                                        + (f" tp={shard.size}" if shard else ""))
         self.scheduler = make_scheduler(cfg.policy, choice.profile, **policy_options)   # for its batch bound
-        # CUDA graphs would capture the NCCL all-reduces too: not tried yet, so tensor-parallel steps run eagerly
-        graphs = fast and cfg.cuda_graphs and self.device.type == "cuda" and not shard
+        # under tensor parallelism every rank captures the same graphs, NCCL all-reduces inside
+        graphs = fast and cfg.cuda_graphs and self.device.type == "cuda"
         buckets = ()
         if fast:
             from .cuda_graphs import bucket_sizes
@@ -138,12 +138,12 @@ class LLMEngine:
         self.memory = None
         kv_tokens = cfg.kv_tokens
         if kv_tokens is None and self.device.type == "cuda":
-            limits = (cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens, cfg.max_num_seqs)
+            limits = (cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens, cfg.max_num_seqs,
+                      buckets[-1] if graphs else 0)
             if self.tp:          # every rank runs the same worst steps (their all-reduces meet)
                 self.tp.send(("plan", *limits))
             self.memory = self._together(lambda: plan_kv_cache(
-                self.model, backend, rank_config, self.dtype, self.device, *limits,
-                buckets[-1] if graphs else 0, block_size))
+                self.model, backend, rank_config, self.dtype, self.device, *limits, block_size))
             kv_tokens = self.memory.kv_tokens
             if self.tp:          # the rank with the least room decides
                 kv_tokens = min([kv_tokens] + self.tp.expect("plan"))
@@ -151,13 +151,15 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(rank_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
         self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
-        if self.tp:
-            self.tp.call("cache", self.allocator.num_blocks, buckets, self.scheduler.max_batch_tokens)
-            self.executor.tp = self.tp
+        if self.tp:          # the workers build theirs alongside (graph captures meet in their all-reduces)
+            self.tp.send(("cache", self.allocator.num_blocks, buckets, graphs, self.scheduler.max_batch_tokens))
         if fast:
-            self.executor.use_buckets(buckets, graphs)
+            self._together(lambda: self.executor.use_buckets(buckets, graphs))
             if self.device.type == "cuda":
                 backend.warm_up(*self.kv_cache.layer(0), self.scheduler.max_batch_tokens)
+        if self.tp:
+            self.tp.expect("cache")
+            self.executor.tp = self.tp
         self.calibration_rows: list[tuple] = []
         profile, self.profile_source = choice.profile, choice.why
         if profile is None:
@@ -184,6 +186,8 @@ class LLMEngine:
         """Stop the tensor-parallel workers, if any (an engine without them holds nothing that needs closing).
         Also done at interpreter exit; the workers leave by themselves if this process dies."""
         if getattr(self, "tp", None) is not None:
+            if getattr(self, "executor", None) is not None and not self.tp.failed:
+                self.executor.drop_graphs()      # (after a failure the GPU may be stuck in a graph's all-reduce)
             self.tp.close()
 
     def __enter__(self) -> "LLMEngine":

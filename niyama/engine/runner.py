@@ -17,6 +17,7 @@ inputs to the workers, whose executors run `forward` on them, before running its
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -105,6 +106,14 @@ class ModelExecutor:
         if graphs:
             self.graphs = StepGraphs(self.model, self.kv, self.backend, self.buffers, buckets)
             self.graphs.capture()
+
+    def drop_graphs(self) -> None:
+        """Free the CUDA graphs (before a tensor-parallel group is left: NCCL keeps a communicator open while
+        a graph that captured its all-reduces lives, and closing it then waits forever)."""
+        if self.graphs is not None:
+            self.graphs = None
+            gc.collect()
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult:

@@ -238,6 +238,18 @@ def init_group(spec: WorkerSpec, rank: int) -> None:
                             rank=rank, world_size=spec.size, timeout=timedelta(seconds=spec.timeout_s), **kw)
 
 
+def leave_group() -> None:
+    """Leave the all-reduce group (after dropping any CUDA graph that captured its all-reduces: NCCL waits for
+    those to go first; destroy and abort both hung on 2 H200s while they lived). NCCL's communicators are
+    aborted, which waits for no peer (a peer may be gone)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def pack_step(step) -> bytes:
     """What a worker needs of a step (runner.StepInputs, less the sequences), as one message."""
     slices = [(s.q_start, s.q_len, s.context_len, s.block_ids) for s in step.slices]
@@ -441,6 +453,9 @@ class TensorParallel:
         if not getattr(self, "watcher", None) or not self.watcher.is_alive():
             for conn in self.conns.values():
                 conn.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leaving = threading.Thread(target=leave_group, name="niyama-tp-leave", daemon=True)
+        leaving.start()
+        leaving.join(30)
+        if leaving.is_alive():
+            log.warning("tensor parallel: leaving the process group did not finish in 30 s; going on without")
         torch.set_num_threads(self.threads_before)

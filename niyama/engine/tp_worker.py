@@ -4,7 +4,8 @@
 
 It builds its rank's model as rank 0 builds its own, then obeys rank 0's messages in order:
     ("plan", args)       size the KV cache (plan_kv_cache runs forwards: every rank runs them together)
-    ("cache", args)      allocate the KV cache and the runner (the triton backend's buckets; no CUDA graphs)
+    ("cache", args)      allocate the KV cache and the runner (the triton backend's buckets, CUDA graphs
+                         captured as rank 0 captures its own)
     ("step", inputs)     run one forward on the step's inputs; the result is discarded (rank 0 samples)
     ("stop",)            leave
 and answers ("started",), ("loaded",) and one reply per plan/cache command. Any exception is sent back as
@@ -59,20 +60,20 @@ class Worker:
         self.fail_at = int(fail) if fail else None
         torch.set_grad_enabled(False)
 
-    def plan(self, utilization: float, max_batch_tokens: int, max_num_seqs: int) -> int:
+    def plan(self, utilization: float, max_batch_tokens: int, max_num_seqs: int, graph_rows: int) -> int:
         from .memory import plan_kv_cache
 
         return plan_kv_cache(self.model, self.backend, self.config, self.dtype, self.device, utilization,
-                             max_batch_tokens, max_num_seqs, 0, self.spec.block_size).kv_tokens
+                             max_batch_tokens, max_num_seqs, graph_rows, self.spec.block_size).kv_tokens
 
-    def cache(self, num_blocks: int, buckets: tuple[int, ...], max_batch_tokens: int) -> None:
+    def cache(self, num_blocks: int, buckets: tuple[int, ...], graphs: bool, max_batch_tokens: int) -> None:
         from .kv_cache import PagedKVCache
         from .runner import ModelExecutor
 
         kv = PagedKVCache(self.config, num_blocks, self.spec.block_size, self.dtype, self.device)
         self.executor = ModelExecutor(self.model, kv, self.backend, self.device)
         if buckets:
-            self.executor.use_buckets(buckets, graphs=False)
+            self.executor.use_buckets(buckets, graphs)
             if self.device.type == "cuda":
                 self.backend.warm_up(*kv.layer(0), max_batch_tokens)
 
@@ -91,6 +92,8 @@ class Worker:
             except EOFError:           # rank 0 is gone
                 return
             if command == "stop":
+                if self.executor is not None:
+                    self.executor.drop_graphs()
                 return
             if command == "step":
                 self.step(*args)
@@ -124,10 +127,9 @@ def main(fd: int) -> int:
         except OSError:
             pass
         return 1
-    import torch.distributed as dist
+    from .tensor_parallel import leave_group
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group()
     return 0
 
 
