@@ -16,7 +16,7 @@ A rank really reads a bit more than 1/N of the weights: lm_head is replicated, a
 Steps of up to 1,024 tokens replay CUDA graphs (every rank's, NCCL all-reduces captured) unless
 --no-cuda-graphs; eager small decodes are bound by host launches.
 
-Memory: the weights are allocated per rank (a 70B shape is ~70 GB per GPU at --tp 2, never 141 GB on one
+Memory: the weights are allocated per rank (a 70B shape is ~73 GB per GPU at --tp 2, never 141 GB on one
 device: each full parameter is drawn on the GPU and sliced, one at a time). Where the cards cannot also hold
 the KV cache of the largest batch, that batch shrinks to what fits and the JSON says so.
 
