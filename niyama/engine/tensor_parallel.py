@@ -346,7 +346,8 @@ class TensorParallel:
     def _fail(self, rank: int, text: str) -> None:
         self.errors[rank] = text
         self.failure.set()
-        self.replies[rank].put(("error",))
+        for replies in self.replies.values():        # whoever waits for any worker's reply stops waiting
+            replies.put(("error",))
         log.error("tensor-parallel worker %d failed:\n%s", rank, text)
 
     def error(self) -> TensorParallelError:
