@@ -32,6 +32,7 @@ MEASURED_ON = {
     "a100-llama3-8b": ("A100", "llama-3-8b", torch.bfloat16),     # the paper's fit
     "h100-llama3-8b": ("H100", "llama-3-8b", torch.bfloat16),     # `niyama profile` + `fit-predictor`, this engine
     "h200-llama3-8b": ("H200", "llama-3-8b", torch.bfloat16),
+    "h100-qwen2.5-7b": ("H100", "qwen2.5-7b", torch.bfloat16),
 }
 
 
@@ -44,7 +45,7 @@ class Choice:
 
 def shape_of(model: ModelConfig) -> tuple:
     return (model.vocab_size, model.hidden_size, model.intermediate_size, model.num_layers, model.num_heads,
-            model.num_kv_heads, model.head_dim)
+            model.num_kv_heads, model.head_dim, model.qkv_bias)
 
 
 def device_name(device: torch.device) -> str:
