@@ -43,3 +43,36 @@ def start_decode(decodes: RunningDecodes, allocator: BlockAllocator, r: Request,
 def chunks(plan) -> list[tuple[int, int, int]]:
     """(request id, start, tokens) for each prefill chunk of a plan."""
     return [(c.request.request_id, c.start, c.num_tokens) for c in plan.prefills]
+
+
+def greedy_with_logits(engine, prompts, max_tokens: int, *, chunk_size: int, force=None):
+    """Run every prompt at once through a real engine, greedy with EOS ignored (each makes `max_tokens`).
+    -> (sequences in prompt order, per sequence the logits of each sampled step [steps, vocab],
+    the steps' (prefill chunks, decodes)). `force`: per prompt, the tokens to feed instead of the argmax
+    (teacher forcing). Checks that every KV block is free afterwards."""
+    import torch
+
+    from niyama.engine import SamplingParams
+
+    engine.scheduler.config.chunk_size = chunk_size
+    first = engine.replica._num_added         # request ids count from here, in prompt order
+    logits: dict[int, list] = {}
+
+    def hook(seqs, rows):
+        for s, row in zip(seqs, rows):
+            seen = logits.setdefault(s.request.request_id, [])
+            seen.append(row.clone())
+            if force is not None:
+                row.fill_(float("-inf"))
+                row[force[s.request.request_id - first][len(seen) - 1]] = 0.0
+
+    shapes = []
+    engine.executor.logits_hook = hook
+    engine.replica.on_step.append(lambda plan, result, end: shapes.append((len(plan.prefills), plan.num_decodes)))
+    try:
+        seqs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    finally:
+        engine.executor.logits_hook = None
+        engine.replica.on_step.clear()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    return seqs, [torch.stack(logits[s.request.request_id]).float() for s in seqs], shapes

@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
 from niyama.engine.weights import default_gguf_path, resolve  # noqa: E402
 
+from helpers import greedy_with_logits  # noqa: E402
+
 NUM_TOKENS = 40
 QUESTIONS = [
     "What is the capital of France?",
@@ -56,25 +58,9 @@ def hf_greedy(model, ids: list[int], n: int):
     return tokens, torch.stack(logits)
 
 
-def run_engine(engine: LLMEngine, prompts, *, chunk_size: int, policy_kw=None):
+def run_engine(engine: LLMEngine, prompts, *, chunk_size: int):
     """All prompts at once, greedy, EOS ignored so every request makes NUM_TOKENS tokens; logits recorded."""
-    engine.scheduler.config.chunk_size = chunk_size
-    logits: dict[int, list] = {}
-
-    def hook(seqs, lg):
-        for s, row in zip(seqs, lg):
-            logits.setdefault(s.request.request_id, []).append(row.clone())
-
-    engine.executor.logits_hook = hook
-    shapes = []
-    engine.replica.on_step.append(lambda plan, result, end: shapes.append((len(plan.prefills), plan.num_decodes)))
-    try:
-        seqs = engine.generate(prompts, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True))
-    finally:
-        engine.executor.logits_hook = None
-        engine.replica.on_step.clear()
-    assert engine.allocator.num_free == engine.allocator.num_blocks
-    return seqs, [torch.stack(logits[s.request.request_id]) for s in seqs], shapes
+    return greedy_with_logits(engine, prompts, NUM_TOKENS, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64, 4096], ids=["chunk16", "chunk64", "whole-prompt"])

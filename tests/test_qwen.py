@@ -22,9 +22,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 httpx = pytest.importorskip("httpx")
 
-from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
+from niyama.engine import LLMEngine  # noqa: E402
 from niyama.engine.config import SHAPES, ModelConfig  # noqa: E402
 from niyama.engine.weights import resolve  # noqa: E402
+
+from helpers import greedy_with_logits  # noqa: E402
 
 NUM_TOKENS = 16
 PROMPT_LENS = (21, 50, 77, 35)
@@ -113,25 +115,16 @@ def test_greedy_tokens_and_logits_match_transformers(qwen, chunk_size, capsys):
     _, hf, engine = qwen
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    engine.scheduler.config.chunk_size = chunk_size
-    logits, shapes = {}, []
-    engine.executor.logits_hook = lambda seqs, lg: [logits.setdefault(s.request.request_id, []).append(r.clone())
-                                                    for s, r in zip(seqs, lg)]
-    engine.replica.on_step.append(lambda plan, result, end: shapes.append((len(plan.prefills), plan.num_decodes)))
-    try:
-        seqs = engine.generate(prompts, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True))
-    finally:
-        engine.executor.logits_hook = None
-        engine.replica.on_step.clear()
+    seqs, logits, shapes = greedy_with_logits(engine, prompts, NUM_TOKENS, chunk_size=chunk_size)
     if chunk_size == 16:
         assert any(p > 0 and d > 0 for p, d in shapes), shapes
     worst = 0.0
     with torch.inference_mode():
-        for ids, seq in zip(prompts, seqs):
+        for ids, seq, got in zip(prompts, seqs, logits):
             assert seq.output_ids == hf_generate(hf, ids, NUM_TOKENS)
             # one forward over prompt + output gives the reference logits of every step
             ref = hf(input_ids=torch.tensor([ids + seq.output_ids])).logits[0, len(ids) - 1:-1].float()
-            worst = max(worst, float((torch.stack(logits[seq.request.request_id]) - ref).abs().max()))
+            worst = max(worst, float((got - ref).abs().max()))
     with capsys.disabled():
         print(f"\n[qwen2 vs transformers, chunk {chunk_size}] max |logit diff| = {worst:.2e}")
     assert worst < 1e-3

@@ -13,7 +13,6 @@ leaves no worker behind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -31,8 +30,9 @@ from niyama.engine.engine import build_model  # noqa: E402
 from niyama.engine.tensor_parallel import (Shard, TensorParallelError, check_tensor_parallel,  # noqa: E402
                                            init_random_shard, shard_hf_tensors, shard_param)
 
+from helpers import greedy_with_logits  # noqa: E402
+
 TINY = SHAPES["tiny"]                          # 4 heads, 2 KV heads, FFN 128
-HAS_BIAS = "qkv_bias" in {f.name for f in dataclasses.fields(ModelConfig)}
 ENGINE = dict(policy="fcfs", kv_tokens=4096, profile="a100-llama3-8b", online_correction=False)
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
 PROMPT_LENS = (150, 23, 310, 64)
@@ -48,7 +48,7 @@ def full_model(config: ModelConfig, seed: int = 0):
 # --- the sharding, no processes -----------------------------------------------------------------
 @pytest.mark.parametrize("size", [2, 4])
 def test_shards_put_back_together_are_the_full_weights(size):
-    config = dataclasses.replace(TINY, qkv_bias=True) if HAS_BIAS else TINY
+    config = dataclasses.replace(TINY, qkv_bias=True)
     full = dict(full_model(config).named_parameters())
     shards = [Shard(config, size, r) for r in range(size)]
     d, h, kv, f = config.head_dim, config.num_heads, config.num_kv_heads, config.intermediate_size
@@ -81,7 +81,7 @@ def test_shards_put_back_together_are_the_full_weights(size):
 @pytest.mark.parametrize("size", [2, 4])
 def test_random_weights_drawn_per_shard_equal_the_unsharded_ones(size):
     """`--load-format dummy` under TP: each rank's weights are its part of what TP=1 draws with that seed."""
-    config = dataclasses.replace(TINY, qkv_bias=True) if HAS_BIAS else TINY
+    config = dataclasses.replace(TINY, qkv_bias=True)
     full = dict(full_model(config, seed=3).named_parameters())
     for rank in range(size):
         shard = Shard(config, size, rank)
@@ -148,24 +148,8 @@ def prompts(vocab_size: int) -> list[list[int]]:
 def run(engine: LLMEngine, ids: list[list[int]], chunk_size: int = 64, force: list[list[int]] | None = None):
     """Greedy, EOS ignored; per request its tokens and the logits of each; the steps' shapes. `force`: feed
     these tokens instead of the argmax (teacher forcing)."""
-    engine.scheduler.config.chunk_size = chunk_size
-    logits: dict[int, list] = {}
-    first = engine.replica._num_added
-
-    def hook(seqs, rows):
-        for s, row in zip(seqs, rows):
-            seen = logits.setdefault(s.request.request_id, [])
-            seen.append(row.clone())
-            if force is not None:
-                row.fill_(float("-inf"))
-                row[force[s.request.request_id - first][len(seen) - 1]] = 0.0
-
-    engine.executor.logits_hook = hook
-    shapes = []
-    engine.replica.on_step.append(lambda plan, result, end: shapes.append((len(plan.prefills), plan.num_decodes)))
-    seqs = engine.generate(ids, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True))
-    assert engine.allocator.num_free == engine.allocator.num_blocks
-    return [s.output_ids for s in seqs], [torch.stack(logits[s.request.request_id]).float() for s in seqs], shapes
+    seqs, logits, shapes = greedy_with_logits(engine, ids, NUM_TOKENS, chunk_size=chunk_size, force=force)
+    return [s.output_ids for s in seqs], logits, shapes
 
 
 def assert_same(one, two) -> float:
@@ -227,8 +211,6 @@ def write_checkpoint(directory, arch: str):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tp2_matches_tp1_on_a_checkpoint(arch, tmp_path):
-    if arch == "qwen2" and not HAS_BIAS:
-        pytest.skip("this tree has no Qwen2 support yet")
     path = str(write_checkpoint(tmp_path, arch))
     ids = prompts(1000)
     one_engine = LLMEngine(model=path, **ENGINE)
