@@ -1,6 +1,7 @@
 """Which profile the engine plans with by default: the shipped one for this GPU and model shape, else this
 machine measured at start-up and cached; a profile of other hardware only when asked for, with a warning."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -11,6 +12,7 @@ pytest.importorskip("tokenizers")
 from niyama.engine import LLMEngine  # noqa: E402
 from niyama.engine import profile_choice  # noqa: E402
 from niyama.engine.config import SHAPES  # noqa: E402
+from niyama.engine.tensor_parallel import Shard  # noqa: E402
 from niyama.predictor import load_profile  # noqa: E402
 
 
@@ -37,6 +39,11 @@ def test_a_shipped_profile_is_chosen_only_for_its_gpu_and_model_shape(monkeypatc
         assert profile_choice.choose("auto", model, cuda, dtype, "triton").profile is None   # measure instead
     monkeypatch.setattr(profile_choice, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     assert profile_choice.choose("auto", llama, cuda, torch.bfloat16, "triton").profile is load_profile("h100-llama3-8b")
+    qwen = SHAPES["qwen2.5-7b"]
+    assert profile_choice.choose("auto", qwen, cuda, torch.bfloat16, "triton").profile is load_profile("h100-qwen2.5-7b")
+    # the same sizes without Qwen's QKV bias, and one rank's half of it under tensor parallelism: not that model
+    for other in (dataclasses.replace(qwen, qkv_bias=False), Shard(qwen, 2, 0).config):
+        assert profile_choice.choose("auto", other, cuda, torch.bfloat16, "triton").profile is None
     with caplog.at_level(logging.WARNING, logger="niyama.engine"):
         asked = profile_choice.choose("a100-llama3-8b", llama, cuda, torch.bfloat16, "triton")
     assert asked.profile is load_profile("a100-llama3-8b")                  # used as asked...
