@@ -193,7 +193,18 @@ def test_plan_cli_in_process(tmp_path, capsys):
     assert "shared (qos)" in text and "silo" in text and "fewer" in text
     plan = json.loads((out / "plan.json").read_text())
     shared, silo = plan["shared"]["replicas"], plan["silo"]["replicas"]
-    assert 1 <= shared <= silo and len(plan["silo"]["counts"]) == 3
+    # each search's answer is the smallest pool that passed: its run passed, and one replica fewer either ran
+    # and failed or was below the pool's throughput floor (never searched)
+    answers = {(x["pool"], x["router"]): x for x in plan["searches"]}
+    for (pool, router), search in answers.items():
+        runs = {e["num_replicas"]: e for e in plan["evaluations"] if (e["pool"], e["router"]) == (pool, router)}
+        n = search["answer"]
+        assert runs[n]["passed"] and runs[n]["worst_pct"] <= 1.0, (pool, router, runs)
+        below = runs.get(n - 1)
+        assert (below is not None and not below["passed"]) or n - 1 < search["busy_replicas"], (pool, router, runs)
+    assert shared == answers[("shared", "qos")]["answer"]
+    assert plan["silo"]["counts"] == [answers[(t, "round-robin")]["answer"] for t in ("Q1", "Q2", "Q3")]
+    assert silo == sum(plan["silo"]["counts"]) and shared <= silo
     assert plan["saving"] == pytest.approx(1 - shared / silo)
     assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "plan.csv").read_text().count("\n") == len(plan["evaluations"]) + 1
