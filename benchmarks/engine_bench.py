@@ -8,7 +8,11 @@ Measured, in this order (each section's numbers are saved as soon as it finishes
    `executor.execute(plan, decodes)` call, which ends by reading the sampled tokens back to the host,
    median after warm-up; steps are hand-made as `niyama/engine/calibrate.py` makes them:
    decode at batch 1 / 32 / 128 x context 512 / 2048, prefill of one 512 / 2048 / 8192-token chunk,
-   and the mixed step (a 256-token prefill chunk beside 64 decodes at context 2048);
+   and the mixed step (a 256-token prefill chunk beside 64 decodes at context 2048); and decode steps
+   with real clients' sampling beside greedy ones at batch 1 / 32 / 128 x 2048 and 256 x 1024: "chat"
+   (temperature 0.7, top_p 0.9), "top-k" (0.7, top_k 50), "chat-penalized" (chat + repetition_penalty
+   1.1). A decode batch's sequences live across its timed steps, as in serving (a penalized one takes
+   its sampler slot once), and each step's token is taken back after it;
 3. CPU overhead: 128 requests run through the real `replica.step()` loop; over 50 decode-only steps,
    the step's wall time, the span of `executor.execute` between CUDA events recorded just before and
    after it (the GPU's time for the step, idle gaps while the host launches included), and
@@ -71,6 +75,7 @@ from niyama.engine.config import SHAPES, ModelConfig  # noqa: E402
 from niyama.engine.engine import parse_dtype  # noqa: E402
 from niyama.engine.kv_cache import dtype_size  # noqa: E402
 from niyama.engine.replay import replay  # noqa: E402
+from niyama.engine.sampling import SAMPLING_PRESETS, SamplingMix  # noqa: E402
 from niyama.engine.sequence import Sequence  # noqa: E402
 from niyama.qos import DeadlineRule, Tier  # noqa: E402
 from niyama.request import Request  # noqa: E402
@@ -99,12 +104,15 @@ class Sizes:
     offline_requests: int
     offline_max_prompt: int | None       # clip the trace (quick CPU runs)
     offline_max_output: int | None
+    sampled_decodes: tuple[tuple[int, int], ...] = ()    # (batch, context) decodes timed with each sampling
+    samplings: tuple[str, ...] = ()                       # SAMPLING_PRESETS timed beside greedy there
 
 
 FULL = Sizes((1, 32, 128), (512, 2048), (512, 2048, 8192), (256, 64, 2048), 128, 512, 50,
-             2 * 2**30, 8192, 2, 5, 300_000, 1000, None, None)
+             2 * 2**30, 8192, 2, 7, 300_000, 1000, None, None,
+             ((1, 2048), (32, 2048), (128, 2048), (256, 1024)), ("chat", "top-k", "chat-penalized"))
 QUICK = Sizes((1, 4), (64, 128), (64, 128), (32, 4, 128), 8, 32, 10,
-              16 * 2**20, 256, 1, 3, 16_384, 20, 64, 16)
+              16 * 2**20, 256, 1, 3, 16_384, 20, 64, 16, ((4, 128),), ("chat", "chat-penalized"))
 
 # The issue's targets, by figure: (text, test of the figure's record).
 TARGETS = {
@@ -115,6 +123,10 @@ TARGETS = {
     "mixed 256+64x2048": ("<= 1.2x sum of floors", lambda f: f["niyama_over_floor"] <= 1.2),
     "offline": (">= 20K processed tok/s", lambda f: f["processed_tok_s"] >= 20e3),
     "cpu overhead": ("<= 1 ms/step", lambda f: f.get("host_critical_s", f["overhead_s"]) <= 1e-3),
+    "decode b128 c2048 chat": ("<= 1.05x greedy", lambda f: f["over_greedy"] <= 1.05),
+    "decode b256 c1024 chat": ("<= 1.10x greedy", lambda f: f["over_greedy"] <= 1.10),
+    "decode b128 c2048 chat-penalized": ("<= 1.10x greedy", lambda f: f["over_greedy"] <= 1.10),
+    "decode b256 c1024 chat-penalized": ("<= 1.15x greedy", lambda f: f["over_greedy"] <= 1.15),
 }
 
 
@@ -218,6 +230,11 @@ def figure_floor(fig: dict, c: ModelConfig, size: int, ceilings: dict) -> dict:
 def make_figures(sizes: Sizes) -> dict[str, dict]:
     figs = [{"name": f"decode b{b} c{c}", "kind": "decode", "batch": b, "context": c}
             for c in sizes.decode_contexts for b in sizes.decode_batches]
+    greedy = {(f["batch"], f["context"]) for f in figs}
+    figs += [{"name": f"decode b{b} c{c}", "kind": "decode", "batch": b, "context": c}
+             for b, c in sizes.sampled_decodes if (b, c) not in greedy]
+    figs += [{"name": f"decode b{b} c{c} {s}", "kind": "decode", "batch": b, "context": c, "sampling": s}
+             for b, c in sizes.sampled_decodes for s in sizes.samplings]
     figs += [{"name": f"prefill {t}", "kind": "prefill", "tokens": t} for t in sizes.prefill_tokens]
     p, d, c = sizes.mixed
     figs.append({"name": f"mixed {p}+{d}x{c}", "kind": "mixed", "tokens": p, "batch": d, "context": c})
@@ -235,21 +252,29 @@ class SyntheticSteps:
         self.ids = itertools.count(-1, -1)
         self.rule = DeadlineRule()
 
-    def _sequence(self, context: int, outputs: int) -> Sequence:
+    def _sequence(self, context: int, outputs: int, params: SamplingParams | None = None, room: int = 1) -> Sequence:
         e = self.engine
         prompt = torch.randint(0, e.model_config.vocab_size, (context - outputs,), generator=self.gen).tolist()
         req = Request(next(self.ids), 0.0, len(prompt), outputs + 1, BENCH_TIER, self.rule)
-        seq = Sequence(req, prompt, SamplingParams(max_tokens=outputs + 1, temperature=0, ignore_eos=True),
-                       None, (), None)
+        params = params or SamplingParams(temperature=0)
+        seq = Sequence(req, prompt, dataclasses.replace(params, max_tokens=outputs + room, ignore_eos=True),
+                       None, (), seed=-req.request_id)
         seq.output_ids = prompt[-outputs:] if outputs else []
-        e.allocator.allocate(req, e.allocator.blocks_for(context + 1))
+        e.allocator.allocate(req, e.allocator.blocks_for(context + room))
         e.executor.add(seq)
         return seq
+
+    def _release(self, made: list[Sequence]) -> None:
+        e = self.engine
+        for s in made:
+            e.executor.release(s.request)
+            e.allocator.release(s.request)
+        e.executor.take_released()
 
     def run(self, prefill: int, decodes: int, context: int, prefix: int = 0) -> float:
         """Wall seconds of one `execute` of a `prefill`-token chunk (after `prefix` cached tokens) beside
         `decodes` decodes at `context`."""
-        e, made = self.engine, []
+        made = []
         try:
             chunks = []
             if prefill:
@@ -257,23 +282,49 @@ class SyntheticSteps:
                 chunks = [PrefillChunk(made[-1].request, prefix, prefill)]
             for _ in range(decodes):
                 made.append(self._sequence(context, 1))
-            plan = BatchPlan(0, decodes, decodes * context, chunks, prefill + decodes, math.inf)
-            decode_reqs = [s.request for s in made[bool(prefill):]]
-            sync(e.device)
-            t0 = time.perf_counter()
-            e.executor.execute(plan, decode_reqs)
-            return time.perf_counter() - t0
+            return self._execute(chunks, [s.request for s in made[bool(prefill):]], context)
         finally:
+            self._release(made)
+
+    def _execute(self, chunks: list, decode_reqs: list, context: int) -> float:
+        decodes = len(decode_reqs)
+        plan = BatchPlan(0, decodes, decodes * context, chunks, sum(c.num_tokens for c in chunks) + decodes, math.inf)
+        sync(self.engine.device)
+        t0 = time.perf_counter()
+        self.engine.executor.execute(plan, decode_reqs)
+        return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def decode_batch(self, batch: int, context: int, params: SamplingParams):
+        """A function timing one decode step of `batch` sequences at `context` that live across calls, as in
+        serving; each step's token is taken back after it."""
+        made = [self._sequence(context, 1, params, room=2) for _ in range(batch)]
+        reqs = [s.request for s in made]
+
+        def step() -> float:
+            seconds = self._execute([], reqs, context)
             for s in made:
-                e.executor.release(s.request)
-                e.allocator.release(s.request)
-            e.executor.take_released()
+                del s.output_ids[1:]
+                if s.logprobs:
+                    del s.logprobs[1:]
+                s.finish_reason = None
+            return seconds
+
+        try:
+            yield step
+        finally:
+            self._release(made)
 
 
 def time_figure(steps: SyntheticSteps, fig: dict, sizes: Sizes) -> dict:
     prefill = fig.get("tokens", 0)
     decodes, context = fig.get("batch", 0), fig.get("context", 0)
-    out = median_run(lambda: steps.run(prefill, decodes, context), sizes.warmup, sizes.repeats)
+    if fig["kind"] == "decode":
+        params = SamplingParams(**SAMPLING_PRESETS[fig.get("sampling", "greedy")])
+        with steps.decode_batch(decodes, context, params) as step:
+            out = median_run(step, sizes.warmup, sizes.repeats)
+    else:
+        out = median_run(lambda: steps.run(prefill, decodes, context), sizes.warmup, sizes.repeats)
     out["tok_s"] = (prefill + decodes) / out["seconds"]
     return out
 
@@ -422,7 +473,8 @@ class OutOfTime(Exception):
     pass
 
 
-def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s: float) -> dict:
+def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s: float,
+                    sampling: SamplingMix | None = None) -> dict:
     wl = make_workload("sharegpt", 1.0, num_requests=num_requests, seed=0)
     wl = dataclasses.replace(wl, specs=[dataclasses.replace(s, arrival_s=0.0) for s in wl.specs])
     tokens = {"processed": 0, "generated": 0}
@@ -442,7 +494,7 @@ def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s
     clipped, status = None, "finished"
     try:
         clipped = replay(engine, wl, progress=progress, max_prompt_tokens=sizes.offline_max_prompt,
-                         max_output_tokens=sizes.offline_max_output).num_clipped
+                         max_output_tokens=sizes.offline_max_output, sampling=sampling).num_clipped
     except OutOfTime:
         status = f"stopped at the {budget_s:g} s budget"
     except torch.cuda.OutOfMemoryError:
@@ -456,6 +508,7 @@ def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s
             "generated_tokens": tokens["generated"], "output_tok_s": tokens["generated"] / wall,
             "processed_tok_s": tokens["processed"] / wall, "preemptions": engine.replica.num_preemptions,
             "relegations": engine.replica.num_relegations, "profile": engine.profile.name,
+            "sampling": sampling.name if sampling else "greedy",
             "kv_tokens": engine.allocator.num_blocks * engine.allocator.block_size, "step_kinds": step_kinds(steps)}
 
 
@@ -578,11 +631,16 @@ def show(m: dict | None, kind: str) -> str:
 
 
 def finish_figures(results: dict) -> None:
-    """Ratios to the floors, and the flat fields the targets test."""
-    for fig in results["figures"].values():
+    """Ratios to the floors and to the greedy step of the same shape, and the flat fields the targets test."""
+    figures = results["figures"]
+    for fig in figures.values():
         ours = fig.get("niyama") or {}
         if "seconds" in ours:
             fig["niyama_s"], fig["niyama_tok_s"] = ours["seconds"], ours["tok_s"]
+            if "sampling" in fig:
+                greedy = (figures.get(f"decode b{fig['batch']} c{fig['context']}") or {}).get("niyama") or {}
+                if "seconds" in greedy:
+                    fig["over_greedy"] = ours["seconds"] / greedy["seconds"]
             if "floor" in fig:
                 fig["niyama_over_floor"] = ours["seconds"] / fig["floor"]["floor_s"]
                 if "combined" in fig["floor"]:
@@ -614,6 +672,8 @@ def table(results: dict) -> str:
             ratio = f"{fig['niyama_over_floor']:.2f}x"
             if "niyama_over_combined_floor" in fig:
                 ratio += f"; {fig['niyama_over_combined_floor']:.2f}x"
+            if "over_greedy" in fig:
+                ratio += f"; {fig['over_greedy']:.3f}x greedy"
         rows.append((name, show(fig.get("niyama"), fig["kind"]), show(fig.get("hf"), fig["kind"]), floor_cell,
                      ratio, target_cell(name, fig)))
     o = results.get("overhead")
@@ -648,6 +708,8 @@ def main() -> int:
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--offline-profile", default=None,
                     help="batch-time profile of the offline run's engine (default: the engine's default)")
+    ap.add_argument("--offline-sampling", default="greedy",
+                    help=f"the offline run's sampling: {', '.join(SAMPLING_PRESETS)} or a mix's JSON file")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/engine_bench.json")
     args = ap.parse_args()
@@ -697,7 +759,7 @@ def main() -> int:
         engine = make_engine(args, **({"profile": args.offline_profile} if args.offline_profile else {}))
         results["offline_engine"] = engine_info(engine)
         results["offline"] = measure_offline(engine, sizes, args.offline_requests or sizes.offline_requests,
-                                             args.offline_budget_s)
+                                             args.offline_budget_s, SamplingMix.parse(args.offline_sampling))
         del engine
         free_memory(args.device)
         off = results["offline"]

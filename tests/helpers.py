@@ -76,3 +76,28 @@ def greedy_with_logits(engine, prompts, max_tokens: int, *, chunk_size: int, for
         engine.replica.on_step.clear()
     assert engine.allocator.num_free == engine.allocator.num_blocks
     return seqs, [torch.stack(logits[s.request.request_id]).float() for s in seqs], shapes
+
+
+class SamplerRow:
+    """What the batched sampler reads of a `Sequence` (params, prompt and output ids, seed, penalty slot),
+    without a request or an engine."""
+
+    def __init__(self, params, prompt_ids=(), output_ids=(), seed: int = 0):
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids = list(output_ids)
+        self.seed = seed
+        self.penalty_slot = None
+
+
+def batched_sample(logits, params, histories=None, seeds=None, sampler=None) -> list[int]:
+    """One token per row of `logits` `[n, vocab]` through the batched sampler (a fresh one unless given);
+    `histories[i]`: row i's (prompt_ids, output_ids); `seeds[i]`: its seed (default i)."""
+    from niyama.engine.sampler import Sampler
+
+    n = logits.shape[0]
+    histories = histories or [([], [])] * n
+    rows = [SamplerRow(p, h[0], h[1], seeds[i] if seeds is not None else i)
+            for i, (p, h) in enumerate(zip(params, histories))]
+    sampler = sampler or Sampler(logits.shape[1], logits.device)
+    return sampler.sample(logits.clone(), rows).to_host()[0]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
-from niyama.engine.sampling import penalize, probabilities, sample  # noqa: E402
+
+from helpers import batched_sample  # noqa: E402
+from sampling_oracle import penalize, probabilities  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +25,18 @@ def prompt(engine):
 
 
 def test_sampler_distribution_and_filters():
+    def draws(logits, p, n):
+        return batched_sample(logits.expand(n, -1).contiguous(), [p] * n)
+
     logits = torch.log(torch.tensor([[0.25, 0.75]]))
-    gen = torch.Generator().manual_seed(0)
-    draws = [sample(logits, [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(4000)]
-    assert abs(sum(draws) / len(draws) - 0.75) < 0.03            # follows the softmax
+    got = draws(logits, SamplingParams(temperature=1.0), 4000)
+    assert abs(sum(got) / len(got) - 0.75) < 0.03                  # follows the softmax
     for p in (SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0, top_k=1)):
-        assert {sample(logits, [p], [gen])[0] for _ in range(200)} == {1}   # only the top token survives
-    hot = [sample(logits, [SamplingParams(temperature=50.0)], [gen])[0] for _ in range(4000)]
-    assert abs(sum(hot) / len(hot) - 0.5) < 0.04                  # high temperature flattens
+        assert set(draws(logits, p, 200)) == {1}                   # only the top token survives
+    hot = draws(logits, SamplingParams(temperature=50.0), 4000)
+    assert abs(sum(hot) / len(hot) - 0.5) < 0.04                    # high temperature flattens
     three = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    got = {sample(three, [SamplingParams(top_p=0.7)], [gen])[0] for _ in range(300)}
-    assert got == {0, 1}                                          # 0.5 + 0.3 reaches 0.7; 0.2 is cut
+    assert set(draws(three, SamplingParams(top_p=0.7), 300)) == {0, 1}   # 0.5 + 0.3 reaches 0.7; 0.2 is cut
 
 
 def test_seed_reproduces_and_greedy_filters_agree(engine, prompt):
@@ -41,6 +46,56 @@ def test_seed_reproduces_and_greedy_filters_agree(engine, prompt):
     assert run(seed=7) == run(seed=7)
     assert run(seed=7) != run(seed=8)
     assert run(temperature=0) == run(top_k=1, seed=3) == run(top_p=1e-6, seed=4)
+
+
+def test_a_seeded_request_gives_the_same_tokens_alone_and_in_two_batches(engine, prompt):
+    """The same seeded request (chat sampling with a repetition penalty) alone, beside 3 others, and beside
+    7 others of other lengths and parameters, some of them penalized, arriving first: the same 24 tokens."""
+    want = SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=1234,
+                          ignore_eos=True)
+    others = [engine.chat_prompt([{"role": "user", "content": f"Tell me about the number {i}."}]) for i in range(7)]
+    kinds = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, presence_penalty=0.5 * (i % 2), ignore_eos=True)
+             for i in range(7)]
+
+    def run(n_others: int) -> list[int]:
+        seqs = [engine.add_request(o, k) for o, k in zip(others[:n_others], kinds[:n_others])]
+        seq = engine.add_request(prompt, want)
+        while not all(s.finished for s in seqs + [seq]):
+            engine.step()
+        return seq.output_ids
+
+    alone = run(0)
+    assert len(alone) == 24 and run(3) == alone and run(7) == alone
+    assert engine.generate([prompt], dataclasses.replace(want, seed=1235))[0].output_ids != alone
+
+
+def test_logprobs_are_the_raw_log_softmax_of_the_sampled_and_top_tokens(engine, prompt):
+    """vLLM's default: the model's own logits, before penalties and temperature, whatever the request
+    samples with; the top list is sorted, holds the asked-for count, and a greedy token is its first."""
+    captured = []
+    engine.executor.logits_hook = lambda seqs, logits: captured.append((list(seqs), logits.clone()))
+    try:
+        sampled = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=1.3, repetition_penalty=1.3,
+                                                            logprobs=5, seed=3, ignore_eos=True))
+        greedy = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True))
+        plain = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        while not all(s.finished for s in (sampled, greedy, plain)):
+            engine.step()
+    finally:
+        engine.executor.logits_hook = None
+    assert plain.logprobs is None
+    for seq, top in ((sampled, 5), (greedy, 0)):
+        rows = [logits[seqs.index(seq)] for seqs, logits in captured if seq in seqs]
+        assert len(seq.logprobs) == len(rows) == 6
+        for token, (logprob, alternatives), row in zip(seq.output_ids, seq.logprobs, rows):
+            raw = torch.log_softmax(row, dim=0)
+            assert logprob == pytest.approx(float(raw[token]), abs=1e-5)
+            assert len(alternatives) == top
+            assert [t for t, _ in alternatives] == raw.topk(top).indices.tolist()
+            assert all(lp == pytest.approx(float(raw[t]), abs=1e-5) for t, lp in alternatives)
+        if top == 0:
+            assert all(lp == pytest.approx(float(torch.log_softmax(r, 0).max()), abs=1e-5)
+                       for (lp, _), r in zip(seq.logprobs, rows))     # greedy: the most likely token's
 
 
 def test_stop_string_streaming_and_max_tokens(engine, prompt):
@@ -91,20 +146,19 @@ def test_penalty_and_min_p_limits_are_accepted():
 
 
 def test_sampler_survives_extreme_filters_and_logits():
-    gen = torch.Generator().manual_seed(1)
     logits = torch.tensor([[3.0, 1.0, -2.0], [float("nan"), 0.0, 1.0], [float("-inf")] * 3])
     # top_p that float32 rounds to 0 keeps the top token; rows without a usable distribution fall back to
     # greedy instead of failing the step (and the other rows with it)
     params = [SamplingParams(top_p=1e-300), SamplingParams(temperature=0.01), SamplingParams(temperature=2.0)]
-    for _ in range(20):
-        tokens = sample(logits, params, [gen, gen, gen])
+    for seed in range(20):
+        tokens = batched_sample(logits, params, seeds=[seed] * 3)
         assert tokens[0] == 0 and all(0 <= t < 3 for t in tokens)
     # and so do rows with penalties and min_p
     params = [SamplingParams(min_p=1.0), SamplingParams(repetition_penalty=1.5, min_p=0.5),
               SamplingParams(presence_penalty=2, frequency_penalty=-2, temperature=0)]
     histories = [([0], [1]), ([1, 2], [0, 0]), ([2], [0, 1, 1])]
-    for _ in range(20):
-        tokens = sample(logits, params, [gen, gen, gen], histories)
+    for seed in range(20):
+        tokens = batched_sample(logits, params, histories, seeds=[seed] * 3)
         assert tokens[0] == 0 and all(0 <= t < 3 for t in tokens)
 
 
@@ -258,17 +312,14 @@ def test_greedy_rows_take_penalties():
               SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0, presence_penalty=1.0)]
     histories = [([0], [0]), ([0, 2], []), ([2], [0]), ([0], [2])]   # token 0 seen in the prompt or output
     # 5 / 1.2 and 5 - 1 fall below 4.5; a presence penalty ignores the prompt (row 3 keeps token 0)
-    assert sample(logits, params, [None] * 4, histories) == [0, 1, 1, 0]
-    with pytest.raises(ValueError, match="history"):
-        sample(logits, params, [None] * 4)
+    assert batched_sample(logits, params, histories) == [0, 1, 1, 0]
 
 
 def test_min_p_keeps_tokens_near_the_top():
-    gen = torch.Generator().manual_seed(2)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    got = {sample(logits, [SamplingParams(min_p=0.2)], [gen])[0] for _ in range(400)}
-    assert got == {0, 1, 2}                                       # 0.05 < 0.2 x 0.5; the rest stay
-    assert {sample(logits, [SamplingParams(min_p=1.0)], [gen])[0] for _ in range(50)} == {0}
+    # 0.05 < 0.2 x 0.5 is cut; the rest stay
+    assert set(batched_sample(logits.expand(400, -1), [SamplingParams(min_p=0.2)] * 400)) == {0, 1, 2}
+    assert set(batched_sample(logits.expand(50, -1), [SamplingParams(min_p=1.0)] * 50)) == {0}
 
 
 def _repeats(ids):

@@ -278,7 +278,7 @@ def test_worst_case_step_fits_at_the_default_memory_settings():
     def request(tokens: int, outputs: int) -> Request:
         req = Request(-1 - len(made), 0.0, tokens - outputs, outputs + 1, TIER_PRESETS["default"][0], DeadlineRule())
         seq = Sequence(req, [7] * (tokens - outputs), SamplingParams(max_tokens=outputs + 1, temperature=0,
-                                                                      ignore_eos=True), None, (), None)
+                                                                      ignore_eos=True), None, ())
         seq.output_ids = [7] * outputs
         alloc.allocate(req, alloc.blocks_for(tokens + 1))
         engine.executor.add(seq)

@@ -228,8 +228,7 @@ class LLMEngine:
                       tier, self.rule, Priority.parse(priority))
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        gen = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
-        seq = Sequence(req, ids, params, self.tokenizer if detokenize else None, self.eos_token_ids, gen)
+        seq = Sequence(req, ids, params, self.tokenizer if detokenize else None, self.eos_token_ids, seed)
         self.executor.add(seq)
         return seq
 

@@ -123,7 +123,7 @@ class SyntheticSteps:
         prompt = torch.randint(0, self.vocab_size, (context - outputs,), generator=self.gen).tolist()
         req = Request(next(self.ids), 0.0, len(prompt), outputs + 1, self.tier, self.rule)
         seq = Sequence(req, prompt, SamplingParams(max_tokens=outputs + 1, temperature=0, ignore_eos=True),
-                       None, (), None)
+                       None, ())
         seq.output_ids = prompt[-outputs:] if outputs else []
         self.allocator.allocate(req, self.allocator.blocks_for(context + 1))
         self.executor.add(seq)

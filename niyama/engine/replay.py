@@ -2,13 +2,14 @@
 
 Traces carry lengths, not text, so each prompt is random token ids of the
 trace's length, and each request generates exactly its trace output length
-(EOS ignored, greedy). Lengths are clipped to what the model and the KV cache
+(EOS ignored), greedy or with the sampling settings of a `SamplingMix`. Lengths are clipped to what the model and the KV cache
 can hold. The result is the simulator's `SimResult`, so the same report and
 records come out; the measured step log comes with it, ready to fit a
 batch-time profile of this machine."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from ..replica import WallClock
 from ..sim.run import SimResult
 from ..workload import Workload, clip_lengths
 from .engine import LLMEngine
-from .sampling import SamplingParams
+from .sampling import SamplingMix, SamplingParams
 
 STEP_COLUMNS = ("prefill_tokens", "decodes", "decode_context", "prefill_context", "seconds")
 
@@ -30,8 +31,11 @@ class ReplayResult:
 
 
 def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
-           max_prompt_tokens: int | None = None, max_output_tokens: int | None = None) -> ReplayResult:
-    """Run `workload` on `engine` in real time; `max_*_tokens` clip the trace's lengths (quick CPU runs)."""
+           max_prompt_tokens: int | None = None, max_output_tokens: int | None = None,
+           sampling: SamplingMix | None = None) -> ReplayResult:
+    """Run `workload` on `engine` in real time; `max_*_tokens` clip the trace's lengths (quick CPU runs);
+    `sampling`: each request's sampling settings, drawn with `seed` (default: greedy), each with its own
+    seed."""
     if engine.has_work:
         raise RuntimeError("replay needs an idle engine")
     for name, cap in (("max_prompt_tokens", max_prompt_tokens), ("max_output_tokens", max_output_tokens)):
@@ -41,6 +45,7 @@ def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
     room = (engine.allocator.num_blocks - engine.allocator.num_watermark_blocks) * engine.allocator.block_size
     limit = min(ctx, room)
     gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     engine.set_tiers(workload.tiers, workload.rule)
     engine.replica.clock = WallClock()     # arrival times count from now
@@ -50,8 +55,9 @@ def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
         prompt, out = clip_lengths(spec, limit, max_prompt_tokens, max_output_tokens)
         clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
         ids = torch.randint(0, vocab, (prompt,), generator=gen).tolist()
-        seq = engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True),
-                                 tier=spec.tier, priority=spec.priority, arrival_s=spec.arrival_s)
+        settings = sampling.pick(rng) if sampling is not None else {"temperature": 0.0}
+        params = SamplingParams(max_tokens=out, ignore_eos=True, seed=rng.getrandbits(62), **settings)
+        seq = engine.add_request(ids, params, tier=spec.tier, priority=spec.priority, arrival_s=spec.arrival_s)
         requests.append(seq.request)
     steps = []
     engine.replica.on_step.append(lambda plan, res, end: steps.append(

@@ -31,7 +31,7 @@ from ..scheduler import BatchPlan
 from .attention import AttentionBackend, SeqSlice
 from .kv_cache import PagedKVCache
 from .model import LlamaModel
-from .sampling import sample_on_device
+from .sampler import Sampler
 from .sequence import Sequence
 
 
@@ -61,6 +61,7 @@ class ModelExecutor:
         self.backend = backend
         self.device = device
         self.sequences: dict[Request, Sequence] = {}     # live: add() puts, release() takes (read-only elsewhere)
+        self.sampler = Sampler(model.config.vocab_size, device)
         self._released: list[Sequence] = []
         self.num_steps = 0
         # A backend that packs steps (triton) gets fixed bucket layouts for steps of up to the largest
@@ -89,6 +90,7 @@ class ModelExecutor:
         """The replica finished `req` (it ran out, stopped, or was aborted): hand its sequence out once."""
         seq = self.sequences.pop(req, None)
         if seq is not None:
+            self.sampler.release(seq)
             self._released.append(seq)
 
     def take_released(self) -> list[Sequence]:
@@ -129,17 +131,15 @@ class ModelExecutor:
             logits = self.model.logits(hidden.index_select(0, sample_rows[:len(step.sampled)]))
             if self.logits_hook is not None:
                 self.logits_hook(step.sampled, logits)
-            seqs = step.sampled
-            on_device = sample_on_device(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                         [(s.prompt_ids, s.output_ids) for s in seqs])
+            draws = self.sampler.sample(logits, step.sampled)
             self._mark(1)
             t2 = time.perf_counter()
             if self.tp is not None and self.device.type == "cuda":
                 self.tp.wait_gpu()
-            tokens = on_device.tolist()
+            tokens, logprobs = draws.to_host()
             t3 = time.perf_counter()
-            for seq, token in zip(step.sampled, tokens):
-                seq.append(token)
+            for i, (seq, token) in enumerate(zip(step.sampled, tokens)):
+                seq.append(token, logprobs.get(i))
                 if seq.finish_reason == "stop":
                     stopped.append(seq.request)
         self.num_steps += 1

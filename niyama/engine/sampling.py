@@ -1,24 +1,21 @@
-"""Sampling parameters and the sampler: penalties, greedy, temperature, top-k, top-p, min-p, seeded.
+"""Sampling parameters: what a request asks of the sampler (sampler.py draws the tokens).
 
-A row goes through the steps in the order transformers' `generate` applies them: repetition penalty
-(prompt and output tokens), presence and frequency penalties (output tokens, OpenAI's definition), then
-greedy argmax or temperature, top-k, top-p, min-p and a draw. Rows that set no penalty skip the first
-steps and need no token history."""
+Penalties, then greedy argmax or temperature, top-k, top-p, min-p and a draw, in the order transformers'
+`generate` applies them; a seed makes a request's draws reproducible; `logprobs` asks for each token's
+log-probability and the most likely alternatives."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 # Below this a temperature turns float32 logits into inf and the softmax into NaN (a request sent 1e-40
 # and failed the whole step); vLLM clamps to the same value. 0 means greedy.
 MIN_TEMPERATURE = 0.01
 MAX_OPENAI_PENALTY = 2.0          # presence and frequency penalties lie in [-2, 2] (OpenAI API)
-
-# (prompt_ids, output_ids) of one row: the tokens a penalty looks at
-History = tuple[list[int], list[int]]
+MAX_TOP_LOGPROBS = 20             # OpenAI's bound on top_logprobs
 
 
 @dataclass(frozen=True)
@@ -35,6 +32,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()      # stop strings (not included in the text)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False        # keep going past EOS (trace replay: outputs follow the trace)
+    logprobs: int | None = None     # None = off; else report each token's logprob and this many top ones
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -48,6 +46,10 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         self._check_penalties()
+        n = self.logprobs
+        if n is not None and not (isinstance(n, int) and 0 <= n <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (top alternatives per token), "
+                             f"got {n!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
@@ -70,86 +72,72 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the argmax of the model's logits, the cheapest draw."""
+        return self.greedy and not self.penalized
+
+    @property
     def penalized(self) -> bool:
-        """Whether the row needs its token history."""
+        """Whether the row needs its token counts (a penalty slot in the sampler)."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[History] | None = None) -> list[int]:
-    """One token per row of `logits` `[n, vocab]` (float32)."""
-    return sample_on_device(logits, params, generators, histories).tolist()
+# Named sampling settings (`--sampling NAME`): what benchmarks and replays run besides greedy decoding.
+# "chat" is what OpenAI's SDKs and most chat UIs send.
+SAMPLING_PRESETS: dict[str, dict] = {
+    "greedy": {"temperature": 0.0},
+    "chat": {"temperature": 0.7, "top_p": 0.9},
+    "top-k": {"temperature": 0.7, "top_k": 50},
+    "chat-penalized": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
+}
+MIX_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
-def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                     histories: list[History] | None = None) -> torch.Tensor:
-    """The tokens as a tensor on the logits' device; nothing waits for the GPU. `histories[i]` is row i's
-    (prompt_ids, output_ids), read only for rows whose params set a penalty (then it is required)."""
-    out = logits.argmax(dim=-1)
-    for i, p in enumerate(params):
-        if p.greedy and not p.penalized:
-            continue
-        row = logits[i]
-        if p.penalized:
-            if histories is None:
-                raise ValueError("penalties need each row's token history")
-            row = penalize(row, p, histories[i])
-        if p.greedy:
-            out[i] = row.argmax()
-        else:
-            out[i] = _draw(probabilities(row, p), out[i], generators[i])
-    return out
+@dataclass(frozen=True)
+class SamplingMix:
+    """Shares of sampling settings over a workload's requests: a preset's name, or a JSON file holding a list
+    of {"share": w, "temperature": ..., "top_p": ..., ...} (shares are normalised; keys are SamplingParams')."""
+    name: str
+    shares: tuple[float, ...]
+    settings: tuple[dict, ...]
 
+    @classmethod
+    def parse(cls, spec: str) -> "SamplingMix":
+        if spec in SAMPLING_PRESETS:
+            return cls(spec, (1.0,), (SAMPLING_PRESETS[spec],))
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"unknown sampling {spec!r}: use one of {', '.join(SAMPLING_PRESETS)} or a JSON file "
+                             'holding [{"share": 0.7, "temperature": 0.7, "top_p": 0.9}, ...]')
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec}: not JSON ({e})") from None
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{spec}: expected a non-empty list of objects")
+        shares, settings = [], []
+        for i, entry in enumerate(entries):
+            entry = dict(entry)
+            share = entry.pop("share", 1.0)
+            unknown = set(entry) - set(MIX_KEYS)
+            if unknown:
+                raise ValueError(f"{spec}: entry {i} has unknown keys {sorted(unknown)}; allowed: share, "
+                                 f"{', '.join(MIX_KEYS)}")
+            if not (isinstance(share, (int, float)) and share > 0):
+                raise ValueError(f"{spec}: entry {i}'s share must be a number > 0")
+            SamplingParams(**entry)                 # refuse bad values now, not mid-run
+            shares.append(float(share))
+            settings.append(entry)
+        total = sum(shares)
+        return cls(path.stem, tuple(s / total for s in shares), tuple(settings))
 
-def penalize(row: torch.Tensor, p: SamplingParams, history: History) -> torch.Tensor:
-    """A logits row `[vocab]` after the repetition, presence and frequency penalties (a new tensor)."""
-    prompt_ids, output_ids = history
-    ids = _ids_on(row.device, prompt_ids + output_ids)        # one upload serves both penalties
-    if p.repetition_penalty != 1:
-        # index_fill_, not `seen[ids] = True`: that copies the True from the host and waits for the GPU
-        seen = torch.zeros_like(row, dtype=torch.bool).index_fill_(0, ids, True)
-        scaled = torch.where(row < 0, row * p.repetition_penalty, row / p.repetition_penalty)
-        row = torch.where(seen, scaled, row)
-    if (p.presence_penalty or p.frequency_penalty) and output_ids:
-        out_ids = ids[len(prompt_ids):]
-        # scatter_add, not bincount: bincount on CUDA reads its input's max back to the host
-        counts = torch.zeros_like(row).scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=row.dtype))
-        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
-    return row
+    def pick(self, rng) -> dict:
+        """One request's settings (`rng`: a random.Random)."""
+        if len(self.settings) == 1:
+            return dict(self.settings[0])
+        return dict(rng.choices(self.settings, weights=self.shares)[0])
 
-
-def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """What a sampled row draws from `[vocab]`: temperature, then top-k, top-p and min-p (unnormalized;
-    dropped tokens are 0)."""
-    row = row / p.temperature
-    if p.top_k and p.top_k < row.shape[-1]:
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # drop tokens once the mass before them already reaches top_p; the first always stays (a top_p
-        # that float32 rounds to 0 must not drop every token)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
-        drop[0].fill_(False)                # `drop[0] = False` would wait for the GPU
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    if p.min_p:
-        # the top token never falls below min_p (<= 1) x itself, so at least one stays
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs
-
-
-def _draw(probs: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # one request's odd logits must not fail the step for everyone: without a usable distribution, greedy
-    usable = torch.isfinite(probs).all() & (probs.sum() > 0)
-    probs = torch.where(usable, torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0),
-                        torch.nn.functional.one_hot(fallback, probs.shape[-1]).to(probs.dtype))
-    return torch.multinomial(probs, 1, generator=generator)[0]
-
-
-def _ids_on(device: torch.device, ids: list[int]) -> torch.Tensor:
-    ids = torch.tensor(ids, dtype=torch.long)
-    if device.type == "cuda":
-        # a copy from pageable memory would block the host until the forward pass finishes
-        return ids.pin_memory().to(device, non_blocking=True)
-    return ids.to(device)
+    @property
+    def sampled_share(self) -> float:
+        """The share of requests that are not plain greedy (a sampled or penalized draw)."""
+        return sum(w for w, s in zip(self.shares, self.settings) if not SamplingParams(**s).plain_greedy)

@@ -7,8 +7,6 @@ random stream, why it stopped). Text (detokenization, stop strings) is a
 
 from __future__ import annotations
 
-import torch
-
 from ..request import Request
 from .sampling import SamplingParams
 from .text_output import TextOutput
@@ -20,16 +18,24 @@ def stop_token_ids(params: SamplingParams, eos_token_ids: "tuple[int, ...]") -> 
     return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
 
 
+# one output token's log-probabilities: (the token's, [(token id, logprob) of the most likely tokens])
+Logprobs = tuple[float, list[tuple[int, float]]]
+
+
 class Sequence:
     def __init__(self, request: Request, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...], generator: torch.Generator | None):
+                 tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...], seed: int = 0):
         """`tokenizer`: None for token ids only (dummy weights, or the server's engine process, where text is
-        made on the HTTP side)."""
+        made on the HTTP side). `seed`: the request's random stream (sampler.py: with the output position it
+        decides every draw)."""
         self.request = request
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
-        self.generator = generator
+        self.seed = seed
+        self.penalty_slot: int | None = None     # the sampler's, while the request is in the engine
+        # per output token, with params.logprobs set (None otherwise)
+        self.logprobs: list[Logprobs] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None    # "stop" (EOS, stop string/token), "length", "abort"
         self._stop_ids = stop_token_ids(params, eos_token_ids)
         self.output = TextOutput(tokenizer, params.stop, self._stop_ids) if tokenizer is not None else None
@@ -47,9 +53,12 @@ class Sequence:
     def text(self) -> str:
         return self.output.text if self.output is not None else ""
 
-    def append(self, token: int) -> None:
-        """Record a sampled token and decide whether generation ends here (stop token or length)."""
+    def append(self, token: int, logprobs: Logprobs | None = None) -> None:
+        """Record a sampled token (and its log-probabilities, if asked for) and decide whether generation ends
+        here (stop token or length)."""
         self.output_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
         if token in self._stop_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_tokens:
@@ -61,6 +70,8 @@ class Sequence:
             return False
         if self.output.update(self.output_ids, self.finished):
             del self.output_ids[self.output.num_tokens:]    # tokens made after the stop string's are dropped
+            if self.logprobs is not None:
+                del self.logprobs[self.output.num_tokens:]
             return True
         return False
 
