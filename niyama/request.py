@@ -45,12 +45,12 @@ class Request:
         "tier", "priority", "ttft_s", "tbt_s",
         "phase", "num_prefill_target", "num_computed_tokens", "num_output_tokens",
         "first_token_s", "anchor_s", "finish_s", "relegated", "rejected", "predicted_first_token_s", "num_preemptions",
-        "block_ids", "token_segments",
+        "block_ids", "token_segments", "sampled",
         "decode_iter0", "decode_token0", "decode_seq",
     )
 
     def __init__(self, request_id: int, arrival_s: float, num_prompt_tokens: int, max_output_tokens: int,
-                 tier: Tier, rule: DeadlineRule, priority: Priority = Priority.IMPORTANT):
+                 tier: Tier, rule: DeadlineRule, priority: Priority = Priority.IMPORTANT, sampled: bool = False):
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id}: prompt must have at least 1 token")
         if max_output_tokens < 1:
@@ -61,6 +61,7 @@ class Request:
         self.max_output_tokens = int(max_output_tokens)
         self.tier = tier
         self.priority = priority
+        self.sampled = sampled               # its tokens are drawn with temperature or penalties, not plain argmax
         self.ttft_s = rule.ttft_s(tier)      # effective TTFT
         self.tbt_s = rule.tbt_s(tier)        # token pace
         self.phase = Phase.WAITING

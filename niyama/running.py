@@ -13,7 +13,9 @@ decode that emitted token `n0` in iteration `i0` emits token
   starts decoding (a finish heap);
 - it needs a new KV block every 16 iterations, in the iterations congruent to
   a fixed residue (one bucket per residue);
-- the sum of decode context lengths grows by the number of decodes.
+- the sum of decode context lengths grows by the number of decodes;
+- the number of sampled decodes (`Request.sampled`: the sampler's costlier rows) changes only when one
+  joins or leaves.
 
 Token times are not stored per token: a request records the iteration
 ranges it decoded in, and the replica's iteration end times give the rest.
@@ -36,6 +38,7 @@ class RunningDecodes:
         self._finish_heap: list = []                   # [(finish_iter, seq, req)]
         self._block_buckets: list[dict[Request, None]] = [{} for _ in range(block_size)]
         self._context_base = 0                         # sum(P - i0) over members
+        self.num_sampled = 0                           # members with `sampled` set
         self._seq = 0
 
     def __len__(self) -> int:
@@ -67,6 +70,7 @@ class RunningDecodes:
         residue = (iteration + 1 - req.num_prefill_target) % self.block_size
         self._block_buckets[residue][req] = None
         self._context_base += req.num_prefill_target - iteration
+        self.num_sampled += req.sampled
 
     def remove(self, req: Request, iteration: int) -> None:
         """Take `req` out before `iteration` runs (preemption, early stop after `iteration - 1`)."""
@@ -75,6 +79,7 @@ class RunningDecodes:
         residue = (req.decode_iter0 + 1 - req.num_prefill_target) % self.block_size
         del self._block_buckets[residue][req]
         self._context_base -= req.num_prefill_target - req.decode_iter0
+        self.num_sampled -= req.sampled
         req.decode_seq = -1   # invalidates its heap entries
         req.token_segments[-1][1] = iteration
 

@@ -20,19 +20,23 @@ PROFILE_EXAMPLES = """examples:
 Each shape is one prefill chunk (after cached context) beside decodes of one context; the sample covers
 decode-only, prefill-only and mixed steps over the scheduler's budgets (see niyama/engine/profiling.py).
 Columns: kind, prefill_tokens, prefill_context, decodes, decode_context (sum over the decodes),
-total_tokens, wall_s (median whole-step time), gpu_s (median CUDA-event span; empty off CUDA),
-wall_min_s, repeats. Device, model, dtype and versions go to a sidecar PROFILE.meta.json.
+total_tokens, sampled (rows drawn with temperature or penalties), wall_s (median whole-step time), gpu_s
+(median CUDA-event span; empty off CUDA), wall_min_s, repeats. KV blocks are scattered and, on GPU
+backends, a shape's decode contexts spread around its mean, as in serving. Device, model, dtype and versions go to a sidecar PROFILE.meta.json.
 """
 
 FIT_EXAMPLES = """examples:
   niyama fit-predictor results/profile/profile.csv
   niyama fit-predictor h100.csv --name h100-llama3-8b --out niyama/predictor/data/h100-llama3-8b.json
   niyama fit-predictor profile.csv --model linear --test-share 0.3 --seed 1
+  niyama fit-predictor h100.csv results/replay/steps.csv --score-on other-run/steps.csv
 
 Models: linear, the two-regime linear model of the paper's artifact (split at 512 total tokens); spline,
 a linear spline in total tokens (knots at powers of two) plus decode count, decode context, prefill
-context C and a chunk's attention pairs P * C and P * P / 2, fitted to relative error. Both are fitted
-on the training shapes and scored on held-out shapes; the chosen one is refitted on every row.
+context C, a chunk's attention pairs P * C and P * P / 2, and rows drawn with temperature or penalties,
+fitted to relative error. Both are fitted on the training shapes and scored on held-out shapes; the
+chosen one is refitted on every row. A replay's steps.csv (the steps of a serving run) can be fitted
+beside or instead of a profile CSV; --score-on scores the result on runs it never saw.
 """
 
 QUICK = dict(shapes=20, repeats=2, max_total=256, max_context=1024)
@@ -49,6 +53,10 @@ def add_parser(sub) -> None:
                         "its warm-up counted)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs per shape first (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shape sample and the token ids (default 0)")
+    p.add_argument("--sampling", default="serving", metavar="MIX",
+                   help="how the steps' rows draw their tokens: serving (25%% greedy, 60%% chat: temperature 0.7, "
+                        "top_p 0.9, 15%% chat + repetition_penalty 1.1), greedy, chat, top-k, chat-penalized, or a "
+                        "JSON mix file (default serving)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: {QUICK['shapes']} shapes of up to {QUICK['max_total']} tokens and "
                         f"{QUICK['max_context']} tokens of context, {QUICK['repeats']} repeats (overrides --shapes "
@@ -63,7 +71,10 @@ def add_parser(sub) -> None:
                                    "report their errors on held-out shapes, and write the chosen model as a "
                                    "profile JSON for --profile.",
                        epilog=FIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("csv", help="a CSV written by `niyama profile`")
+    f.add_argument("csv", nargs="+", help="CSVs written by `niyama profile` and/or `niyama replay` (steps.csv), "
+                                          "fitted together")
+    f.add_argument("--score-on", nargs="+", default=[], metavar="CSV",
+                   help="step logs of other runs (replay's steps.csv) to score the chosen profile on, unseen")
     f.add_argument("--out", default=None, help="profile JSON to write (default: beside the CSV, <name>.json)")
     f.add_argument("--name", default=None,
                    help="the profile's name, e.g. h100-llama3-8b (default: measured-<model>-<device>)")
@@ -83,6 +94,7 @@ def run_profile(args) -> int:
 
     from ..engine import LLMEngine
     from ..engine.profiling import SyntheticSteps, engine_facts, profile, sample_shapes, write_csv
+    from ..engine.sampling import SamplingMix
     from ..predictor import DEFAULT_PROFILE
     from ..predictor.fit import meta_path
 
@@ -101,7 +113,9 @@ def run_profile(args) -> int:
         quiet_engine.setLevel(level)
     print(engine.describe())
     mc = engine.model_config
-    steps = SyntheticSteps(engine.executor, engine.allocator, mc.max_position, mc.vocab_size, seed=args.seed)
+    sampling = SamplingMix.parse(args.sampling)
+    steps = SyntheticSteps(engine.executor, engine.allocator, mc.max_position, mc.vocab_size, seed=args.seed,
+                           sampling=sampling)
     limits = {"max_total": QUICK["max_total"], "max_context": QUICK["max_context"]} if args.quick else {}
     shapes, skipped = sample_shapes(shapes_n, steps, engine.config.max_num_seqs, seed=args.seed, **limits)
     for kind, lost in skipped.items():
@@ -122,7 +136,7 @@ def run_profile(args) -> int:
     finally:            # an interrupted or failed run keeps what it measured
         write_csv(rows, out)
         meta = {**engine_facts(engine), "shapes": len(rows), "planned_shapes": len(shapes), "repeats": repeats,
-                "warmup": args.warmup, "seed": args.seed, "quick": args.quick,
+                "warmup": args.warmup, "seed": args.seed, "quick": args.quick, "sampling": sampling.name,
                 "skipped": {k: len(v) for k, v in skipped.items()}, "seconds": round(time.perf_counter() - t0, 1)}
         meta_path(out).write_text(json.dumps(meta, indent=1))
     busy = sum(r.wall_s * r.repeats for r in rows)
@@ -151,25 +165,31 @@ def _shape_text(s) -> str:
 
 
 def run_fit(args) -> int:
-    from ..predictor.fit import error_summary, fit_spline, fit_two_regime, meta_path, read_profile_csv, split_by_shape
+    from ..predictor.fit import error_summary, fit_spline, fit_two_regime, meta_path, read_steps, split_by_shape
     from ..predictor.profiles import DATA_DIR
 
-    path = Path(args.csv)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows = read_profile_csv(path, f"{args.time}_s")
+    paths = [Path(p) for p in args.csv]
+    for path in paths + [Path(p) for p in args.score_on]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    rows = [r for path in paths for r in read_steps(path, f"{args.time}_s")]
+    path = paths[0]
     meta = json.loads(meta_path(path).read_text()) if meta_path(path).is_file() else {}
     name = args.name or f"measured-{meta.get('model', path.stem)}-{meta.get('device_type', 'unknown')}"
     fitters = {"linear": fit_two_regime, "spline": fit_spline}
     train, test = split_by_shape(rows, args.test_share, args.seed)
-    print(f"{len(rows)} measured shapes from {path}: {len(train)} to fit, {len(test)} held out (seed {args.seed})"
-          + (f"; {meta['model']} on {meta['device']} ({meta['dtype']})" if meta else ""))
+    print(f"{len(rows)} measured steps from {', '.join(map(str, paths))}: {len(train)} to fit, {len(test)} held out "
+          f"(seed {args.seed})" + (f"; {meta['model']} on {meta['device']} ({meta['dtype']})" if meta else ""))
     scores = {}
     for model, fit in fitters.items():
         scores[model] = error_summary(fit(train, name=name), test)
     print(format_scores(scores))
     chosen = args.model if args.model != "best" else min(scores, key=lambda m: scores[m]["all"]["mape"])
     profile = fitters[chosen](rows, name=name)
+    scored = {}
+    for other in args.score_on:           # runs the fit never saw: how the chosen profile predicts them
+        scored[other] = error_summary(profile, read_steps(Path(other)))
+        print(f"the chosen profile on {other}:\n" + format_scores({chosen: scored[other]}))
     out = Path(args.out) if args.out else path.with_name(f"{name}.json")
     data = profile.to_dict()
     if meta:
@@ -177,6 +197,10 @@ def run_fit(args) -> int:
                                if k in meta}
     data["held_out"] = {"mape": scores[chosen]["all"]["mape"], "p95": scores[chosen]["all"]["p95"],
                         "shapes": scores[chosen]["all"]["rows"], "time": args.time}
+    data["fitted_on"] = [p.name for p in paths]
+    if scored:
+        data["scored_on"] = {Path(k).name: {"mape": v["all"]["mape"], "p95": v["all"]["p95"], "steps": v["all"]["rows"]}
+                             for k, v in scored.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     print(f"chose {chosen} ({'lowest held-out mean error' if args.model == 'best' else 'asked for'}), refitted on "

@@ -19,9 +19,11 @@ EXAMPLES = """examples:
   niyama replay --trace azure-conv --qps 2 --requests 50 --max-prompt-tokens 256 --max-output-tokens 32
   niyama replay --trace azure-conv --qps 1 --requests 30 --profile results/replay/profile.json
   niyama replay --model llama-3-8b --load-format dummy --device cuda --trace azure-code --qps 3 --requests 500
+  niyama replay --model llama-3-8b --load-format dummy --device cuda --trace azure-conv --qps 20 --requests 1200 \
+      --sampling chat
 
 Prompts are random token ids of the trace's lengths; each request generates
-exactly its trace output length. The measured steps are saved (steps.csv) and
+exactly its trace output length, greedy unless --sampling says otherwise. The measured steps are saved (steps.csv) and
 fitted into a batch-time profile of this machine (profile.json), which
 --profile can give to the next replay so the scheduler plans with real times.
 """
@@ -40,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="clip prompts to N tokens (default: only to the model context and KV cache)")
     p.add_argument("--max-output-tokens", type=int, default=None, metavar="N", help="clip outputs to N tokens")
+    p.add_argument("--sampling", default="greedy", metavar="MIX",
+                   help="how requests draw their tokens: greedy, chat (temperature 0.7, top_p 0.9, what chat clients "
+                        "send), top-k (0.7, top_k 50), chat-penalized (chat + repetition_penalty 1.1), serving (a mix "
+                        "of those), or a JSON mix file; each request gets its own seed (default greedy)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
     add_workload_options(p)
     add_engine_options(p)
@@ -52,12 +58,14 @@ def run(args) -> int:
 
     from ..engine import LLMEngine
     from ..engine.replay import STEP_COLUMNS, replay
+    from ..engine.sampling import SamplingMix
     from ..predictor.fit import fit_two_regime, relative_errors
 
     check_policy(args.policy)
     options = parse_policy_options(args.policy, args.opt)
     if args.requests < 1:
         raise ValueError("--requests must be >= 1")
+    sampling = SamplingMix.parse(args.sampling)
     wl = make_workload(args.trace, args.qps, num_requests=args.requests, seed=args.seed, tiers=args.tiers,
                        tier_mix=args.tier_mix, low_priority_fraction=args.low_priority,
                        on_infeasible=args.on_infeasible)
@@ -67,7 +75,8 @@ def run(args) -> int:
     with tqdm(total=len(wl), unit="req", desc=f"replay {wl.name}/{args.policy}", disable=args.quiet,
               dynamic_ncols=True) as bar:
         out = replay(engine, wl, seed=args.seed, progress=lambda left: bar.update(len(wl) - left - bar.n),
-                     max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+                     max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+                     sampling=sampling)
     if out.num_clipped:
         print(f"note: {out.num_clipped} of {len(wl)} requests had their lengths clipped (model context, KV cache "
               f"or --max-*-tokens)")

@@ -225,7 +225,7 @@ class LLMEngine:
                 raise ValueError(f"unknown tier {name!r}; configured tiers: {', '.join(self.tiers)}")
             tier = self.tiers[name]
         req = Request(next(self._ids), self.now() if arrival_s is None else arrival_s, len(ids), params.max_tokens,
-                      tier, self.rule, Priority.parse(priority))
+                      tier, self.rule, Priority.parse(priority), sampled=not params.plain_greedy)
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         seq = Sequence(req, ids, params, self.tokenizer if detokenize else None, self.eos_token_ids, seed)

@@ -20,13 +20,14 @@ from ..workload import Workload, clip_lengths
 from .engine import LLMEngine
 from .sampling import SamplingMix, SamplingParams
 
-STEP_COLUMNS = ("prefill_tokens", "decodes", "decode_context", "prefill_context", "seconds")
+# one row per executed step; `sampled`: its rows drawn with temperature or penalties
+STEP_COLUMNS = ("prefill_tokens", "decodes", "decode_context", "prefill_context", "seconds", "sampled")
 
 
 @dataclass
 class ReplayResult:
     result: SimResult
-    steps: list[tuple[int, int, int, int, float]]   # STEP_COLUMNS per executed batch
+    steps: list[tuple[int, int, int, int, float, int]]   # STEP_COLUMNS per executed batch
     num_clipped: int                                 # requests whose lengths were cut to fit
 
 
@@ -61,7 +62,8 @@ def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
         requests.append(seq.request)
     steps = []
     engine.replica.on_step.append(lambda plan, res, end: steps.append(
-        (plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, plan.prefill_context, res.duration_s)))
+        (plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, plan.prefill_context, res.duration_s,
+         plan.num_sampled)))
     try:
         while engine.has_work:
             engine.step()

@@ -225,6 +225,11 @@ class Sampler:
         self.penalties = PenaltyState(vocab_size, device)
         self.use_triton = device.type == "cuda" if use_triton is None else use_triton
 
+    def admit(self, seq) -> None:
+        """Give a penalized sequence its penalty slot (at its first draw, or ahead of it: the profiler)."""
+        if seq.params.penalized and seq.penalty_slot is None:
+            seq.penalty_slot = self.penalties.acquire(seq.prompt_ids, seq.output_ids)
+
     def release(self, seq) -> None:
         """`seq` left the engine: its penalty slot is free again."""
         if seq.penalty_slot is not None:
@@ -265,8 +270,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.penalized:
-                if seq.penalty_slot is None:
-                    seq.penalty_slot = self.penalties.acquire(seq.prompt_ids, seq.output_ids)
+                self.admit(seq)
                 penalized.append(i)
             if 0 < p.top_k < self.vocab_size and not p.greedy:
                 top_k_rows.append(i)

@@ -90,13 +90,19 @@ SAMPLING_PRESETS: dict[str, dict] = {
     "top-k": {"temperature": 0.7, "top_k": 50},
     "chat-penalized": {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1},
 }
+# Named mixes: shares of the presets above. "serving" is what `niyama profile` times by default: most requests
+# sample as chat clients do, some add a penalty, some are greedy (tools, evaluations, batch jobs).
+SAMPLING_MIXES: dict[str, tuple[tuple[float, str], ...]] = {
+    "serving": ((0.25, "greedy"), (0.60, "chat"), (0.15, "chat-penalized")),
+}
 MIX_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
 class SamplingMix:
-    """Shares of sampling settings over a workload's requests: a preset's name, or a JSON file holding a list
-    of {"share": w, "temperature": ..., "top_p": ..., ...} (shares are normalised; keys are SamplingParams')."""
+    """Shares of sampling settings over a workload's requests: a preset's or a named mix's name, or a JSON file
+    holding a list of {"share": w, "temperature": ..., "top_p": ..., ...} (shares are normalised; keys are
+    SamplingParams')."""
     name: str
     shares: tuple[float, ...]
     settings: tuple[dict, ...]
@@ -105,9 +111,13 @@ class SamplingMix:
     def parse(cls, spec: str) -> "SamplingMix":
         if spec in SAMPLING_PRESETS:
             return cls(spec, (1.0,), (SAMPLING_PRESETS[spec],))
+        if spec in SAMPLING_MIXES:
+            shares, names = zip(*SAMPLING_MIXES[spec])
+            return cls(spec, shares, tuple(SAMPLING_PRESETS[n] for n in names))
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"unknown sampling {spec!r}: use one of {', '.join(SAMPLING_PRESETS)} or a JSON file "
+            raise ValueError(f"unknown sampling {spec!r}: use one of {', '.join([*SAMPLING_PRESETS, *SAMPLING_MIXES])} "
+                             "or a JSON file "
                              'holding [{"share": 0.7, "temperature": 0.7, "top_p": 0.9}, ...]')
         try:
             entries = json.loads(path.read_text())

@@ -1,6 +1,7 @@
 """Fit batch-time profiles from measured steps (`niyama profile`'s CSV, a replay's step log).
 
-Each row is one executed batch: (prefill tokens, decodes, decode context sum, prefill context, seconds).
+Each row is one executed batch: (prefill tokens, decodes, decode context sum, prefill context, seconds,
+and optionally sampled rows: those drawn with temperature or penalties; absent means 0).
 
 - `fit_two_regime`: the shipped profiles' model, SPEC §4 and the artifact's: least squares per regime
   (<= 512 total tokens and above); a regime with too few rows borrows the other's coefficients.
@@ -27,6 +28,16 @@ KINDS = ("decode", "prefill", "mixed")
 
 def kind(num_prefill_tokens: int, num_decodes: int) -> str:
     return "mixed" if num_prefill_tokens and num_decodes else "prefill" if num_prefill_tokens else "decode"
+
+
+def sampled(row: tuple) -> int:
+    """A row's sampled rows (0 for rows measured without the column)."""
+    return row[5] if len(row) > 5 else 0
+
+
+def shape(row: tuple) -> tuple:
+    """What the predictor sees of a row: everything but the time."""
+    return (*row[:4], sampled(row))
 
 
 def features(num_prefill_tokens, num_decodes, decode_context, prefill_context) -> list[float]:
@@ -65,17 +76,18 @@ def fit_spline(rows: list[tuple[int, int, int, int, float]], name: str, knots: t
     with measured totals on both sides; the attention and context coefficients, costs, are kept >= 0 (a
     negative one is dropped and the rest refitted)."""
     p, d, dctx, pctx, y = (np.array([r[i] for r in rows], dtype=float) for i in range(5))
+    s = np.array([sampled(r) for r in rows], dtype=float)
     total = p + d
     knots = tuple(k for k in knots if (total < k).any() and (total > k).sum() >= 2)
     cols = {"intercept": np.ones_like(y), "total_tokens": total,
             **{f"h{k}": np.maximum(0.0, total - k) for k in knots},
             "prefill_step": (p > 0).astype(float), "decode_step": (d > 0).astype(float), "decodes": d, "decode_context": dctx, "prefill_context": pctx, "chunk_context_pairs": p * pctx,
-            "chunk_self_pairs": p * p / 2}
+            "chunk_self_pairs": p * p / 2, "sampled": s}
     if len(rows) < len(cols):
         raise ValueError(f"need at least {len(cols)} measured steps to fit a linear spline, got {len(rows)}")
     if (y <= 0).any():
         raise ValueError("measured times must be > 0")
-    nonneg = ("decode_context", "prefill_context", "chunk_context_pairs", "chunk_self_pairs")
+    nonneg = ("decode_context", "prefill_context", "chunk_context_pairs", "chunk_self_pairs", "sampled")
     used = [c for c in cols if cols[c].any() or c == "intercept"]
     while True:
         x = np.stack([cols[c] for c in used], axis=1) / y[:, None]
@@ -92,12 +104,12 @@ def fit_spline(rows: list[tuple[int, int, int, int, float]], name: str, knots: t
                         decode_step=c["decode_step"], decodes=c["decodes"],
                         decode_context=c["decode_context"], prefill_context=c["prefill_context"],
                         chunk_context_pairs=c["chunk_context_pairs"], chunk_self_pairs=c["chunk_self_pairs"],
-                        max_total=int(total.max()), min_s=float(y.min()) / 2)
+                        max_total=int(total.max()), min_s=float(y.min()) / 2, sampled=c["sampled"])
 
 
 def relative_errors(profile, rows) -> np.ndarray:
     """|predicted - measured| / measured per row."""
-    pred = np.array([profile.batch_time(*r[:4]) for r in rows])
+    pred = np.array([profile.batch_time(*r[:4], sampled(r)) for r in rows])
     meas = np.array([r[4] for r in rows])
     return np.abs(pred - meas) / meas
 
@@ -110,10 +122,10 @@ def split_by_shape(rows: list[tuple], test_share: float, seed: int = 0) -> tuple
     rng = random.Random(seed)
     held = set()
     for k in KINDS:
-        shapes = sorted({tuple(r[:4]) for r in rows if kind(r[0], r[1]) == k})
+        shapes = sorted({shape(r) for r in rows if kind(r[0], r[1]) == k})
         rng.shuffle(shapes)
         held.update(shapes[:round(len(shapes) * test_share)])
-    return [r for r in rows if tuple(r[:4]) not in held], [r for r in rows if tuple(r[:4]) in held]
+    return [r for r in rows if shape(r) not in held], [r for r in rows if shape(r) in held]
 
 
 def error_summary(profile, rows) -> dict[str, dict[str, float]]:
@@ -133,16 +145,25 @@ def meta_path(csv_path: Path) -> Path:
     return Path(csv_path).with_suffix(".meta.json")
 
 
-def read_profile_csv(path: Path, column: str = "wall_s") -> list[tuple[int, int, int, int, float]]:
-    """Rows (prefill tokens, decodes, decode context, prefill context, seconds) of a `niyama profile` CSV;
-    `column`: wall_s or gpu_s (rows without a value are left out)."""
+# replay's steps.csv (niyama/engine/replay.py STEP_COLUMNS): the steps of a serving run, as the loop ran them
+STEP_LOG_COLUMNS = ("prefill_tokens", "decodes", "decode_context", "prefill_context", "seconds")
+
+
+def read_steps(path: Path, column: str = "wall_s") -> list[tuple]:
+    """Rows (prefill tokens, decodes, decode context, prefill context, seconds, sampled rows) of a `niyama
+    profile` CSV (`column`: wall_s, wall_min_s or gpu_s; rows without a value are left out) or of a replay's
+    steps.csv (its measured `seconds`). A file without the `sampled` column reads as 0 sampled rows."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
+        names = set(reader.fieldnames or ())
+        if set(STEP_LOG_COLUMNS) <= names:
+            column = "seconds"
         need = {"prefill_tokens", "prefill_context", "decodes", "decode_context", column}
-        if not need <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: not a `niyama profile` CSV (needs columns {', '.join(sorted(need))})")
+        if not need <= names:
+            raise ValueError(f"{path}: not a `niyama profile` CSV nor a replay's steps.csv (needs columns "
+                             f"{', '.join(sorted(need))})")
         rows = [(int(r["prefill_tokens"]), int(r["decodes"]), int(r["decode_context"]), int(r["prefill_context"]),
-                 float(r[column])) for r in reader if r[column]]
+                 float(r[column]), int(r.get("sampled") or 0)) for r in reader if r[column]]
     if not rows:
         raise ValueError(f"{path}: no rows with a {column} value")
     return rows

@@ -24,7 +24,8 @@ class LinearCoefficients:
 
 @dataclass(frozen=True)
 class TwoRegimeLinear:
-    """Two linear fits split on total tokens (memory-bound / compute-bound)."""
+    """Two linear fits split on total tokens (memory-bound / compute-bound): the paper's features only (it
+    has no term for sampled rows)."""
 
     name: str
     small: LinearCoefficients      # total tokens <= split
@@ -32,7 +33,7 @@ class TwoRegimeLinear:
     split: int = 512
 
     def batch_time(self, num_prefill_tokens: int, num_decode_tokens: int,
-                   decode_context: int, prefill_context: int) -> float:
+                   decode_context: int, prefill_context: int, num_sampled: int = 0) -> float:
         total = num_prefill_tokens + num_decode_tokens
         fit = self.small if total <= self.split else self.large
         return fit(total, num_prefill_tokens, num_decode_tokens, decode_context, prefill_context)

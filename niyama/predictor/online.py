@@ -53,14 +53,16 @@ class OnlineCorrection:
         return 1 if num_prefill_tokens + num_decode_tokens <= self.split else 2
 
     def batch_time(self, num_prefill_tokens: int, num_decode_tokens: int,
-                   decode_context: int, prefill_context: int) -> float:
-        base = self.base.batch_time(num_prefill_tokens, num_decode_tokens, decode_context, prefill_context)
+                   decode_context: int, prefill_context: int, num_sampled: int = 0) -> float:
+        base = self.base.batch_time(num_prefill_tokens, num_decode_tokens, decode_context, prefill_context,
+                                    num_sampled)
         return base * math.exp(self._log_ratio[self._kind(num_prefill_tokens, num_decode_tokens)])
 
     def observe(self, num_prefill_tokens: int, num_decode_tokens: int, decode_context: int,
-                prefill_context: int, measured_s: float) -> None:
+                prefill_context: int, measured_s: float, num_sampled: int = 0) -> None:
         """A step of this shape took `measured_s`."""
-        predicted = self.base.batch_time(num_prefill_tokens, num_decode_tokens, decode_context, prefill_context)
+        predicted = self.base.batch_time(num_prefill_tokens, num_decode_tokens, decode_context, prefill_context,
+                                         num_sampled)
         if not (predicted > 0 and measured_s > 0):
             return
         k = self._kind(num_prefill_tokens, num_decode_tokens)
@@ -75,4 +77,4 @@ class OnlineCorrection:
     def observe_plan(self, plan, measured_s: float) -> None:
         """`Replica.on_step`-shaped: a measured `BatchPlan`."""
         self.observe(plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, plan.prefill_context,
-                     measured_s)
+                     measured_s, plan.num_sampled)

@@ -80,9 +80,9 @@ class ScaledPredictor:
         return f"{self.base.name}*{self.factor:g}"
 
     def batch_time(self, num_prefill_tokens: int, num_decode_tokens: int,
-                   decode_context: int, prefill_context: int) -> float:
+                   decode_context: int, prefill_context: int, num_sampled: int = 0) -> float:
         return self.factor * self.base.batch_time(num_prefill_tokens, num_decode_tokens, decode_context,
-                                                  prefill_context)
+                                                  prefill_context, num_sampled)
 
 
 def load_profile(spec: str):

@@ -5,6 +5,8 @@
          + b * decodes + c * decode_context                    (lm_head and sampling per decode; KV read)
          + d * C + e * P * C + f * P * P / 2                   (a chunk of P tokens after C cached ones:
                                                                 its KV read; its attention's query-key pairs)
+         + g * S                                               (S rows drawn with temperature or penalties:
+                                                                the sampler's passes over their logits)
 
 The hinges bend the curve where a step turns from memory-bound (weights read once, time nearly flat in
 T) to compute-bound (time proportional to T), wherever that is on the machine; the two-regime linear
@@ -39,6 +41,7 @@ class LinearSpline:
     chunk_self_pairs: float         # seconds per causal pair within the chunk, P * P / 2
     max_total: int                  # largest total measured; beyond it the curve is extrapolated
     min_s: float                    # floor of every prediction, seconds
+    sampled: float = 0.0            # seconds per row drawn with temperature or penalties (beyond an argmax)
     end_slope: float = field(init=False)     # slope of the curve beyond max_total (>= 0)
     end_value: float = field(init=False)     # the curve's value at max_total
 
@@ -56,7 +59,7 @@ class LinearSpline:
         return t
 
     def batch_time(self, num_prefill_tokens: int, num_decode_tokens: int,
-                   decode_context: int, prefill_context: int) -> float:
+                   decode_context: int, prefill_context: int, num_sampled: int = 0) -> float:
         total = num_prefill_tokens + num_decode_tokens
         if total <= self.max_total:
             t = self._curve(total)
@@ -68,7 +71,7 @@ class LinearSpline:
             t += self.decode_step
         t += (self.decodes * num_decode_tokens + self.decode_context * decode_context
               + (self.prefill_context + self.chunk_context_pairs * num_prefill_tokens) * prefill_context
-              + self.chunk_self_pairs * 0.5 * num_prefill_tokens * num_prefill_tokens)
+              + self.chunk_self_pairs * 0.5 * num_prefill_tokens * num_prefill_tokens + self.sampled * num_sampled)
         return t if t > self.min_s else self.min_s
 
     def to_dict(self) -> dict:
@@ -77,7 +80,7 @@ class LinearSpline:
                 "decode_step": self.decode_step, "decodes": self.decodes,
                 "decode_context": self.decode_context, "prefill_context": self.prefill_context,
                 "chunk_context_pairs": self.chunk_context_pairs, "chunk_self_pairs": self.chunk_self_pairs,
-                "max_total": self.max_total, "min_s": self.min_s}
+                "max_total": self.max_total, "min_s": self.min_s, "sampled": self.sampled}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LinearSpline":
@@ -88,4 +91,4 @@ class LinearSpline:
                    prefill_context=float(data["prefill_context"]),
                    chunk_context_pairs=float(data["chunk_context_pairs"]),
                    chunk_self_pairs=float(data["chunk_self_pairs"]), max_total=int(data["max_total"]),
-                   min_s=float(data["min_s"]))
+                   min_s=float(data["min_s"]), sampled=float(data.get("sampled", 0.0)))

@@ -119,7 +119,8 @@ class Scheduler:
         if self.waiting:
             budget = max(num_decodes, self.token_budget(now, decodes, iteration, min_slack, kv))
             prefills, relegated = self._fill(now, budget - num_decodes, kv, num_decodes)
-        plan = BatchPlan(iteration, num_decodes, decode_context, prefills, budget, min_slack, preempted, relegated)
+        plan = BatchPlan(iteration, num_decodes, decode_context, prefills, budget, min_slack, preempted, relegated,
+                         decodes.num_sampled)
         self._check(plan, decodes)
         return plan
 

@@ -99,8 +99,9 @@ class NiyamaScheduler(Scheduler):
         cands = cfg.low_memory_candidates if low_memory else cfg.chunk_candidates
         head = self.waiting.peek()
         prefill_context = head.num_computed_tokens if head is not None else 0
+        num_sampled = decodes.num_sampled
         predicted_s = lambda total: self.predictor.batch_time(max(0, total - num_decodes), num_decodes,
-                                                              decode_context, prefill_context)
+                                                              decode_context, prefill_context, num_sampled)
         if min_slack > 0:
             return self._largest_fitting(cands, min_slack, predicted_s) or cands[0]
         if not cfg.late_recovery:

@@ -28,6 +28,7 @@ class BatchPlan:
     min_slack_s: float             # min over decodes of next-token deadline - now; inf without decodes
     preempted: list[Request] = field(default_factory=list)   # decodes evicted for KV before this batch
     relegated: list[Request] = field(default_factory=list)   # requests relegated while filling
+    num_sampled_decodes: int = 0   # decodes whose token is drawn with temperature or penalties (Request.sampled)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -36,6 +37,11 @@ class BatchPlan:
     @property
     def prefill_context(self) -> int:
         return sum(c.start for c in self.prefills)
+
+    @property
+    def num_sampled(self) -> int:
+        """Rows drawn with temperature or penalties: sampled decodes and sampled prefills that complete."""
+        return self.num_sampled_decodes + sum(c.completes_prefill and c.request.sampled for c in self.prefills)
 
     @property
     def num_tokens(self) -> int:

@@ -164,7 +164,7 @@ class EngineCore:
         """Replica hook after each step: what the metrics need, as plain values."""
         start_s = end_s - result.duration_s
         predicted = self.engine.predictor.batch_time(plan.num_prefill_tokens, plan.num_decodes,
-                                                     plan.decode_context, plan.prefill_context)
+                                                     plan.decode_context, plan.prefill_context, plan.num_sampled)
         self.steps.append({
             "duration_s": result.duration_s,
             "predicted_s": predicted,         # what the scheduler planned this step to take

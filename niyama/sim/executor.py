@@ -21,7 +21,7 @@ class SimulatedExecutor:
 
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult:
         t = self.predictor.batch_time(plan.num_prefill_tokens, plan.num_decodes,
-                                      plan.decode_context, plan.prefill_context)
+                                      plan.decode_context, plan.prefill_context, plan.num_sampled)
         if self.noise:
             t *= self._rng.lognormvariate(-0.5 * self.noise ** 2, self.noise)   # mean 1
         return StepResult(t)
