@@ -30,7 +30,7 @@ def message(n: int, step: int, flat: bool) -> tuple:
                                                   "relegated": [], "preempted": 0}],
              "kv_free": 100, "kv_blocks": 1000, "running": n, "waiting": 3, "degraded": None}
     if flat:
-        return ("out", list(range(n)), [1000 + step] * n, [], stats)
+        return ("out", list(range(n)), [1000 + step] * n, [], stats, {})
     return ("out", [Output(rid, [1000 + step]) for rid in range(n)], stats)
 
 

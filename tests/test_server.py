@@ -164,6 +164,51 @@ def test_openai_client_completions_streaming_and_not(client):
     assert sum(streamed, []) == ids.choices[0].model_extra["token_ids"]
 
 
+def test_logprobs_through_the_openai_client_streamed_and_not(client):
+    """Chat's and completions' logprobs in OpenAI's shapes, parsed by the client's own types: one entry per
+    token, the asked-for number of alternatives, most likely first, a greedy token the most likely one, the
+    same numbers streamed and not, and probabilities that sum to at most 1."""
+    import math
+
+    from openai.types.chat import ChatCompletionChunk
+
+    kw = dict(model=MODEL, messages=chat("What is the capital of France?"), temperature=0, max_tokens=8)
+    r = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    ChatCompletion.model_validate(r.model_dump())
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens                  # the EOS token too, as vLLM counts it
+    assert "".join(t.token for t in content).strip().startswith(r.choices[0].message.content.strip()[:5])
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-4
+        assert bytes(t.bytes).decode("utf-8", errors="replace") == t.token
+    chunks = list(client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True))
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c.model_dump())
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    plain = client.chat.completions.create(**kw, logprobs=True)
+    assert all(t.top_logprobs == [] for t in plain.choices[0].logprobs.content)
+    assert client.chat.completions.create(**kw).choices[0].logprobs is None
+
+    sampled = client.completions.create(model=MODEL, prompt="The three primary colors are", max_tokens=6,
+                                        temperature=0.9, top_p=0.9, seed=5, logprobs=2)
+    Completion.model_validate(sampled.model_dump())
+    lp = sampled.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == sampled.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == pytest.approx(logprob) and 2 <= len(top) <= 3     # the 2 most likely + the drawn one
+    again = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt="The three primary colors are", max_tokens=6, temperature=0.9, top_p=0.9, seed=5,
+        logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
+    assert sum((a.token_logprobs for a in again), []) == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert sum((a.text_offset for a in again), []) == lp.text_offset
+
+
 def test_concurrent_requests_match_their_solo_answers(server, client):
     prompts = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "What color is the sky?"]
     solo = [client.chat.completions.create(model=MODEL, messages=chat(p), temperature=0, max_tokens=20)
@@ -229,7 +274,14 @@ BAD = [   # (path, body, status, words the message must contain)
     ("/v1/completions", {"prompt": "hi", "temperature": 1e-40}, 400, "temperature must be 0 (greedy) or at least"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
     ("/v1/completions", {"prompt": "hi", "seed": -1, "temperature": 0.7}, 400, "seed must be an integer in [0, 2^63)"),
-    ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": True}, 400, "logprobs=True is not supported"),
+    ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": 3}, 400, "logprobs must be true or false"),
+    ("/v1/chat/completions", {"messages": chat("hi"), "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs must be at most 20"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs must be an integer in [0, 20]"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs must be an integer in [0, 20]"),
+    ("/v1/completions", {"prompt": "hi", "top_logprobs": 3}, 400, "send logprobs: N"),
+    ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "one choice per request"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt must be a non-empty string or a list of token ids"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt is required"),
     ("/v1/completions", {"prompt": [5, 10 ** 9]}, 400, "token ids must be in [0, 49152)"),

@@ -148,7 +148,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                            code="engine_stopped") from None
         if stream.verdict is not None:
             await admission_verdict(stream)
-        writer = ResponseWriter(gen)
+        writer = ResponseWriter(gen, model.tokenizer)
         if gen.stream:
             return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
         return await collect(request, stream, gen, writer)
@@ -201,13 +201,14 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 return
 
     async def collect(request: Request, stream: Stream, gen: Generation, writer: ResponseWriter):
-        parts, ids, last = [], [], None
+        parts, ids, logprobs, last = [], [], [], None
         in_flight[0] += 1
         watcher = asyncio.create_task(watch_disconnect(request, stream))
         try:
             async for last in stream:
                 parts.append(last.text)
                 ids.extend(last.token_ids)
+                logprobs.extend(last.logprobs or ())
                 if watcher.done():
                     return Response(status_code=499)
         finally:
@@ -218,7 +219,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         if last.error:
             raise APIError(last.error, last.status)
         return writer.full("".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
-                           stream.qos(), ids)
+                           stream.qos(), ids, logprobs)
 
     async def sse(stream: Stream, gen: Generation, writer: ResponseWriter):
         first = True
@@ -228,12 +229,15 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 if event.error:
                     yield data(APIError(event.error, event.status).body())
                     break
-                if event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids):
+                told = event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids)
+                if told:
                     yield data(writer.chunk(event.text, first=first, token_ids=event.token_ids,
-                                            num_tokens=event.num_tokens))
+                                            num_tokens=event.num_tokens, logprobs=event.logprobs))
                     first = False
-                if event.finish_reason is not None:
-                    yield data(writer.chunk("", event.finish_reason, qos=stream.qos(), num_tokens=event.num_tokens))
+                if event.finish_reason is not None:     # a last token without text (EOS) has its logprobs here
+                    yield data(writer.chunk("", event.finish_reason, qos=stream.qos(), num_tokens=event.num_tokens,
+                                            **({} if told else {"token_ids": event.token_ids,
+                                                                "logprobs": event.logprobs})))
                     if gen.include_usage:
                         yield data(writer.usage_chunk(usage(len(gen.prompt_ids), event.num_tokens)))
             yield "data: [DONE]\n\n"

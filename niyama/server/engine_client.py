@@ -37,6 +37,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None        # the request failed; `status` is the HTTP status to answer with
     token_ids: list[int] = field(default_factory=list)   # the tokens new in this event
+    logprobs: list | None = None    # their log-probabilities (engine entries), if the request asked for them
     status: int = 500
     retry_after_s: int | None = None   # with a 429: when the client may try again
 
@@ -213,7 +214,8 @@ class EngineClient:
             if message[0] == "out":
                 self._on_outputs(*message[1:])
 
-    def _on_outputs(self, rids: list[int], tokens: list[int], ends: list[Output], stats: dict) -> None:
+    def _on_outputs(self, rids: list[int], tokens: list[int], ends: list[Output], stats: dict,
+                    logprobs: dict) -> None:
         now = time.monotonic()
         if self.metrics is not None:
             self.metrics.observe(stats)
@@ -221,14 +223,16 @@ class EngineClient:
         ready = [(streams[rid], ADMITTED) for rid in stats["admitted"] if rid in streams]
         for rid, token in zip(rids, tokens):
             stream = streams.get(rid)
-            if stream is not None and (event := self._advance(stream, [token], None, now)) is not None:
+            lp = logprobs.get(rid)
+            if stream is not None and (event := self._advance(stream, [token], None, now,
+                                                              None if lp is None else [lp])) is not None:
                 ready.append((stream, event))
         for end in ends:
             stream = streams.pop(end.rid, None)       # the engine is done with it
             if stream is None:
                 continue
             stream.relegated = end.relegated
-            if (event := self._advance(stream, end.token_ids, end, now)) is not None:
+            if (event := self._advance(stream, end.token_ids, end, now, end.logprobs)) is not None:
                 ready.append((stream, event))
             if self.metrics is not None:
                 self.metrics.request_finished(stream, end, now)
@@ -238,8 +242,10 @@ class EngineClient:
             self.load = stats["load"]
         self.stats = stats          # last: once /health shows a request's blocks free, its metrics are recorded
 
-    def _advance(self, stream: Stream, new: list[int], end: Output | None, now: float) -> Event | None:
-        """The event that `new` tokens (and the request's `end`, if it ended) make for its stream, or None."""
+    def _advance(self, stream: Stream, new: list[int], end: Output | None, now: float,
+                 logprobs: list | None = None) -> Event | None:
+        """The event that `new` tokens (with their `logprobs`, if asked for) and the request's `end`, if it
+        ended, make for its stream, or None."""
         if stream.done:
             return None
         if end is not None and end.error is not None:
@@ -254,6 +260,7 @@ class EngineClient:
                 cut = len(stream.output_ids) - stream.text.num_tokens      # tokens past the stop string
                 if cut:
                     new = new[:len(new) - cut]
+                    logprobs = logprobs[:len(new)] if logprobs is not None else None
                     del stream.output_ids[stream.text.num_tokens:]
                 if finish is None:
                     self.abort(stream, "stop")
@@ -265,7 +272,7 @@ class EngineClient:
             stream.done = True
         elif not new:
             return None
-        return Event(text, len(stream.output_ids), finish, token_ids=new)
+        return Event(text, len(stream.output_ids), finish, token_ids=new, logprobs=logprobs)
 
     def _deliver(self, ready: list) -> None:
         def put():

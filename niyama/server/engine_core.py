@@ -13,9 +13,10 @@ HTTP side -> engine (commands, read between steps):
 Engine -> HTTP side (one message per step, and after commands that changed something):
     ("ready", info)              once, after the model loaded (`engine_info`)
     ("fatal", message)           the model did not load; the process exits
-    ("out", rids, tokens, [Output, ...], stats)
+    ("out", rids, tokens, [Output, ...], stats, logprobs)
                                  rids[i] made tokens[i] in this step (running requests make one token per
-                                 step); each finished request's last tokens come in an Output;
+                                 step); logprobs[rid]: that token's log-probabilities, for requests that
+                                 asked for them; each finished request's last tokens come in an Output;
                                  stats["admitted"]: the rids of tier-rejecting requests that were admitted
                                  (a rejected one gets an Output with status 429), so that their handlers
                                  can wait for the verdict before answering
@@ -50,6 +51,7 @@ class Output(NamedTuple):
     error: str | None = None          # the request failed; `status` is the HTTP status to send
     status: int = 500
     retry_after_s: int | None = None  # a rejected request may try again after this long
+    logprobs: list | None = None      # the log-probabilities of `token_ids`, if the request asked for them
 
 
 def engine_info(engine) -> dict:
@@ -209,15 +211,19 @@ class EngineCore:
                 out.append(rejection(rid, req))
                 continue
             finished = seq.finish_reason in ("stop", "length") and req.first_token_s is not None
-            out.append(Output(rid, seq.output_ids[self.sent.pop(rid):], seq.finish_reason or "abort",
-                              req.relegated, finished and is_violated(req)))
-        rids, tokens, sent = [], [], self.sent
+            sent = self.sent.pop(rid)
+            out.append(Output(rid, seq.output_ids[sent:], seq.finish_reason or "abort", req.relegated,
+                              finished and is_violated(req),
+                              logprobs=seq.logprobs[sent:] if seq.logprobs is not None else None))
+        rids, tokens, logprobs, sent = [], [], {}, self.sent
         for rid, seq in self.live.items():
             n = len(seq.output_ids)
             if n > sent[rid]:          # one token per step
                 rids.append(rid)
                 tokens.append(seq.output_ids[-1])
                 sent[rid] = n
+                if seq.logprobs is not None:
+                    logprobs[rid] = seq.logprobs[-1]
         load = self._load_if_due()
         if not out and not rids and not self.steps and not self.admitted and load is None:
             return
@@ -231,7 +237,7 @@ class EngineCore:
             stats["load"] = load
         self.steps = []
         self.admitted = []
-        self.outputs.send(("out", rids, tokens, out, stats))
+        self.outputs.send(("out", rids, tokens, out, stats, logprobs))
 
     def _load_if_due(self) -> dict | None:
         """The load report, if one was asked for and the last is `load_period_s` old, or one is due now: asked

@@ -7,12 +7,13 @@ token ids in the vocabulary, the chat template, and the QoS fields (qos.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..qos import Priority, Tier
 from .errors import APIError
 from .qos import TARGET_FIELDS, QoSPolicy, response_service_tier
@@ -85,7 +86,7 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
                        f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to "
                        f"generate); shorten the prompt or lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
-    params = _sampling(req, max_tokens, model.sampling)
+    params = _sampling(req, max_tokens, model.sampling, _logprobs(req, kind))
     options = req.stream_options or StreamOptions()
     wanted = {key: getattr(req, key) for key in QOS_FIELDS}
     tier, priority = qos.resolve(wanted)
@@ -94,11 +95,36 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
                       model.name, return_ids, response_service_tier(wanted), bool(options.continuous_usage_stats))
 
 
+HINTS = {"n": " (one choice per request: send several requests, each with its own seed)"}
+
+
 def refuse_unhonoured(req: GenerationRequest) -> None:
     for key, off in UNHONOURED.items():
         value = getattr(req, key)
         if value is not None and value not in off:
-            raise APIError(f"{key}={value!r} is not supported by niyama; leave it out", param=key)
+            raise APIError(f"{key}={value!r} is not supported by niyama{HINTS.get(key, '')}; leave it out", param=key)
+
+
+def _logprobs(req: GenerationRequest, kind: str) -> int | None:
+    """How many top tokens to report with each token's log-probability, or None for no log-probabilities.
+    Chat: `logprobs` true/false and `top_logprobs` N; completions: `logprobs` N (OpenAI's legacy field)."""
+    lp, top = req.logprobs, req.top_logprobs
+    if kind == "chat":
+        if lp is not None and not isinstance(lp, bool):
+            raise APIError("logprobs must be true or false on chat completions (top_logprobs says how many of the "
+                           "most likely tokens to list)", param="logprobs")
+        if top and not lp:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (top or 0) if lp else None
+    if top:
+        raise APIError("top_logprobs is a chat completions field; on /v1/completions send logprobs: N",
+                       param="top_logprobs")
+    if lp is None or lp is False:
+        return None
+    if isinstance(lp, bool) or not 0 <= lp <= MAX_TOP_LOGPROBS:
+        raise APIError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] on completions (the number of most "
+                       "likely tokens to list beside each token's own)", param="logprobs")
+    return lp
 
 
 def prompt_ids(body: dict, model: ModelInfo) -> list[int]:
@@ -124,7 +150,7 @@ def detokenize_ids(body: dict, model: ModelInfo) -> str:
 PENALTIES = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
-def _sampling(req: GenerationRequest, max_tokens: int, default: dict) -> SamplingParams:
+def _sampling(req: GenerationRequest, max_tokens: int, default: dict, logprobs: int | None) -> SamplingParams:
     """The request's sampling parameters (the model's defaults where it gives none); SamplingParams checks
     the ranges."""
     def pick(key):
@@ -137,7 +163,7 @@ def _sampling(req: GenerationRequest, max_tokens: int, default: dict) -> Samplin
         return SamplingParams(
             max_tokens=max_tokens, temperature=float(pick("temperature")), top_p=float(pick("top_p")),
             top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=stop,   # vLLM: top_k -1 = off
-            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos),
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
             **{key: float(getattr(req, key)) for key in PENALTIES if getattr(req, key) is not None})
     except ValueError as e:           # its messages open with the field's name
         name = str(e).split()[0]
@@ -192,19 +218,24 @@ def _chat_prompt(messages: list[ChatMessage], model: ModelInfo) -> list[int]:
 class ResponseWriter:
     """Builds the JSON bodies of one request's response or stream chunks."""
 
-    def __init__(self, gen: Generation):
+    def __init__(self, gen: Generation, tokenizer=None):
+        """`tokenizer`: names the tokens of log-probabilities (without one, a token is 'token_id:N', as vLLM
+        writes it)."""
         self.gen = gen
         self.chat = gen.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
+        self.tokenizer = tokenizer
+        self.text_offset = 0            # completions' logprobs: where the next token's text starts
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.gen.model,
                 "service_tier": self.gen.service_tier}
 
-    def full(self, text: str, finish_reason: str, usage: dict, qos: dict, token_ids: list[int]) -> dict:
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def full(self, text: str, finish_reason: str, usage: dict, qos: dict, token_ids: list[int],
+             logprobs: list | None = None) -> dict:
+        choice = {"index": 0, "logprobs": self.logprobs(token_ids, logprobs), "finish_reason": finish_reason}
         if self.gen.return_token_ids:
             choice["token_ids"] = token_ids
         if self.chat:
@@ -214,10 +245,11 @@ class ResponseWriter:
         return {**self._base(self.object), "choices": [choice], "usage": usage, "niyama": qos}
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None,
-              token_ids: list[int] | None = None, num_tokens: int | None = None) -> dict:
+              token_ids: list[int] | None = None, num_tokens: int | None = None, logprobs: list | None = None) -> dict:
         """A dict matching schemas.CompletionChunk / ChatCompletionChunk (no model here: this is per token).
-        `num_tokens`: tokens generated so far, reported with continuous usage stats."""
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        `num_tokens`: tokens generated so far, reported with continuous usage stats; `logprobs`: the engine's
+        entries for `token_ids`."""
+        choice = {"index": 0, "logprobs": self.logprobs(token_ids or [], logprobs), "finish_reason": finish_reason}
         if self.gen.return_token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
         if self.chat:
@@ -234,6 +266,40 @@ class ResponseWriter:
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._base(self.object + ".chunk" if self.chat else self.object), "choices": [], "usage": usage}
+
+    def logprobs(self, token_ids: list[int], entries: list | None) -> dict | None:
+        """OpenAI's `logprobs` object for these tokens from the engine's entries ((logprob, [(token id,
+        logprob), ...]) per token), or None when the request asked for none."""
+        if self.gen.params.logprobs is None or entries is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._token(t, lp), "top_logprobs": [self._token(i, x) for i, x in top]}
+                                for t, (lp, top) in zip(token_ids, entries)], "refusal": None}
+        tokens, offsets, tops = [], [], []
+        for t, (lp, top) in zip(token_ids, entries):
+            text = self.token_text(t)
+            tokens.append(text)
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+            # OpenAI's legacy shape: the N most likely tokens and the sampled one, by their text
+            tops.append({**{self.token_text(i): x for i, x in top}, text: lp})
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return _decoded(self.tokenizer, token_id)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _decoded(tokenizer, token_id: int) -> str:
+    """One token's text (a token that ends inside a character decodes to U+FFFD, as in vLLM)."""
+    return tokenizer.decode([token_id], skip_special=False)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -73,7 +73,7 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1), expect(MESSAGES, sh
 
 # field -> the values that mean "off": anything else is refused with a 400 naming the field (null is off)
 UNHONOURED = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "tools": ([],),
+    "n": (1,), "best_of": (1,), "echo": (False,), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},), "suffix": ("",),
     "response_format": ({"type": "text"},), "length_penalty": (1,), "min_tokens": (0,),
     "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
@@ -121,12 +121,16 @@ class GenerationRequest(Strict):
                                             "every token already in the output; 0 = off")
     frequency_penalty: Number | None = Field(None, description="in [-2, 2]: subtracted from a token's logit "
                                              "once per time it is in the output; 0 = off")
+    logprobs: Annotated[bool | int, expect("true/false (chat) or an integer in [0, 20] (completions)")] | None = Field(
+        None, description="chat: true for each token's log-probability; completions: an integer N in [0, 20], "
+                          "each token's log-probability and the N most likely tokens' (the model's raw "
+                          "distribution, before penalties, temperature and filters, as vLLM reports it)")
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="chat, with logprobs true: the N most likely tokens at each position, N in [0, 20]")
     # OpenAI and vLLM fields niyama does not honour: refused unless off
     n: int | None = unhonoured()
     best_of: int | None = unhonoured()
     echo: bool | None = unhonoured()
-    logprobs: Annotated[bool | int, expect("true/false or an integer")] | None = unhonoured()
-    top_logprobs: int | None = unhonoured()
     logit_bias: dict | None = unhonoured()
     suffix: str | None = unhonoured()
     tools: list | None = unhonoured()
@@ -210,10 +214,34 @@ class QoS(Body):
     relegated: bool
 
 
+class TopLogprob(Body):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Body):
+    """OpenAI's chat `logprobs`: one entry per generated token."""
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(Body):
+    """OpenAI's legacy completions `logprobs`: parallel lists over the generated tokens."""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(Body):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = Field(description="stop, length (abort: the request was cancelled)")
     token_ids: list[int] | None = Field(None, description="with return_token_ids")
 
@@ -247,7 +275,7 @@ class AssistantMessage(Body):
 class ChatChoice(Body):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     token_ids: list[int] | None = None
 
@@ -271,7 +299,7 @@ class Delta(Body):
 class ChatChunkChoice(Body):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     token_ids: list[int] | None = None
 
