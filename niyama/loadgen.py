@@ -66,8 +66,10 @@ async def discover(client, url: str, model: str | None) -> Target:
 
 
 def request_bodies(workload: Workload, target: Target, qos: str, seed: int, vocab: tuple[int, int],
-                   max_prompt_tokens: int | None, max_output_tokens: int | None) -> tuple[list[dict], int]:
-    """One /v1/completions body per request, and how many had their lengths clipped."""
+                   max_prompt_tokens: int | None, max_output_tokens: int | None,
+                   sampling: dict | None = None) -> tuple[list[dict], int]:
+    """One /v1/completions body per request, and how many had their lengths clipped; `sampling`: fields sent
+    in every body (temperature, top_p, ...; default greedy)."""
     if qos == "auto":     # tier names only where the server's tier of that name has the same targets
         qos = ("tier" if {t.describe() for t in workload.tiers} <= set(target.tiers) else "targets") \
             if target.is_niyama else "off"
@@ -81,7 +83,7 @@ def request_bodies(workload: Workload, target: Target, qos: str, seed: int, voca
         clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
         body = {"model": target.model, "prompt": rng.integers(vocab[0], vocab[1], prompt).tolist(),
                 "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, **(sampling or {})}
         tier = workload.tier_by_name[spec.tier]
         if qos == "tier":
             body["tier"] = tier.name

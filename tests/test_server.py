@@ -458,6 +458,34 @@ def test_bench_serve_speaks_vllms_flags_and_result_keys(server, tmp_path):
     assert res["p99_ttft_ms"] <= res["p99_e2el_ms"]
 
 
+def test_bench_serve_takes_what_users_type_for_vllm_first(server, tmp_path):
+    """`vllm bench serve`'s usual line: --backend, --host/--port, the random dataset, sampling flags, --ignore-eos,
+    --save-result/--result-dir/--result-filename, and no --request-rate (inf: all at once). The sampling fields go
+    into every request, the lengths are the random dataset's."""
+    host, port = server.removeprefix("http://").split(":")
+    r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--backend", "openai-chat", "--host", host,
+                        "--port", port, "--dataset-name", "random", "--random-input-len", "24", "--random-output-len",
+                        "4", "--num-prompts", "5", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "40",
+                        "--ignore-eos", "--save-result", "--result-dir", str(tmp_path), "--result-filename",
+                        "run.json", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "at inf QPS from random-24-4" in r.stdout
+    res = json.loads((tmp_path / "run.json").read_text())
+    assert res["completed"] == 5 and res["output_lens"] == [4] * 5 and res["endpoint"] == "/v1/chat/completions"
+    assert (res["temperature"], res["top_p"], res["top_k"]) == (0.7, 0.9, 40)
+    assert res["request_rate"] == float("inf")
+
+    from niyama.loadgen import Target, request_bodies
+    from niyama.workload import make_workload
+
+    wl = make_workload("sharegpt", 1.0, num_requests=3, seed=0)
+    bodies, _ = request_bodies(wl, Target("http://x", "m", True, 8192, (), 49152), "off", 0, (10, 100), None, None,
+                               {"temperature": 0.7, "top_p": 0.9})
+    assert all(b["temperature"] == 0.7 and b["top_p"] == 0.9 for b in bodies)
+    greedy, _ = request_bodies(wl, Target("http://x", "m", True, 8192, (), 49152), "off", 0, (10, 100), None, None)
+    assert all(b["temperature"] == 0 and "top_p" not in b for b in greedy)
+
+
 def test_bench_serve_says_when_no_server_answers(tmp_path):
     r = subprocess.run([sys.executable, "-m", "niyama.cli", "bench", "serve", "--url",
                         f"http://127.0.0.1:{free_port()}", "--qps", "1", "--requests", "2", "--out", str(tmp_path)],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,12 +22,17 @@ EXAMPLES = """examples:
       --endpoint /v1/chat/completions --goodput ttft:2000          # vLLM's flags; vllm_result.json
   niyama bench serve --trace azure-conv --qps 1 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32
   niyama bench serve --url http://gpu-box:8000 --model meta-llama/Llama-3.1-8B-Instruct --qos off
+  niyama bench serve --backend vllm --host 127.0.0.1 --port 8000 --dataset-name random --random-input-len 1024 \
+      --random-output-len 128 --num-prompts 100 --request-rate 4 --temperature 0.7 --top-p 0.9 --save-result \
+      --result-dir results/                                         # as typed for `vllm bench serve`
 
 Prompts are random token ids of the trace's lengths sent to /v1/completions; outputs are asked for at
-the trace's length (ignore_eos). TTFT, TBT and TTLT are measured here, on the client. A niyama server
-also gets each request's tier and priority (--qos). `vllm bench serve`'s flag names work too, and
-vllm_result.json holds its result keys (request_throughput, output_throughput, p99_ttft_ms, ...), so the
-same run can be pointed at a vLLM server and at niyama.
+the trace's length (ignore_eos). Requests are greedy unless the sampling options say otherwise (chat
+clients send --temperature 0.7 --top-p 0.9). TTFT, TBT and TTLT are measured here, on the client. A
+niyama server also gets each request's tier and priority (--qos). `vllm bench serve`'s flag names work
+too, and vllm_result.json holds its result keys (request_throughput, output_throughput, p99_ttft_ms, ...),
+so the same run can be pointed at a vLLM server and at niyama. Without --qps / --request-rate every
+request is sent at once (vLLM's default, inf).
 """
 
 
@@ -37,12 +44,12 @@ def add_parser(sub) -> None:
                          description="Replay a trace workload against an OpenAI-compatible server with streaming; "
                                      "print the per-tier report of `niyama simulate`, measured on the client.",
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--url", "--base-url", dest="url", default="http://127.0.0.1:8000",
-                   help="server base URL (default http://127.0.0.1:8000)")
+    s.add_argument("--url", "--base-url", dest="url", default=None,
+                   help="server base URL (default http://HOST:PORT, http://127.0.0.1:8000)")
     s.add_argument("--model", default=None, help="model id to request (default: the first in /v1/models)")
     s.add_argument("--trace", default="azure-conv", help=trace_help() + " (default azure-conv)")
-    s.add_argument("--qps", "--request-rate", dest="qps", type=float, required=True,
-                   help="mean arrival rate in requests/s; inf sends all at once")
+    s.add_argument("--qps", "--request-rate", dest="qps", type=float, default=float("inf"),
+                   help="mean arrival rate in requests/s; inf sends all at once (default inf)")
     s.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=200,
                    help="number of requests (default 200)")
     v = s.add_argument_group("vLLM's benchmark options (`vllm bench serve`)")
@@ -60,6 +67,29 @@ def add_parser(sub) -> None:
     v.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", help="an HTTP header (repeatable)")
     v.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
+    v.add_argument("--backend", default=None, choices=("vllm", "openai", "openai-chat"),
+                   help="vllm / openai: /v1/completions; openai-chat: /v1/chat/completions (default: --endpoint's)")
+    v.add_argument("--host", default="127.0.0.1", help="server host, when --base-url is not given (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="server port, when --base-url is not given (default 8000)")
+    v.add_argument("--dataset-name", default=None, metavar="NAME",
+                   help="random: every prompt --random-input-len tokens, every output --random-output-len; a trace "
+                        "name (sharegpt, azure-code, azure-conv): as --trace")
+    v.add_argument("--random-input-len", type=int, default=1024, help="random dataset: prompt tokens (default 1024)")
+    v.add_argument("--random-output-len", type=int, default=128, help="random dataset: output tokens (default 128)")
+    v.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random dataset: lengths drawn uniformly within +- this share of the above (default 0)")
+    v.add_argument("--ignore-eos", action="store_true",
+                   help="accepted: niyama always asks for each request's exact output length (ignore_eos)")
+    v.add_argument("--save-result", action="store_true", help="accepted: the results are always saved (--result-dir)")
+    v.add_argument("--result-dir", default=None, help="folder for the results (the same as --out)")
+    v.add_argument("--result-filename", default="vllm_result.json", help="name of the vLLM-style result JSON "
+                                                                        "(default vllm_result.json)")
+    g = s.add_argument_group("sampling (sent in every request; default: greedy)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    for flag, what in (("--top-p", "in (0, 1]"), ("--top-k", "0 or -1 = off"), ("--min-p", "in [0, 1]"),
+                       ("--repetition-penalty", "> 0, 1 = off"), ("--presence-penalty", "in [-2, 2]"),
+                       ("--frequency-penalty", "in [-2, 2]")):
+        g.add_argument(flag, type=int if flag == "--top-k" else float, default=None, help=f"{what} (default: not sent)")
     s.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="clip prompts to N tokens (default: only to the server's max_model_len)")
     s.add_argument("--max-output-tokens", type=int, default=None, metavar="N", help="clip outputs to N tokens")
@@ -87,6 +117,13 @@ def run(args) -> int:
 
     if args.requests < 1:
         raise ValueError("--requests must be >= 1")
+    sampling = {key: getattr(args, key) for key in SAMPLING_FIELDS if getattr(args, key) is not None}
+    if args.backend == "openai-chat":
+        args.endpoint = "/v1/chat/completions"
+    if args.result_dir:
+        args.out = args.result_dir
+    if args.dataset_name not in (None, "random"):
+        args.trace = args.dataset_name
     if not args.qps > 0 or args.burstiness <= 0:
         raise ValueError("--qps / --request-rate and --burstiness must be > 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -114,10 +151,12 @@ def run(args) -> int:
         raise ValueError(f"--token-id-range: expected LO,HI, got {args.token_id_range!r}") from None
     if not 0 <= vocab[0] < vocab[1]:
         raise ValueError("--token-id-range: need 0 <= LO < HI")
-    url = args.url.rstrip("/").removesuffix("/v1")
+    url = (args.url or f"http://{args.host}:{args.port}").rstrip("/").removesuffix("/v1")
     finite = args.qps != float("inf")
     wl = make_workload(args.trace, args.qps if finite else 1.0, num_requests=args.requests, seed=args.seed,
                        tiers=args.tiers, tier_mix=args.tier_mix, low_priority_fraction=args.low_priority)
+    if args.dataset_name == "random":
+        wl = random_lengths(wl, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed)
     arrivals = [s.arrival_s for s in wl.specs]       # Poisson: vLLM's burstiness 1
     if args.burstiness != 1 or not finite:
         arrivals = vllm_arrivals(len(wl), args.qps, args.burstiness, args.seed)
@@ -128,7 +167,7 @@ def run(args) -> int:
 
     target = asyncio.run(probe())
     bodies, clipped = request_bodies(wl, target, args.qos, args.seed, vocab, args.max_prompt_tokens,
-                                     args.max_output_tokens)
+                                     args.max_output_tokens, sampling)
     if args.endpoint == "/v1/chat/completions":
         bodies = chat_bodies(bodies, args.seed)
     qos_sent = next((k for k in ("tier", "ttft_ms", "ttlt_ms") if k in bodies[0]), None)
@@ -170,6 +209,26 @@ def run(args) -> int:
                  "model_id": target.model, "base_url": url, "endpoint": args.endpoint, "num_prompts": len(wl),
                  "request_rate": args.qps, "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
                  "goodput": {k: v * 1000 for k, v in goodput.items()}, "date": time.strftime("%Y%m%d-%H%M%S")})
-    (dest / "vllm_result.json").write_text(json.dumps(vres, indent=1))
-    print(f"wrote {dest / 'records.csv'}, {dest / 'summary.json'} and {dest / 'vllm_result.json'}")
+    vres.update({key: value for key, value in sampling.items()})
+    (dest / args.result_filename).write_text(json.dumps(vres, indent=1))
+    print(f"wrote {dest / 'records.csv'}, {dest / 'summary.json'} and {dest / args.result_filename}")
     return 0
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty")
+
+
+def random_lengths(wl, input_len: int, output_len: int, range_ratio: float, seed: int):
+    """vLLM's random dataset: each request's lengths drawn uniformly within +- `range_ratio` of the given ones
+    (exactly them at 0); arrivals and tiers stay the workload's."""
+    if input_len < 1 or output_len < 1 or not 0 <= range_ratio < 1:
+        raise ValueError("--random-input-len and --random-output-len must be >= 1, --random-range-ratio in [0, 1)")
+    rng = random.Random(seed)
+
+    def draw(n: int) -> int:
+        return max(1, rng.randint(round(n * (1 - range_ratio)), round(n * (1 + range_ratio))))
+
+    specs = [dataclasses.replace(s, num_prompt_tokens=draw(input_len), num_output_tokens=draw(output_len))
+             for s in wl.specs]
+    return dataclasses.replace(wl, name=f"random-{input_len}-{output_len}", specs=specs)
