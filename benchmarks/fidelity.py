@@ -6,6 +6,7 @@ measured time against the profile's prediction, per-tier TTFT / TBT p50 and p99,
         --profile h100-llama3-8b --point azure-conv:4.0 --point sharegpt:1.5 --minutes 2
     python benchmarks/fidelity.py --point azure-conv:0.5 --minutes 1 --max-prompt-tokens 256 \\
         --max-output-tokens 32 --profile measure --tag cpu          # CPU, the default model
+    python benchmarks/fidelity.py ... --sampling chat               # what chat clients send (t 0.7, top_p 0.9)
 
 Each --point is TRACE:QPS; the run sends QPS x 60 x MINUTES requests. Saves
 benchmarks/results/fidelity_<tag>.json and prints the table.
@@ -22,6 +23,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import random
+
 import numpy as np
 
 HERE = Path(__file__).parent
@@ -29,7 +32,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from niyama.metrics import summarize  # noqa: E402
 from niyama.metrics.summary import RunSummary  # noqa: E402
+from niyama.engine.sampling import SamplingMix  # noqa: E402
 from niyama.predictor import load_profile  # noqa: E402
+from niyama.predictor.fit import read_steps, sampled  # noqa: E402
 from niyama.sim import simulate  # noqa: E402
 from niyama.workload import make_workload  # noqa: E402
 
@@ -38,22 +43,25 @@ def niyama(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "niyama.cli", *args], text=True, capture_output=True)
 
 
-def simulated(trace: str, qps: float, n: int, seed: int, records_csv: Path, profile: str) -> RunSummary:
+def simulated(trace: str, qps: float, n: int, seed: int, records_csv: Path, profile: str,
+              sampled_share: float = 0.0) -> RunSummary:
     """The replay's workload (same seed; each request's lengths as the replay ran them, after clipping to the
-    model and the KV cache) through the simulator, planning and timed with `profile`."""
+    model and the KV cache) through the simulator, planning and timed with `profile`; `sampled_share` of the
+    requests sample (all or none for a single setting such as chat; a seeded draw for a mix)."""
     wl = make_workload(trace, qps, num_requests=n, seed=seed)
     with open(records_csv) as f:
         ran = {int(r["request_id"]): (int(r["prompt_tokens"]), int(r["output_tokens"])) for r in csv.DictReader(f)}
-    specs = [replace(s, num_prompt_tokens=ran[i][0], num_output_tokens=ran[i][1]) for i, s in enumerate(wl.specs)]
+    rng = random.Random(seed)
+    specs = [replace(s, num_prompt_tokens=ran[i][0], num_output_tokens=ran[i][1],
+                     sampled=rng.random() < sampled_share) for i, s in enumerate(wl.specs)]
     summary, _ = summarize(simulate(replace(wl, specs=specs), "niyama", profile=profile))
     return summary
 
 
 def step_errors(steps_csv: Path, profile) -> np.ndarray:
     """Signed relative error of the profile's prediction for every replayed step."""
-    with open(steps_csv) as f:
-        rows = [[float(v) for v in r.values()] for r in csv.DictReader(f)]
-    pred = np.array([profile.batch_time(int(p), int(d), int(dc), int(pc)) for p, d, dc, pc, _ in rows])
+    rows = read_steps(steps_csv)
+    pred = np.array([profile.batch_time(*r[:4], sampled(r)) for r in rows])
     meas = np.array([r[4] for r in rows])
     return (pred - meas) / meas
 
@@ -87,6 +95,7 @@ def main() -> int:
     ap.add_argument("--max-prompt-tokens", default=None)
     ap.add_argument("--max-output-tokens", default=None)
     ap.add_argument("--seed", default="0")
+    ap.add_argument("--sampling", default="greedy", help="the replay's --sampling (greedy, chat, ... or a JSON mix)")
     ap.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -96,6 +105,8 @@ def main() -> int:
     engine += [a for flag, v in (("--model", args.model), ("--device", args.device)) if v for a in (flag, v)]
     clip = [a for flag, v in (("--max-prompt-tokens", args.max_prompt_tokens),
                               ("--max-output-tokens", args.max_output_tokens)) if v for a in (flag, v)]
+    clip += ["--sampling", args.sampling]
+    sampled_share = SamplingMix.parse(args.sampling).sampled_share
     work = Path(args.out) / "fidelity_runs"
     path = Path(args.out) / f"fidelity_{args.tag or args.device or 'default'}.json"
     results = []
@@ -103,7 +114,7 @@ def main() -> int:
         trace, _, qps = point.partition(":")
         n = max(20, round(float(qps) * 60 * args.minutes))
         workload = ["--trace", trace, "--qps", qps, "--requests", str(n), "--seed", args.seed]
-        where = work / f"{trace}-{qps}"
+        where = work / f"{trace}-{qps}-{args.sampling}"
         t0 = time.monotonic()
         real = niyama("replay", *workload, *engine, *clip, "--out", str(where / "replay"), "--quiet")
         wall = time.monotonic() - t0
@@ -114,10 +125,11 @@ def main() -> int:
         # measured at start-up: the replay's own fit of its steps stands in for it
         spec = args.profile if profile else str(where / "replay" / "profile.json")
         used = load_profile(spec)
-        a = asdict(simulated(trace, float(qps), n, int(args.seed), where / "replay" / "records.csv", spec))
+        a = asdict(simulated(trace, float(qps), n, int(args.seed), where / "replay" / "records.csv", spec,
+                             sampled_share))
         b = json.loads((where / "replay" / "summary.json").read_text())
         err = step_errors(where / "replay" / "steps.csv", used)
-        row = {"trace": trace, "qps": float(qps), "requests": n, "replay_wall_s": wall,
+        row = {"trace": trace, "qps": float(qps), "requests": n, "sampling": args.sampling, "replay_wall_s": wall,
                "step_mape_pct": 100 * float(np.abs(err).mean()), "step_bias_pct": 100 * float(err.mean()),
                "step_p95_abs_err_pct": 100 * float(np.percentile(np.abs(err), 95)), "steps": len(err),
                "clipped": "clipped" in real.stdout, **compare(a, b)}

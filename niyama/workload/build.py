@@ -26,6 +26,7 @@ class RequestSpec:
     num_output_tokens: int
     tier: str
     priority: Priority = Priority.IMPORTANT
+    sampled: bool = False      # drawn with temperature or penalties (the time model's per-row term)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class Workload:
     def requests(self) -> list[Request]:
         """Fresh Request objects (a workload can be replayed many times)."""
         tiers = self.tier_by_name
-        return [Request(i, s.arrival_s, s.num_prompt_tokens, s.num_output_tokens, tiers[s.tier], self.rule, s.priority)
-                for i, s in enumerate(self.specs)]
+        return [Request(i, s.arrival_s, s.num_prompt_tokens, s.num_output_tokens, tiers[s.tier], self.rule, s.priority,
+                        s.sampled) for i, s in enumerate(self.specs)]
 
 
 def make_workload(trace: "str | Trace", qps: float | None = None, *, num_requests: int | None = None,
