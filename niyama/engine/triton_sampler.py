@@ -4,7 +4,8 @@ The algorithm and its reference are in sampler.py (`penalize_reference`, `draw_r
 compute the same functions. The draw reads a row's logits once for greedy rows and for rows whose first
 draw is kept (the pass that finds the row's maximum and softmax sum also makes round 0's draw), plus one
 pass for the top-p test, and two more per rejected round. Noise is the same hash as sampler.py's, in
-uint32 arithmetic.
+uint32 arithmetic. The safety bound's fallback is the row's top raw logit, the reference's top allowed
+one: the same token, since the top token passes every filter.
 """
 
 from __future__ import annotations
@@ -44,25 +45,35 @@ def _gumbel(cols, k1, k2):
 
 
 @triton.jit
+def _first_max(best, pick):
+    """The largest of a block of per-lane maxima, and the smallest token index that holds it (torch.argmax's
+    tie rule): lanes keep their earliest maximum, so this is the first over the whole row."""
+    top = tl.max(best, 0)
+    return top, tl.min(tl.where(best == top, pick, 2147483647), 0)
+
+
+@triton.jit
 def _draw_round(base, vocab, t, floor_s, pivot, k1, k2, BLOCK: tl.constexpr):
     """Gumbel-max over the row's tokens with s = logit / t >= floor_s and s > pivot: (pick, its s)."""
-    best = tl.full((), float("-inf"), tl.float32)
-    pick = tl.full((), 0, tl.int32)
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    pick = tl.zeros((BLOCK,), tl.int32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         s = tl.load(base + cols, mask=cols < vocab, other=float("-inf")) / t
         ok = (cols < vocab) & (s >= floor_s) & (s > pivot)
         score = tl.where(ok, s + _gumbel(cols, k1, k2), float("-inf"))
-        b = tl.max(score, 0)
-        if b > best:
-            best = b
-            pick = start + tl.argmax(score, 0)
-    return pick, tl.load(base + pick) / t
+        better = score > best
+        best = tl.where(better, score, best)
+        pick = tl.where(better, cols, pick)
+    _, token = _first_max(best, pick)
+    return token, tl.load(base + token) / t
 
 
 @triton.jit
 def _draw_kernel(logits, stride, vocab, temperature, top_p, min_p, floor, seed, position, out,
                  BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr):
+    # Every pass keeps per-lane running values (max, softmax sum, best score) and reduces across lanes once
+    # at its end: no block-wide reduction inside the loops.
     row = tl.program_id(0)
     base = logits + row.to(tl.int64) * stride
     t = tl.load(temperature + row)
@@ -76,62 +87,64 @@ def _draw_kernel(logits, stride, vocab, temperature, top_p, min_p, floor, seed, 
     floor_s = tl.load(floor + row) / tt
     k1, k2 = _row_keys(seed_lo, seed_hi, pos, tl.full((), 0, tl.int32))
     # one pass: the raw argmax (greedy rows, fallback), max and softmax sum of the allowed tokens, round 0
-    top = tl.full((), float("-inf"), tl.float32)
-    argtop = tl.full((), 0, tl.int32)
-    m = tl.full((), float("-inf"), tl.float32)
-    z = tl.full((), 0.0, tl.float32)
-    best = tl.full((), float("-inf"), tl.float32)
-    pick = tl.full((), 0, tl.int32)
+    top_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+    top_i = tl.zeros((BLOCK,), tl.int32)
+    m_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+    z_v = tl.zeros((BLOCK,), tl.float32)
+    best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+    pick_v = tl.zeros((BLOCK,), tl.int32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < vocab, other=float("-inf"))
         xn = tl.where(x == x, x, float("inf"))         # NaN counts as the largest, as torch.argmax has it
-        bx = tl.max(xn, 0)
-        if bx > top:
-            top = bx
-            argtop = start + tl.argmax(xn, 0)
+        better = xn > top_v
+        top_v = tl.where(better, xn, top_v)
+        top_i = tl.where(better, cols, top_i)
         if sampled:
             s = x / tt
             ok = (cols < vocab) & (s >= floor_s)
             sm = tl.where(ok, s, float("-inf"))
-            new_m = tl.maximum(m, tl.max(sm, 0))
-            if new_m > float("-inf"):
-                z = z * tl.exp(m - new_m) + tl.sum(tl.where(ok, tl.exp(sm - new_m), 0.0), 0)
-                m = new_m
+            new_m = tl.maximum(m_v, sm)
+            ref = tl.where(new_m == float("-inf"), 0.0, new_m)      # no -inf - -inf: lanes still empty stay 0
+            z_v = z_v * tl.exp(m_v - ref) + tl.exp(sm - ref)
+            m_v = new_m
             score = tl.where(ok, s + _gumbel(cols, k1, k2), float("-inf"))
-            b = tl.max(score, 0)
-            if b > best:
-                best = b
-                pick = start + tl.argmax(score, 0)
-    token = argtop
-    usable = sampled & (m > float("-inf")) & (m < float("inf")) & (z > 0) & (z < float("inf"))
-    if usable:
-        mp = tl.load(min_p + row)
-        minp_floor = tl.where(mp > 0, m + tl.log(tl.where(mp > 0, mp, 1.0)), float("-inf"))
-        sp = tl.load(base + pick) / tt
-        round_ = tl.full((), 0, tl.int32)
-        searching = tl.full((), 1, tl.int1)
-        while searching:
-            accept = sp >= minp_floor
-            if accept & (p < 1):
-                above = tl.full((), 0.0, tl.float32)
-                for start in range(0, vocab, BLOCK):
-                    cols = start + tl.arange(0, BLOCK)
-                    s = tl.load(base + cols, mask=cols < vocab, other=float("-inf")) / tt
-                    ok = (cols < vocab) & (s >= floor_s) & (s > sp)
-                    above += tl.sum(tl.where(ok, tl.exp(s - m), 0.0), 0)
-                accept = (above <= 0) | (above < p * z)
-            if accept:
-                token = pick
-                searching = tl.full((), 0, tl.int1)
-            else:
-                round_ += 1
-                if round_ >= MAX_ROUNDS:        # the safety bound: the top allowed token is always kept
-                    token = argtop
+            better = score > best_v
+            best_v = tl.where(better, score, best_v)
+            pick_v = tl.where(better, cols, pick_v)
+    _, token = _first_max(top_v, top_i)
+    if sampled:
+        m = tl.max(m_v, 0)
+        z = tl.sum(z_v * tl.exp(m_v - tl.where(m == float("-inf"), 0.0, m)), 0)
+        _, pick = _first_max(best_v, pick_v)
+        usable = (m > float("-inf")) & (m < float("inf")) & (z > 0) & (z < float("inf"))
+        if usable:
+            mp = tl.load(min_p + row)
+            minp_floor = tl.where(mp > 0, m + tl.log(tl.where(mp > 0, mp, 1.0)), float("-inf"))
+            sp = tl.load(base + pick) / tt
+            round_ = tl.full((), 0, tl.int32)
+            searching = tl.full((), 1, tl.int1)
+            while searching:
+                accept = sp >= minp_floor
+                if accept & (p < 1):
+                    above = tl.zeros((BLOCK,), tl.float32)
+                    for start in range(0, vocab, BLOCK):
+                        cols = start + tl.arange(0, BLOCK)
+                        s = tl.load(base + cols, mask=cols < vocab, other=float("-inf")) / tt
+                        ok = (cols < vocab) & (s >= floor_s) & (s > sp)
+                        above += tl.where(ok, tl.exp(s - m), 0.0)
+                    mass = tl.sum(above, 0)
+                    accept = (mass <= 0) | (mass < p * z)
+                if accept:
+                    token = pick
                     searching = tl.full((), 0, tl.int1)
                 else:
-                    k1, k2 = _row_keys(seed_lo, seed_hi, pos, round_)
-                    pick, sp = _draw_round(base, vocab, tt, floor_s, sp, k1, k2, BLOCK)
+                    round_ += 1
+                    if round_ >= MAX_ROUNDS:        # the safety bound: the top allowed token is always kept
+                        searching = tl.full((), 0, tl.int1)
+                    else:
+                        k1, k2 = _row_keys(seed_lo, seed_hi, pos, round_)
+                        pick, sp = _draw_round(base, vocab, tt, floor_s, sp, k1, k2, BLOCK)
     tl.store(out + row, token.to(tl.int64))
 
 
