@@ -3,7 +3,8 @@
 # two calls that each fit the device tool's 10-minute limit. OUT: where the results go.
 #
 #   bash benchmarks/sampling_gpu_runs.sh kernels OUT   # sampler tests compiled, sampler_bench, engine_bench's
-#                                                      # decode figures greedy vs sampled, niyama profile
+#                                                      # decode figures greedy vs sampled
+#   bash benchmarks/sampling_gpu_runs.sh profile OUT   # niyama profile with the serving sampling mix
 #   bash benchmarks/sampling_gpu_runs.sh serving OUT   # replay azure-conv 20 QPS x 1200 greedy and chat, and the
 #                                                      # fidelity point azure-conv 17.8 with chat sampling
 set -uo pipefail
@@ -22,7 +23,9 @@ kernels)
     timeout 200 python3 benchmarks/engine_bench.py --sections ceilings,decode --skip-hf --skip-offline \
         --out "$out/engine_bench.json" > "$out/engine_bench.log" 2>&1
     tail -26 "$out/engine_bench.log"
-    timeout 240 python3 -m niyama.cli profile "${engine[@]}" --shapes 400 --repeats 3 --out "$out/profile.csv" \
+    ;;
+profile)
+    timeout 300 python3 -m niyama.cli profile "${engine[@]}" --shapes 400 --repeats 3 --out "$out/profile.csv" \
         --quiet 2>&1 | tail -3
     ;;
 serving)
@@ -38,7 +41,7 @@ serving)
     cp /tmp/fidelity/fidelity_h100-llama3-8b-chat.json "$out/"
     ;;
 *)
-    echo "phase must be kernels or serving" >&2
+    echo "phase must be kernels, profile or serving" >&2
     exit 2
     ;;
 esac

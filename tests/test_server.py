@@ -552,13 +552,20 @@ def test_penalties_and_min_p_are_honoured(client):
 
 def test_requests_without_sampling_fields_get_the_models_defaults(client, server):
     """The shipped model has no generation_config.json: its model card's temperature 0.2 / top_p 0.9 apply
-    (at OpenAI's 1.0 it babbled), and /v1/models says so."""
+    (at OpenAI's 1.0 it babbled), and /v1/models says so. A seed decides the draws, so a request without the
+    fields answers exactly as one that sends 0.2 / 0.9 with the same seed. (At 0.2 / 0.9 the model's first
+    token is "The" with probability 0.60 and "L" with 0.40 for this question, so not every seed says Paris.)"""
     listed = httpx.get(f"{server}/v1/models", timeout=10).json()["data"][0]["default_sampling"]
     assert listed == {"temperature": 0.2, "top_p": 0.9, "top_k": 0}
-    answers = [client.chat.completions.create(model=MODEL, messages=chat("What is the capital of France?"),
-                                              max_tokens=24, seed=seed).choices[0].message.content
-               for seed in range(3)]
-    assert all("Paris" in a for a in answers), answers
+
+    def ask(seed, **kw):
+        return client.chat.completions.create(model=MODEL, messages=chat("What is the capital of France?"),
+                                              max_tokens=24, seed=seed, **kw).choices[0].message.content
+
+    answers = [ask(seed) for seed in range(4)]
+    assert answers == [ask(seed, temperature=0.2, top_p=0.9) for seed in range(4)]
+    assert answers != [ask(seed, temperature=1.0, top_p=1.0) for seed in range(4)]
+    assert any("Paris" in a for a in answers), answers
 
 
 def test_every_metric_the_grafana_dashboard_queries_is_exported(server):
