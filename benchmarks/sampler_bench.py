@@ -13,6 +13,11 @@ Floor: the sampler must read every logit once at least, so B x V x 4 bytes over 
 tokens; their slots are taken in the warm-up, as a running request's are.
 
     python benchmarks/sampler_bench.py --out $OUT/sampler_bench.json
+    python benchmarks/sampler_bench.py --sweep-only        # the draw kernel's block and warps, chat rows
+
+The sweep times the draw kernel alone (`triton_sampler.draw`) on chat rows of flat logits for several
+(block, warps) settings at batch 1, 128 and 256: a row is one program, so these decide how fast one SM gets
+through it.
 """
 
 from __future__ import annotations
@@ -102,10 +107,39 @@ def time_old(logits: list[torch.Tensor], rows, repeats: int = 3) -> dict:
     return {"wall_s": statistics.median(wall)}
 
 
+SWEEP = ((2048, 8), (4096, 16), (8192, 16), (4096, 32), (8192, 32))
+
+
+def sweep(device: torch.device, gen: torch.Generator) -> list[dict]:
+    from niyama.engine import triton_sampler
+
+    out = []
+    for batch in (1, 128, 256):
+        logits = torch.randn(batch, VOCAB, device=device) * SCALES["flat"]
+        cols = dict(temperature=torch.full((batch,), 0.7, device=device), top_p=torch.full((batch,), 0.9, device=device),
+                    min_p=torch.zeros(batch, device=device), floor=torch.full((batch,), float("-inf"), device=device),
+                    seed=torch.arange(batch, device=device), position=torch.zeros(batch, dtype=torch.int64, device=device))
+        for block, warps in SWEEP:
+            times = []
+            for i in range(13):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                triton_sampler.draw(logits, **cols, block=block, num_warps=warps)
+                end.record()
+                end.synchronize()
+                if i >= 3:
+                    times.append(start.elapsed_time(end) / 1e3)
+            row = {"batch": batch, "block": block, "num_warps": warps, "gpu_s": statistics.median(times)}
+            out.append(row)
+            print(f"sweep b{batch:<4d} block {block:5d} warps {warps:3d}: {row['gpu_s'] * 1e3:7.3f} ms", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,32,128,256")
     ap.add_argument("--skip-old", action="store_true", help="leave out the per-row sampler (slow at large batches)")
+    ap.add_argument("--sweep-only", action="store_true", help="only the draw kernel's (block, warps) sweep")
     ap.add_argument("--out", default="benchmarks/results/sampler_bench.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -116,7 +150,9 @@ def main() -> int:
                "copy_bytes_per_s": bandwidth, "rows": []}
     print(f"{results['device']}: copy {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
     gen = torch.Generator().manual_seed(0)
-    for scale_name, scale in SCALES.items():
+    results["sweep"] = sweep(device, gen)
+    out.write_text(json.dumps(results, indent=1))
+    for scale_name, scale in ({} if args.sweep_only else SCALES).items():
         for batch in (int(b) for b in args.batches.split(",")):
             logits = [torch.randn(batch, VOCAB, device=device) * scale for _ in range(4)]
             floor = batch * VOCAB * 4 / bandwidth

@@ -15,12 +15,14 @@ out=$2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 engine=(--model llama-3-8b --load-format dummy --device cuda)
+logs=/tmp/sampling-logs       # logs stay there (their tails are printed): the tool brings back 8 files at most
+mkdir -p "$logs"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$out/gpu.txt"
 
 replay() {     # replay SAMPLING
     timeout 220 python3 -m niyama.cli replay "${engine[@]}" --trace azure-conv --qps 20 --requests 1200 \
-        --sampling "$1" --out "/tmp/replay-$1" --quiet > "$out/replay-$1.log" 2>&1
-    tail -14 "$out/replay-$1.log"
+        --sampling "$1" --out "/tmp/replay-$1" --quiet > "$logs/replay-$1.log" 2>&1
+    tail -14 "$logs/replay-$1.log"
     cp "/tmp/replay-$1/steps.csv" "$out/steps-$1.csv"
     cp "/tmp/replay-$1/summary.json" "$out/summary-$1.json"
 }
@@ -29,12 +31,15 @@ for step in ${1//,/ }; do
     echo "=== $step ($(date +%T))"
     case $step in
     kernels)
-        timeout 150 python3 -m pytest -q -x tests/test_sampler.py -p no:cacheprovider 2>&1 | tail -4
-        timeout 150 python3 benchmarks/sampler_bench.py --out "$out/sampler_bench.json" > "$out/sampler_bench.log" 2>&1
-        tail -42 "$out/sampler_bench.log"
+        timeout 150 python3 -m pytest -q tests/test_sampler.py -p no:cacheprovider 2>&1 | tail -25
+        skip_old=--skip-old                 # the per-row sampler's baseline (slow) only with OLD=1
+        [ -n "${OLD:-}" ] && skip_old=
+        timeout 150 python3 benchmarks/sampler_bench.py $skip_old --out "$out/sampler_bench.json" \
+            > "$logs/sampler_bench.log" 2>&1
+        tail -57 "$logs/sampler_bench.log"
         timeout 200 python3 benchmarks/engine_bench.py --sections ceilings,decode --skip-hf --skip-offline \
-            --out "$out/engine_bench.json" > "$out/engine_bench.log" 2>&1
-        tail -26 "$out/engine_bench.log"
+            --out "$out/engine_bench.json" > "$logs/engine_bench.log" 2>&1
+        tail -22 "$logs/engine_bench.log"
         ;;
     replay-chat) replay chat ;;
     replay-greedy) replay greedy ;;

@@ -16,8 +16,10 @@ import triton.language as tl
 
 from .sampler import MAX_ROUNDS
 
-BLOCK = 2048
-NEG_INF = float("-inf")
+# A row is one program, so its passes run on one SM: give it many warps, so that a row's latency (and a small
+# batch's sampler time) is short, and a block wide enough to keep them busy (benchmarks/sampler_bench.py --sweep).
+BLOCK = 4096
+NUM_WARPS = 16
 
 
 @triton.jit
@@ -149,14 +151,15 @@ def _draw_kernel(logits, stride, vocab, temperature, top_p, min_p, floor, seed, 
 
 
 def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-         floor: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+         floor: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, block: int = BLOCK,
+         num_warps: int = NUM_WARPS) -> torch.Tensor:
     """`sampler.draw_reference` as one kernel launch (no host wait)."""
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n:
         _draw_kernel[(n,)](logits, logits.stride(0), vocab, temperature.contiguous(), top_p.contiguous(),
                            min_p.contiguous(), floor.contiguous(), seed.contiguous(), position.contiguous(), out,
-                           BLOCK=BLOCK, MAX_ROUNDS=MAX_ROUNDS, num_warps=8)
+                           BLOCK=block, MAX_ROUNDS=MAX_ROUNDS, num_warps=num_warps)
     return out
 
 
@@ -185,4 +188,4 @@ def penalize(logits: torch.Tensor, rows: torch.Tensor, floats: torch.Tensor, int
     if n:
         _penalize_kernel[(n, triton.cdiv(vocab, BLOCK))](
             logits, logits.stride(0), vocab, rows, floats.contiguous(), ints.contiguous(), state.counts,
-            state.prompt.view(torch.uint8), BLOCK=BLOCK)
+            state.prompt.view(torch.uint8), BLOCK=BLOCK, num_warps=8)
