@@ -7,7 +7,7 @@
 #   replay-chat     niyama replay azure-conv 20 QPS x 1200 requests, chat sampling (t 0.7, top_p 0.9) (~2.5 min)
 #   replay-greedy   the same, greedy (~2.5 min)
 #   fidelity-chat   benchmarks/fidelity.py at azure-conv 17.8 QPS with chat sampling (~2 min)
-#   profile         niyama profile, 400 shapes, the serving sampling mix (~3 min)
+#   profile         niyama profile, 300 shapes, the serving sampling mix (~2.5 min)
 #
 #   bash benchmarks/sampling_gpu_runs.sh kernels,replay-chat OUT
 set -uo pipefail
@@ -49,7 +49,7 @@ for step in ${1//,/ }; do
         cp /tmp/fidelity/fidelity_h100-llama3-8b-chat.json "$out/"
         ;;
     profile)
-        timeout 300 python3 -m niyama.cli profile "${engine[@]}" --shapes 400 --repeats 3 --out "$out/profile.csv" \
+        timeout 300 python3 -m niyama.cli profile "${engine[@]}" --shapes 300 --repeats 3 --out "$out/profile.csv" \
             --quiet 2>&1 | tail -3
         ;;
     *)
