@@ -47,6 +47,7 @@ for step in ${1//,/ }; do
         timeout 170 python3 benchmarks/fidelity.py "${engine[@]}" --profile h100-llama3-8b --point azure-conv:17.8 \
             --minutes 0.75 --sampling chat --tag h100-llama3-8b-chat --out /tmp/fidelity 2>&1 | tail -12
         cp /tmp/fidelity/fidelity_h100-llama3-8b-chat.json "$out/"
+        cp /tmp/fidelity/fidelity_runs/azure-conv-17.8-chat/replay/steps.csv "$out/steps-fidelity-chat.csv"
         ;;
     profile)
         timeout 300 python3 -m niyama.cli profile "${engine[@]}" --shapes 300 --repeats 3 --out "$out/profile.csv" \
