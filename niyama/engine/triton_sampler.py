@@ -19,7 +19,7 @@ from .sampler import MAX_ROUNDS
 # A row is one program, so its passes run on one SM: give it many warps, so that a row's latency (and a small
 # batch's sampler time) is short, and a block wide enough to keep them busy (benchmarks/sampler_bench.py --sweep).
 BLOCK = 4096
-NUM_WARPS = 16
+NUM_WARPS = 32
 
 
 @triton.jit
