@@ -60,9 +60,32 @@ def test_replay_prints_the_simulator_report_and_fits_a_profile(tmp_path):
     decoded = sum(int(s["decodes"]) for s in steps)
     assert decoded + len(rows) == produced          # every token came from a decode or a prefill's last chunk
     assert prefilled == sum(int(row["prompt_tokens"]) for row in rows)   # no preemption at this size
+    assert all(int(s["sampled"]) == 0 for s in steps)         # greedy unless --sampling says otherwise
     profile = json.loads((tmp_path / "profile.json").read_text())
     assert profile["kind"] == "two-regime-linear"
     assert (tmp_path / "summary.json").exists()
+
+
+def test_replay_with_a_sampling_mix_logs_the_sampled_rows(tmp_path):
+    """--sampling with a JSON mix: the steps log how many of their rows sampled, some but not all of the tokens
+    drawn; a bad mix is refused before the model loads."""
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps([{"share": 3, "temperature": 0.7, "top_p": 0.9},
+                               {"share": 1, "temperature": 0, "repetition_penalty": 1.2}, {"temperature": 0}]))
+    r = niyama("replay", "--trace", "azure-conv", "--qps", "4", "--requests", "10", "--max-prompt-tokens", "64",
+               "--max-output-tokens", "8", "--kv-tokens", "4096", "--sampling", str(mix), "--out", str(tmp_path),
+               "--quiet")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    with open(tmp_path / "records.csv") as f:
+        draws = sum(int(row["output_tokens"]) for row in csv.DictReader(f))
+    # 3 + 1 of 5 shares sample or penalize (a greedy penalized row counts: it needs the sampler's slot)
+    assert 0 < sum(int(s["sampled"]) for s in steps) < draws
+    mix.write_text(json.dumps([{"temperature": 0.7, "top_q": 0.9}]))
+    bad = niyama("replay", "--trace", "azure-conv", "--qps", "4", "--requests", "2", "--sampling", str(mix),
+                 "--out", str(tmp_path))
+    assert bad.returncode != 0 and "unknown keys ['top_q']" in bad.stderr
 
 
 def test_gguf_rotary_unpermute_inverts_llama_cpp_layout():

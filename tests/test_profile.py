@@ -100,6 +100,57 @@ def test_spline_json_round_trip_and_load_by_path_name_and_scale(tmp_path, monkey
     assert "odd" not in profiles._all_profiles() and "test-machine" in profiles._all_profiles()   # import survives
 
 
+def test_the_spline_learns_what_a_sampled_row_costs():
+    """Rows with a sampled-row count (a 6th column): the spline recovers the per-row cost; rows without the
+    column read as 0 sampled rows, and a profile without the term predicts as before."""
+    rng = random.Random(4)
+    rows = []
+    for p, d, dctx, pctx, y in synthetic_rows(kinked_truth, n=300, seed=2):
+        s = rng.randint(0, d + (p > 0))
+        rows.append((p, d, dctx, pctx, y + 8e-6 * s, s))
+    spline = fit_spline(rows, name="s")
+    assert spline.sampled == pytest.approx(8e-6, rel=0.02)
+    assert error_summary(spline, rows)["all"]["max"] < 1e-3
+    assert spline.batch_time(0, 64, 64 * 512, 0, 64) - spline.batch_time(0, 64, 64 * 512, 0) == pytest.approx(64 * 8e-6)
+    plain = fit_spline(synthetic_rows(kinked_truth, n=120, seed=1), name="p")
+    assert plain.sampled == 0 and plain.batch_time(100, 4, 400, 0, 5) == plain.batch_time(100, 4, 400, 0)
+    assert LinearSpline.from_dict({k: v for k, v in spline.to_dict().items() if k != "sampled"}).sampled == 0
+
+
+def test_fit_predictor_takes_replay_step_logs_and_scores_unseen_runs(tmp_path):
+    """Step logs (replay's steps.csv, with the sampled column) fitted beside a profile CSV without it; --score-on
+    reports the chosen profile's error on another run and the JSON records what it was fitted and scored on."""
+    def write(path, rows, header):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    truth = lambda p, d, dc, pc, s: kinked_truth(p, d, dc, pc) + 5e-6 * s      # noqa: E731
+    rng = random.Random(0)
+    profile_rows = [(kind(p, d), p, pc, d, dc, p + d, f"{y:.6g}", "", f"{y:.6g}", 3)
+                    for p, d, dc, pc, y in synthetic_rows(kinked_truth, n=150)]
+    write(tmp_path / "p.csv", profile_rows, ("kind", "prefill_tokens", "prefill_context", "decodes", "decode_context",
+                                             "total_tokens", "wall_s", "gpu_s", "wall_min_s", "repeats"))
+    for name, seed in (("a", 1), ("b", 2)):
+        steps = []
+        for p, d, dc, pc, _ in synthetic_rows(kinked_truth, n=200, seed=seed):
+            s = rng.randint(0, d)
+            steps.append((p, d, dc, pc, truth(p, d, dc, pc, s), s))
+        write(tmp_path / f"{name}.csv", steps, ("prefill_tokens", "decodes", "decode_context", "prefill_context",
+                                                 "seconds", "sampled"))
+    out = tmp_path / "fit.json"
+    r = niyama("fit-predictor", str(tmp_path / "p.csv"), str(tmp_path / "a.csv"), "--model", "spline",
+               "--score-on", str(tmp_path / "b.csv"), "--out", str(out), "--name", "t")
+    assert r.returncode == 0, r.stderr
+    assert "350 measured steps" in r.stdout and "the chosen profile on" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["fitted_on"] == ["p.csv", "a.csv"] and data["scored_on"]["b.csv"]["steps"] == 200
+    assert data["scored_on"]["b.csv"]["mape"] < 0.01 and data["sampled"] == pytest.approx(5e-6, rel=0.05)
+    bad = niyama("fit-predictor", str(tmp_path / "p.csv"), "--score-on", str(tmp_path / "nope.csv"))
+    assert bad.returncode != 0 and "no such file" in bad.stderr
+
+
 def test_spline_is_sane_beyond_the_measured_range():
     spline = fit_spline(synthetic_rows(kinked_truth), name="s")
     assert spline.max_total <= 2552
@@ -143,7 +194,11 @@ def test_profile_quick_then_fit_predictor_on_the_default_model(tmp_path):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert set(rows[0]) >= {"kind", "prefill_tokens", "prefill_context", "decodes", "decode_context",
-                            "total_tokens", "wall_s", "gpu_s", "repeats"}
+                            "total_tokens", "sampled", "wall_s", "gpu_s", "repeats"}
+    # the default serving mix: some rows sample, some are greedy; never more than the rows that draw
+    sampled = [int(row["sampled"]) for row in rows]
+    drawing = [int(row["decodes"]) + (int(row["prefill_tokens"]) > 0) for row in rows]
+    assert sum(sampled) > 0 and sum(sampled) < sum(drawing) and all(s <= d for s, d in zip(sampled, drawing))
     assert {row["kind"] for row in rows} == {"decode", "prefill", "mixed"}
     assert len(rows) == 20 and all(float(row["wall_s"]) > 0 and row["gpu_s"] == "" for row in rows)
     assert any(int(row["prefill_context"]) > 0 for row in rows)

@@ -363,3 +363,29 @@ def test_engine_penalties_read_each_sequences_own_history(engine, prompt):
     assert len(plain.output_ids) == len(rep.output_ids) == 16
     assert rep.output_ids != plain.output_ids and _repeats(rep.output_ids) < _repeats(plain.output_ids)
     assert _repeats(openai.output_ids) < _repeats(plain.output_ids)
+
+
+def test_sampling_mixes_by_name_and_file(tmp_path):
+    import json
+    import random
+
+    from niyama.engine.sampling import SamplingMix
+
+    chat = SamplingMix.parse("chat")
+    assert chat.settings == ({"temperature": 0.7, "top_p": 0.9},) and chat.sampled_share == 1.0
+    serving = SamplingMix.parse("serving")
+    assert sum(serving.shares) == pytest.approx(1) and serving.sampled_share == pytest.approx(0.75)
+    rng = random.Random(0)
+    picks = [serving.pick(rng)["temperature"] for _ in range(2000)]
+    assert picks.count(0.0) / 2000 == pytest.approx(0.25, abs=0.03)
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps([{"share": 1, "temperature": 0}, {"share": 3, "temperature": 1.0, "min_p": 0.1}]))
+    mix = SamplingMix.parse(str(path))
+    assert mix.name == "mix" and mix.shares == (0.25, 0.75) and mix.sampled_share == 0.75
+    for bad, words in ((["not", "objects"], "list of objects"), ([{"share": -1}], "share must be a number > 0"),
+                       ([{"temperature": -3}], "temperature")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=words):
+            SamplingMix.parse(str(path))
+    with pytest.raises(ValueError, match="unknown sampling 'spicy'"):
+        SamplingMix.parse("spicy")

@@ -43,6 +43,37 @@ def test_fixed_chunk_budget_counts_every_decode():
     assert plan.decode_context == 10 * 51                   # prompt + the first token, per decode
 
 
+def test_plans_count_sampled_rows_for_the_time_model():
+    """A plan's sampled rows: the running decodes that sample (counted as they join and leave the decode set)
+    and the sampled prefills its chunks complete; niyama's budget search predicts with them."""
+    allocator, decodes = kv(), RunningDecodes()
+    started = [start_decode(decodes, allocator, req(100 + k, 0.0, 50, output=100, sampled=k % 3 == 0),
+                            first_token_s=1.0) for k in range(9)]
+    assert decodes.num_sampled == 3
+    decodes.remove(started[0], 2)
+    decodes.remove(started[1], 2)
+    assert decodes.num_sampled == 2
+    plan, _ = plan_for("fcfs", [req(0, 0.5, 100, sampled=True), req(1, 0.6, 1000, sampled=True)], now=1.0,
+                       decodes=decodes, allocator=allocator, iteration=2)
+    assert plan.num_sampled_decodes == 2 and [c.completes_prefill for c in plan.prefills] == [True, False]
+    assert plan.num_sampled == 3            # request 1's chunk does not finish its prompt: it draws nothing yet
+
+    seen = []
+
+    class Recording:
+        name = "recording"
+
+        def batch_time(self, p, d, dctx, pctx, num_sampled=0):
+            seen.append(num_sampled)
+            return PREDICTOR.batch_time(p, d, dctx, pctx)
+
+    s = scheduler("niyama")
+    s.predictor = Recording()
+    s.add_request(req(2, 0.5, 3000))
+    s.schedule(1.0, decodes, allocator, 2)
+    assert seen and set(seen) == {2}
+
+
 def test_all_decodes_run_even_beyond_the_chunk():
     allocator, decodes = kv(), RunningDecodes()
     for k in range(300):
