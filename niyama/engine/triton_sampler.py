@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .sampler import MAX_ROUNDS
 
-# A row is one program, so its passes run on one SM: give it many warps, so that a row's latency (and a small
-# batch's sampler time) is short, and a block wide enough to keep them busy (benchmarks/sampler_bench.py --sweep).
+# A row is one program, so its passes run on one SM: many warps shorten them. Of five (block, warps) settings
+# this was the fastest at batch 1, 128 and 256 on an H100 (benchmarks/sampler_bench.py's sweep; docs/sampling.md).
 BLOCK = 4096
 NUM_WARPS = 32
 
