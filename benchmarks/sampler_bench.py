@@ -129,9 +129,10 @@ def sweep(device: torch.device, gen: torch.Generator) -> list[dict]:
     out = []
     for batch in (1, 128, 256):
         logits = torch.randn(batch, VOCAB, device=device) * SCALES["flat"]
-        cols = dict(temperature=torch.full((batch,), 0.7, device=device), top_p=torch.full((batch,), 0.9, device=device),
-                    min_p=torch.zeros(batch, device=device), floor=torch.full((batch,), float("-inf"), device=device),
-                    seed=torch.arange(batch, device=device), position=torch.zeros(batch, dtype=torch.int64, device=device))
+        full = lambda value: torch.full((batch,), value, device=device)      # noqa: E731
+        cols = dict(temperature=full(0.7), top_p=full(0.9), min_p=full(0.0), floor=full(float("-inf")),
+                    seed=torch.arange(batch, device=device),
+                    position=torch.zeros(batch, dtype=torch.int64, device=device))
         for block, warps in SWEEP:
             times = []
             for i in range(13):

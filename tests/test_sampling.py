@@ -389,3 +389,29 @@ def test_sampling_mixes_by_name_and_file(tmp_path):
             SamplingMix.parse(str(path))
     with pytest.raises(ValueError, match="unknown sampling 'spicy'"):
         SamplingMix.parse("spicy")
+
+
+def test_a_sampler_that_raises_loses_no_block_and_no_penalty_slot():
+    """A step that fails inside the sampler, after penalized requests took their slots: aborting every request
+    returns every KV block and every penalty slot, and the engine serves on (slots reused, not grown)."""
+    engine = LLMEngine(model="tiny", load_format="dummy", kv_tokens=2048, policy="fcfs")
+    params = SamplingParams(max_tokens=20, temperature=0.8, repetition_penalty=1.3, ignore_eos=True)
+    seqs = [engine.add_request([3 + i] * 30, params) for i in range(3)]
+    engine.step()                                                # prefilled: slots taken
+    sampler = engine.executor.sampler
+    assert all(s.penalty_slot is not None for s in seqs) and len(sampler.penalties.free) == 16 - 3
+
+    def fail(*args):
+        raise RuntimeError("injected sampler fault")
+
+    sampler._draw = fail
+    with pytest.raises(RuntimeError, match="injected sampler fault"):
+        engine.step()
+    del sampler._draw
+    for s in seqs:
+        assert engine.abort(s)
+    engine.take_finished()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert sorted(sampler.penalties.free) == list(range(16)) and all(s.penalty_slot is None for s in seqs)
+    after = engine.generate([[9] * 20, [8] * 20], params)
+    assert all(len(s.output_ids) == 20 for s in after) and sampler.penalties.capacity == 16

@@ -209,12 +209,14 @@ def run(args) -> int:
                  "model_id": target.model, "base_url": url, "endpoint": args.endpoint, "num_prompts": len(wl),
                  "request_rate": args.qps, "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
                  "goodput": {k: v * 1000 for k, v in goodput.items()}, "date": time.strftime("%Y%m%d-%H%M%S")})
-    vres.update({key: value for key, value in sampling.items()})
+    vres.update(sampling)
     (dest / args.result_filename).write_text(json.dumps(vres, indent=1))
     print(f"wrote {dest / 'records.csv'}, {dest / 'summary.json'} and {dest / args.result_filename}")
     return 0
 
 
+# SamplingParams' sampling fields (engine/sampling.py's MIX_KEYS; not imported: the engine package needs torch,
+# the load generator only httpx)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty")
 

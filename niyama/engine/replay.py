@@ -2,8 +2,8 @@
 
 Traces carry lengths, not text, so each prompt is random token ids of the
 trace's length, and each request generates exactly its trace output length
-(EOS ignored), greedy or with the sampling settings of a `SamplingMix`. Lengths are clipped to what the model and the KV cache
-can hold. The result is the simulator's `SimResult`, so the same report and
+(EOS ignored), greedy or with the sampling settings of a `SamplingMix`.
+Lengths are clipped to what the model and the KV cache can hold. The result is the simulator's `SimResult`, so the same report and
 records come out; the measured step log comes with it, ready to fit a
 batch-time profile of this machine."""
 

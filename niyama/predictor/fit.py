@@ -73,15 +73,16 @@ def _lstsq(x: np.ndarray, y: np.ndarray) -> LinearCoefficients:
 def fit_spline(rows: list[tuple[int, int, int, int, float]], name: str, knots: tuple[int, ...] = KNOTS
                ) -> LinearSpline:
     """Least squares of the relative error (each row weighted by 1 / its time). The knots kept are those
-    with measured totals on both sides; the attention and context coefficients, costs, are kept >= 0 (a
-    negative one is dropped and the rest refitted)."""
+    with measured totals on both sides; the attention, context and sampled-row coefficients, costs, are kept
+    >= 0 (a negative one is dropped and the rest refitted)."""
     p, d, dctx, pctx, y = (np.array([r[i] for r in rows], dtype=float) for i in range(5))
     s = np.array([sampled(r) for r in rows], dtype=float)
     total = p + d
     knots = tuple(k for k in knots if (total < k).any() and (total > k).sum() >= 2)
     cols = {"intercept": np.ones_like(y), "total_tokens": total,
             **{f"h{k}": np.maximum(0.0, total - k) for k in knots},
-            "prefill_step": (p > 0).astype(float), "decode_step": (d > 0).astype(float), "decodes": d, "decode_context": dctx, "prefill_context": pctx, "chunk_context_pairs": p * pctx,
+            "prefill_step": (p > 0).astype(float), "decode_step": (d > 0).astype(float), "decodes": d,
+            "decode_context": dctx, "prefill_context": pctx, "chunk_context_pairs": p * pctx,
             "chunk_self_pairs": p * p / 2, "sampled": s}
     if len(rows) < len(cols):
         raise ValueError(f"need at least {len(cols)} measured steps to fit a linear spline, got {len(rows)}")
