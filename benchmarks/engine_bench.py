@@ -74,7 +74,7 @@ from niyama.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from niyama.engine.config import SHAPES, ModelConfig  # noqa: E402
 from niyama.engine.engine import parse_dtype  # noqa: E402
 from niyama.engine.kv_cache import dtype_size  # noqa: E402
-from niyama.engine.replay import replay  # noqa: E402
+from niyama.engine.trace_replay import replay  # noqa: E402
 from niyama.engine.sampling import SAMPLING_PRESETS, SamplingMix  # noqa: E402
 from niyama.engine.sequence import Sequence  # noqa: E402
 from niyama.qos import DeadlineRule, Tier  # noqa: E402

@@ -1,4 +1,4 @@
-"""Throughput bounds (`niyama.metrics.bound`, `niyama bound`): hand-computed cases, the simulator's side."""
+"""Throughput bounds (`niyama.metrics.throughput_bound`, `niyama bound`): hand-computed cases, the simulator's side."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 
 from niyama.cli import main
 from niyama.cli.capacity import format_table, with_bounds
-from niyama.metrics.bound import Lengths, request_lengths, throughput_bound, trace_bound
+from niyama.metrics.throughput_bound import Lengths, request_lengths, throughput_bound, trace_bound
 from niyama.predictor import load_profile
 from niyama.sim import simulate
 from niyama.sim.scenario import Scenario

@@ -1,7 +1,7 @@
 import pytest
 
-from niyama.metrics.capacity import Point, interpolate, search_capacity, search_sustainable
-from niyama.sim.capacity import CapacityJob, find_capacity
+from niyama.metrics.goodput_search import Point, interpolate, search_capacity, search_sustainable
+from niyama.sim.capacity_study import CapacityJob, find_capacity
 from niyama.sim.scenario import Scenario
 
 

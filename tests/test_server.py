@@ -23,7 +23,7 @@ from openai.types.chat import ChatCompletion  # noqa: E402
 
 from niyama.qos import TIER_PRESETS, Priority  # noqa: E402
 from niyama.server.errors import APIError  # noqa: E402
-from niyama.server.qos import QoSPolicy  # noqa: E402
+from niyama.server.request_qos import QoSPolicy  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KV_TOKENS = 4096

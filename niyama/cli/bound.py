@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..metrics.bound import BUDGET, MAX_NUM_SEQS, NUM_REQUESTS, ThroughputBound, trace_bound
+from ..metrics.throughput_bound import BUDGET, MAX_NUM_SEQS, NUM_REQUESTS, ThroughputBound, trace_bound
 from .common import add_seed_option, add_sim_profile_option, add_traces_option, trace_names
 
 EXAMPLES = """examples:

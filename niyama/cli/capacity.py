@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..metrics.bound import MAX_NUM_SEQS, trace_bound
+from ..metrics.throughput_bound import MAX_NUM_SEQS, trace_bound
 from ..metrics.paper import FIG7_GOODPUT
-from ..sim.capacity import CapacityJob, run_capacity_jobs
+from ..sim.capacity_study import CapacityJob, run_capacity_jobs
 from ..sim.scenario import Scenario
 from .common import (add_output_options, add_replica_options, add_traces_option, add_workload_options, check_policy,
                      scenario_from_args, trace_names)

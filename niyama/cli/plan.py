@@ -83,7 +83,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
     write_runs_csv(plan, out / "plan.csv")
-    from ..cluster.plots import plan_chart   # matplotlib is slow to import
+    from ..cluster.planner_plots import plan_chart   # matplotlib is slow to import
 
     png = plan_chart(plan, out / "plan.png")
     print(f"\nwrote {out / 'plan.json'}, {out / 'plan.csv'} and {png}")

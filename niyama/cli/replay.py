@@ -57,7 +57,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..engine import LLMEngine
-    from ..engine.replay import STEP_COLUMNS, replay
+    from ..engine.trace_replay import STEP_COLUMNS, replay
     from ..engine.sampling import SamplingMix
     from ..predictor.fit import fit_two_regime, relative_errors
 

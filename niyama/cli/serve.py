@@ -123,7 +123,7 @@ def run(args) -> int:
 
     from ..qos import ON_INFEASIBLE, load_tiers, with_admission
     from ..server.app import Limits, build_app
-    from ..server.qos import QoSPolicy
+    from ..server.request_qos import QoSPolicy
 
     check_policy(args.policy)
     options = parse_policy_options(args.policy, args.opt)

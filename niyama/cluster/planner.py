@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..metrics.bound import mixed_step, request_lengths
+from ..metrics.throughput_bound import mixed_step, request_lengths
 from ..metrics.records import is_violated
 from ..predictor import DEFAULT_PROFILE, load_profile
 from ..sim.parallel import run_parallel

@@ -25,7 +25,7 @@ from ..metrics.summary import RunSummary, summarize
 from ..options import parse_assignments
 from ..predictor import DEFAULT_PROFILE
 from ..scheduler import policy_options
-from ..sim.capacity import CapacityJob, CapacityResult, run_capacity_jobs
+from ..sim.capacity_study import CapacityJob, CapacityResult, run_capacity_jobs
 from ..sim.parallel import run_parallel
 from ..sim.run import DEFAULT_KV_TOKENS
 from ..sim.scenario import Scenario

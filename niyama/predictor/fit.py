@@ -146,7 +146,7 @@ def meta_path(csv_path: Path) -> Path:
     return Path(csv_path).with_suffix(".meta.json")
 
 
-# replay's steps.csv (niyama/engine/replay.py STEP_COLUMNS): the steps of a serving run, as the loop ran them
+# replay's steps.csv (niyama/engine/trace_replay.py STEP_COLUMNS): the steps of a serving run, as the loop ran them
 STEP_LOG_COLUMNS = ("prefill_tokens", "decodes", "decode_context", "prefill_context", "seconds")
 
 

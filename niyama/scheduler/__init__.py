@@ -7,7 +7,7 @@ import dataclasses
 from ..predictor import BatchTimePredictor
 from .base import Scheduler, SchedulerConfig
 from .niyama import NiyamaConfig, NiyamaScheduler
-from .plan import BatchPlan, PrefillChunk
+from .batch_plan import BatchPlan, PrefillChunk
 from .sarathi import FixedChunkScheduler
 
 # name -> (config class, preset overrides, factory)

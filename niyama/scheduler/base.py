@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from ..kv import BlockAllocator
 from ..request import Phase, Request
 from ..running import RunningDecodes
-from .plan import BatchPlan, PrefillChunk
+from .batch_plan import BatchPlan, PrefillChunk
 from .queue import OrderKey, WaitingQueue
 from .relegation import ArrivalWork, PrefillRate, wait_with_arrivals
 

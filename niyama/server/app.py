@@ -24,7 +24,7 @@ from .errors import APIError, add_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (Generation, ModelInfo, ResponseWriter, check_model, detokenize_ids, parse_body, parse_generation,
                        prompt_ids, usage)
-from .qos import QoSPolicy
+from .request_qos import QoSPolicy
 from .schemas import (GENERATION_ERRORS, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionChunk, CompletionRequest, DetokenizeRequest, DetokenizeResponse, Health, ModelCard,
                       ModelList, TokenizeRequest, TokenizeResponse, Version, openapi, route)

@@ -2,7 +2,7 @@
 
 Types are checked by the pydantic models in schemas.py (a bad one is a 400 naming the field); this module
 adds what a schema cannot say: the model's name, the fields niyama does not honour, the context length,
-token ids in the vocabulary, the chat template, and the QoS fields (qos.py).
+token ids in the vocabulary, the chat template, and the QoS fields (request_qos.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..qos import Priority, Tier
 from .errors import APIError
-from .qos import TARGET_FIELDS, QoSPolicy, response_service_tier
+from .request_qos import TARGET_FIELDS, QoSPolicy, response_service_tier
 from .schemas import (PROMPT, UNHONOURED, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                       GenerationRequest, StreamOptions, TokenizeRequest, validate)
 

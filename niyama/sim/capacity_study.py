@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..metrics.capacity import Point, round_qps, search_capacity, search_sustainable, start_guess
+from ..metrics.goodput_search import Point, round_qps, search_capacity, search_sustainable, start_guess
 from ..metrics.summary import tier_violations
 from ..predictor import load_profile
 from ..workload import load_trace
