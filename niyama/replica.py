@@ -1,4 +1,4 @@
-"""The replica loop, the same in simulation and on a GPU (DESIGN.md):
+"""The replica loop, the same in simulation and on a GPU:
 
     plan   = scheduler.schedule(now, decodes, kv, iteration)   # pure CPU decision
     result = executor.execute(plan, decodes)                    # GPU model, or a timing model

@@ -1,6 +1,6 @@
 """A fleet: replicas grouped in pools, each pool with its policy and router.
 
-Two shapes (SPEC.md section 6, the paper's Table 4):
+Two shapes (the paper's Table 4):
 - `shared:N`: one pool of N replicas; every replica serves every tier with
   the same policy (niyama by default) and a router picks the replica.
 - `silo:A,B,C`: one pool per tier, in the tier set's order (Q1, Q2, Q3);

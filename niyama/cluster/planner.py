@@ -1,7 +1,7 @@
 """How many replicas a load needs: the smallest shared pool and the best silo split.
 
 A fleet passes when its worst tier has <= `target_pct` violations (the
-artifact's definition, SPEC.md section 7). The searches:
+artifact's definition). The searches:
 
 - Silos are independent: a tier's requests only ever meet their own pool.
   So the silo split with the fewest replicas is each tier's smallest

@@ -1,4 +1,4 @@
-"""The model runner (DESIGN.md "engine/"): a Llama-family model over flat
+"""The model runner: a Llama-family model over flat
 chunked-prefill batches, a paged KV cache, attention backends, weight
 loading (HF safetensors, GGUF, dummy), tokenizer and sampling, and the
 `LLMEngine` that runs the scheduler's replica loop on it."""

@@ -3,7 +3,7 @@
 Each row is one executed batch: (prefill tokens, decodes, decode context sum, prefill context, seconds,
 and optionally sampled rows: those drawn with temperature or penalties; absent means 0).
 
-- `fit_two_regime`: the shipped profiles' model, SPEC §4 and the artifact's: least squares per regime
+- `fit_two_regime`: the shipped profiles' model, the paper's and its artifact's: least squares per regime
   (<= 512 total tokens and above); a regime with too few rows borrows the other's coefficients.
 - `fit_spline`: one linear spline in total tokens plus attention's costs (spline.py), fitted to
   minimise relative error (least squares of (predicted - measured) / measured).

@@ -1,7 +1,8 @@
 """Request-length traces shipped with the package, or a user's CSV.
 
 A trace CSV has `num_prefill_tokens` and `num_decode_tokens` columns, and
-optionally `arrived_at` (seconds). The shipped ones (from `shared/data`):
+optionally `arrived_at` (seconds). The shipped ones, in
+`niyama/workload/data/`, copied from public traces:
 Azure LLM inference 2023 code and conversation (with arrival times), and
 the artifact's ShareGPT file (lengths only).
 """
