@@ -477,10 +477,12 @@ def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s
                     sampling: SamplingMix | None = None) -> dict:
     wl = make_workload("sharegpt", 1.0, num_requests=num_requests, seed=0)
     wl = dataclasses.replace(wl, specs=[dataclasses.replace(s, arrival_s=0.0) for s in wl.specs])
-    tokens = {"processed": 0, "generated": 0}
+    tokens = {"processed": 0, "generated": 0, "preempted": 0, "relegated": 0}
     steps = []
 
     def count(plan, result, end):
+        tokens["preempted"] += len(plan.preempted)
+        tokens["relegated"] += len(plan.relegated)
         tokens["processed"] += plan.num_tokens
         tokens["generated"] += plan.num_decodes + sum(c.completes_prefill for c in plan.prefills)
         steps.append((plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, result.duration_s))
@@ -506,8 +508,8 @@ def measure_offline(engine: LLMEngine, sizes: Sizes, num_requests: int, budget_s
     return {"requests": num_requests, "finished": done, "status": status, "wall_s": wall,
             "steps": engine.replica.iteration, "clipped": clipped, "processed_tokens": tokens["processed"],
             "generated_tokens": tokens["generated"], "output_tok_s": tokens["generated"] / wall,
-            "processed_tok_s": tokens["processed"] / wall, "preemptions": engine.replica.num_preemptions,
-            "relegations": engine.replica.num_relegations, "profile": engine.profile.name,
+            "processed_tok_s": tokens["processed"] / wall, "preemptions": tokens["preempted"],
+            "relegations": tokens["relegated"], "profile": engine.profile.name,
             "sampling": sampling.name if sampling else "greedy",
             "kv_tokens": engine.allocator.num_blocks * engine.allocator.block_size, "step_kinds": step_kinds(steps)}
 

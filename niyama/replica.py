@@ -7,11 +7,23 @@
 The executor decides what time means: the simulated executor returns a
 predicted duration and the virtual clock jumps by it; the model runner
 returns the measured duration of work that really took that long.
+
+The loop keeps nothing that grows with time: a server runs it for days.
+What only a report needs (every step's end time, the finished requests,
+counters) goes to a `Recorder` that the simulator and replay attach.
+
+Who decides that a request is finished: its executor. The model runner's
+sequence ends it (a stop token, its max_tokens) and the step's result says
+so; the simulated executor ends none, and there a request ends when it has
+made its trace's output length (the running decodes' finish heap). With an
+executor that ends requests, the heap must agree: it may only find requests
+the executor already ended (checked while assertions are on).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -25,10 +37,12 @@ from .scheduler import BatchPlan, Scheduler
 @dataclass
 class StepResult:
     duration_s: float                                       # batch time, predicted or measured
-    stopped: list[Request] = field(default_factory=list)    # decodes that ended early (EOS, stop, abort)
+    finished: list[Request] = field(default_factory=list)   # requests the executor ended in this step
 
 
 class Executor(Protocol):
+    ends_requests: bool     # True: the executor decides every request's end (StepResult.finished)
+
     def execute(self, plan: BatchPlan, decodes: RunningDecodes) -> StepResult: ...
 
     def release(self, req: Request) -> None:
@@ -73,23 +87,38 @@ class WallClock:
             time.sleep(delay)
 
 
+class Recorder:
+    """What a run's report needs, kept as the loop runs: attached by the simulator and replay, never by the
+    server (it would grow for as long as the server runs)."""
+
+    def __init__(self, first_iteration: int = 0):
+        """`first_iteration`: the replica's iteration when recording starts (token segments index by it)."""
+        self.iteration_end_s: list[float] = [math.nan] * first_iteration    # token times come from here (running.py)
+        self.finished: list[Request] = []
+        self.num_preemptions = 0
+        self.num_relegations = 0
+        self.num_rejections = 0
+
+    def step(self, plan: BatchPlan, end_s: float) -> None:
+        self.iteration_end_s.append(end_s)
+        self.num_preemptions += len(plan.preempted)
+        self.num_relegations += len(plan.relegated)
+
+    def finish(self, req: Request) -> None:
+        self.finished.append(req)
+        self.num_rejections += req.rejected
+
+
 class Replica:
     def __init__(self, scheduler: Scheduler, executor: Executor, kv: BlockAllocator, clock=None,
-                 keep_finished: bool = True):
+                 recorder: Recorder | None = None):
         self.scheduler = scheduler
         self.executor = executor
         self.kv = kv
         self.clock = clock or VirtualClock()
         self.decodes = RunningDecodes(kv.block_size)
         self.iteration = 0
-        self.iteration_end_s: list[float] = []    # token times come from here (see running.py)
-        # A simulation keeps every finished request for its report; a server, which runs for days, keeps none
-        # (the executor hands each finished request's output out through `release`).
-        self.keep_finished = keep_finished
-        self.finished: list[Request] = []
-        self.num_preemptions = 0
-        self.num_relegations = 0
-        self.num_rejections = 0
+        self.recorder = recorder
         self.on_step: list[Callable[[BatchPlan, StepResult, float], None]] = []
         self._pending: list = []                  # heap of (arrival, id, request) not yet arrived
         self._num_added = 0
@@ -117,7 +146,6 @@ class Replica:
                 req.predicted_first_token_s = self.scheduler.predicted_first_token_s(now, req)
                 if req.predicted_first_token_s > req.first_token_deadline_s:
                     req.rejected = True
-                    self.num_rejections += 1
                     self._finish(req, now)
                     continue
             self.scheduler.add_request(req)
@@ -185,19 +213,18 @@ class Replica:
         """KV conservation: every block is free or held by exactly one live request (AssertionError if not)."""
         self.kv.check(self.live_requests())
 
-    def run(self, progress=None) -> list[Request]:
+    def run(self, progress=None) -> None:
         """Step until every added request finished. `progress(n)` gets the finished count."""
         while self.has_work:
             self.step()
             if progress is not None:
                 progress(self._num_finished)
-        return self.finished
 
     def _apply(self, plan: BatchPlan, result: StepResult, end: float) -> None:
         i = self.iteration
-        self.iteration_end_s.append(end)
-        self.num_preemptions += len(plan.preempted)
-        self.num_relegations += len(plan.relegated)
+        if self.recorder is not None:
+            self.recorder.step(plan, end)
+        ended, ends = result.finished, self.executor.ends_requests
         for chunk in plan.prefills:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
@@ -209,15 +236,21 @@ class Replica:
                 req.first_token_s = end
                 req.anchor_s = max(end, req.first_token_deadline_s)
             req.token_segments.append([i, i + 1])
-            if req.num_output_tokens >= req.max_output_tokens:
+            if ends:
+                if req not in ended:                 # (the ended finish below)
+                    self.decodes.add(req, i)
+            elif req.num_output_tokens >= req.max_output_tokens:
                 self._finish(req, end)
             else:
                 self.decodes.add(req, i)
-        for req in result.stopped:
+        for req in ended:
             if req in self.decodes:
                 self.decodes.remove(req, i + 1)
-                self._finish(req, end)
-        for req in self.decodes.pop_finished(i):
+            self._finish(req, end)
+        late = self.decodes.pop_finished(i)
+        assert not (late and ends), \
+            f"requests {[r.request_id for r in late]} reached max tokens but their executor did not end them"
+        for req in late:
             self._finish(req, end)
         self.iteration = i + 1
 
@@ -226,6 +259,6 @@ class Replica:
         req.finish_s = end
         self.kv.release(req)
         self.executor.release(req)
-        if self.keep_finished:
-            self.finished.append(req)
+        if self.recorder is not None:
+            self.recorder.finish(req)
         self._num_finished += 1

@@ -13,7 +13,7 @@ from niyama.cluster.planner import Evaluation, PlanSetup, evaluate_pool, smalles
 from niyama.cluster.sim import Node
 from niyama.kv import BlockAllocator
 from niyama.metrics import summarize, token_times
-from niyama.replica import Replica
+from niyama.replica import Recorder, Replica
 from niyama.request import Phase
 from niyama.sim import SimulatedExecutor, simulate
 from niyama.workload import RequestSpec, make_workload
@@ -63,7 +63,7 @@ def test_round_robin_counts_and_replica_stats():
 def nodes(n: int, **policy):
     fleet = make_fleet(f"shared:{n}", tuple(TIERS.values()))
     return [Node(k, fleet.pools[0], Replica(scheduler("niyama", **policy), SimulatedExecutor(PREDICTOR),
-                                            BlockAllocator.for_tokens(440_000))) for k in range(n)]
+                                            BlockAllocator.for_tokens(440_000), recorder=Recorder())) for k in range(n)]
 
 
 def queue(node, requests) -> None:

@@ -151,5 +151,5 @@ def test_a_failed_engine_step_fails_its_requests_and_returns_every_block():
         last = stream_events[-1]
         assert last.error and "internal error" in last.error and "secret" not in last.error
     assert after[-1].finish_reason == "length" and after[-1].num_tokens == 5
-    assert engine.allocator.num_free == engine.allocator.num_blocks and runner.stats["degraded"] is None
+    assert engine.allocator.num_free == engine.allocator.num_blocks and runner.stats.degraded is None
     engine.replica.check_blocks()

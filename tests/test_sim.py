@@ -5,7 +5,7 @@ import pytest
 
 from niyama.kv import BlockAllocator
 from niyama.metrics import request_records, summarize, token_times
-from niyama.replica import Replica
+from niyama.replica import Recorder, Replica
 from niyama.request import Phase
 from niyama.sim import SimulatedExecutor, simulate
 from niyama.workload import make_workload
@@ -15,7 +15,7 @@ from helpers import PREDICTOR, req, scheduler
 
 def test_one_request_timeline_matches_the_profile_exactly():
     allocator = BlockAllocator.for_tokens(16_000)
-    replica = Replica(scheduler("niyama"), SimulatedExecutor(PREDICTOR), allocator)
+    replica = Replica(scheduler("niyama"), SimulatedExecutor(PREDICTOR), allocator, recorder=Recorder())
     r = req(0, 2.0, 300, output=3)
     replica.add(r)
     replica.run()
@@ -25,7 +25,7 @@ def test_one_request_timeline_matches_the_profile_exactly():
     assert r.phase == Phase.DONE and r.num_output_tokens == 3
     assert r.ttft == pytest.approx(t0)
     assert r.ttlt == pytest.approx(t0 + t1 + t2)
-    assert list(token_times(r, np.asarray(replica.iteration_end_s))) == pytest.approx([2 + t0, 2 + t0 + t1,
+    assert list(token_times(r, np.asarray(replica.recorder.iteration_end_s))) == pytest.approx([2 + t0, 2 + t0 + t1,
                                                                                        2 + t0 + t1 + t2])
     assert allocator.num_free == allocator.num_blocks
 

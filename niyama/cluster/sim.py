@@ -42,7 +42,7 @@ import numpy as np
 
 from ..kv import BlockAllocator
 from ..predictor import DEFAULT_PROFILE, load_profile
-from ..replica import Replica
+from ..replica import Recorder, Replica
 from ..request import Request
 from ..scheduler import make_scheduler
 from ..sim.executor import SimulatedExecutor
@@ -113,7 +113,8 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
         for _ in range(pool.num_replicas):
             k = len(nodes)
             replica = Replica(make_scheduler(pool.policy, planned, **pool.policy_options),
-                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens))
+                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens),
+                              recorder=Recorder())
             node = Node(k, pool, replica)
             replica.on_step.append(node.on_step)
             nodes.append(node)
@@ -193,7 +194,7 @@ def _result(workload: Workload, fleet: Fleet, nodes: list[Node], requests: list[
     offsets, ends = [], []
     for node in nodes:
         offsets.append(len(ends))
-        ends.extend(node.replica.iteration_end_s)
+        ends.extend(node.replica.recorder.iteration_end_s)
     by_node: list[list[Request]] = [[] for _ in nodes]
     for req, k in zip(requests, replica_of):
         by_node[k].append(req)
@@ -202,7 +203,8 @@ def _result(workload: Workload, fleet: Fleet, nodes: list[Node], requests: list[
         rep = node.replica
         rep.kv.check(r for r in served if r.block_ids)
         assert rep.kv.num_free == rep.kv.num_blocks, f"replica {node.index}: blocks leaked"
-        assert rep.num_unfinished == 0 and len(rep.finished) == len(served), f"replica {node.index}: unfinished"
+        record = rep.recorder
+        assert rep.num_unfinished == 0 and len(record.finished) == len(served), f"replica {node.index}: unfinished"
         off = offsets[node.index]
         if off:
             for req in served:
@@ -213,7 +215,7 @@ def _result(workload: Workload, fleet: Fleet, nodes: list[Node], requests: list[
         for req in served:
             tiers[req.tier.name] = tiers.get(req.tier.name, 0) + 1
         stats.append(ReplicaStats(node.index, node.pool.name, node.pool.policy, len(served), tiers, rep.iteration,
-                                  rep.num_preemptions, rep.num_relegations, node.busy_s))
+                                  record.num_preemptions, record.num_relegations, node.busy_s))
     return ClusterResult(workload, fleet.label, requests, ends, sum(s.num_iterations for s in stats),
                          sum(s.num_preemptions for s in stats), sum(s.num_relegations for s in stats),
                          fleet=fleet, replica_of=replica_of, replicas=stats, num_held=num_held)

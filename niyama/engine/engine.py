@@ -8,22 +8,28 @@
 
 The loop is the simulator's `Replica` with a wall clock and the
 `ModelExecutor`: the scheduler decides, the model runs what it decided.
+What a server needs beside the loop is here too (`stats`, `load_report`,
+`add_step_hook`, `admit`, `abort_all`), so that nothing outside reaches into
+the scheduler, the replica or the predictor.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ..kv import BlockAllocator
+from ..messages import (BuildCache, CacheBuilt, EngineInfo, EngineStats, KVPlanned, LoadReport, PlanKV,
+                        WorkerLoaded)
 from ..predictor.online import OnlineCorrection
 from ..qos import DeadlineRule, Priority, Tier, load_tiers
 from ..replica import Replica, WallClock
 from ..request import Phase, Request
-from ..scheduler import make_scheduler
+from ..scheduler import make_scheduler, scheduler_config
 from .attention import TorchReference, make_backend
 from . import profile_choice
 from .calibrate import calibrate
@@ -38,6 +44,9 @@ from .sequence import Sequence
 from .tensor_parallel import Shard, TensorParallel, TensorParallelOps, WorkerSpec, init_random_shard, shard_hf_tensors
 from .tokenizer import load_tokenizer
 from .weights import DEFAULT_MODEL, read_hf_tensors, resolve, sampling_defaults
+
+
+log = logging.getLogger("niyama.engine")
 
 
 @dataclass
@@ -118,7 +127,7 @@ class LLMEngine:
         self.model = load_model(kind, source, model_config, self.dtype, self.device,
                                 TensorParallelOps(ops) if shard else ops, cfg.seed, shard)
         if self.tp:
-            self.tp.expect("loaded")
+            self.tp.expect(WorkerLoaded)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else model_config.eos_token_ids
         # temperature / top_p / top_k for server requests that set none
         self.sampling_defaults = sampling_defaults(None if kind == "dummy" else source,
@@ -128,7 +137,7 @@ class LLMEngine:
         choice = profile_choice.choose(cfg.profile, rank_config, self.device, self.dtype,
                                        f"{backend.name} graphs={cfg.cuda_graphs} seqs={cfg.max_num_seqs}"
                                        + (f" tp={shard.size}" if shard else ""))
-        self.scheduler = make_scheduler(cfg.policy, choice.profile, **policy_options)   # for its batch bound
+        max_batch_tokens = scheduler_config(cfg.policy, **policy_options).max_batch_tokens
         # under tensor parallelism every rank captures the same graphs, NCCL all-reduces inside
         graphs = fast and cfg.cuda_graphs and self.device.type == "cuda"
         buckets = ()
@@ -138,27 +147,27 @@ class LLMEngine:
         self.memory = None
         kv_tokens = cfg.kv_tokens
         if kv_tokens is None and self.device.type == "cuda":
-            limits = (cfg.gpu_memory_utilization, self.scheduler.max_batch_tokens, cfg.max_num_seqs,
+            limits = (cfg.gpu_memory_utilization, max_batch_tokens, cfg.max_num_seqs,
                       buckets[-1] if graphs else 0)
             if self.tp:          # every rank runs the same worst steps (their all-reduces meet)
-                self.tp.send(("plan", *limits))
+                self.tp.send(PlanKV(*limits))
             self.memory = self._together(lambda: plan_kv_cache(
                 self.model, backend, rank_config, self.dtype, self.device, *limits, block_size))
             kv_tokens = self.memory.kv_tokens
             if self.tp:          # the rank with the least room decides
-                kv_tokens = min([kv_tokens] + self.tp.expect("plan"))
+                kv_tokens = min([kv_tokens] + [r.kv_tokens for r in self.tp.expect(KVPlanned)])
         self.allocator = BlockAllocator.for_tokens(kv_tokens or DEFAULT_CPU_KV_TOKENS, block_size)
         self.kv_cache = PagedKVCache(rank_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
         self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
         if self.tp:          # the workers build theirs alongside (graph captures meet in their all-reduces)
-            self.tp.send(("cache", self.allocator.num_blocks, buckets, graphs, self.scheduler.max_batch_tokens))
+            self.tp.send(BuildCache(self.allocator.num_blocks, buckets, graphs, max_batch_tokens))
         if fast:
             self._together(lambda: self.executor.use_buckets(buckets, graphs))
             if self.device.type == "cuda":
-                backend.warm_up(*self.kv_cache.layer(0), self.scheduler.max_batch_tokens)
+                backend.warm_up(*self.kv_cache.layer(0), max_batch_tokens)
         if self.tp:
-            self.tp.expect("cache")
+            self.tp.expect(CacheBuilt)
             self.executor.tp = self.tp
         self.calibration_rows: list[tuple] = []
         profile, self.profile_source = choice.profile, choice.why
@@ -171,9 +180,9 @@ class LLMEngine:
         # what the scheduler plans with: the profile, rescaled online by the measured steps (predictor/online.py)
         self.predictor = OnlineCorrection(profile) if cfg.online_correction else profile
         self.scheduler = make_scheduler(cfg.policy, self.predictor, **policy_options)
-        self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock(), keep_finished=False)
+        self.replica = Replica(self.scheduler, self.executor, self.allocator, WallClock())
         if cfg.online_correction:
-            self.replica.on_step.append(lambda plan, result, end: self.predictor.observe_plan(plan, result.duration_s))
+            self.add_step_hook(lambda plan, result, end: self.predictor.observe_plan(plan, result.duration_s))
         self.set_tiers(load_tiers(cfg.tiers), DeadlineRule())
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(cfg.seed)
@@ -199,10 +208,13 @@ class LLMEngine:
     # --- requests ----------------------------------------------------------
     def add_request(self, prompt: "str | list[int]", params: SamplingParams | None = None, *,
                     tier: "str | Tier | None" = None, priority: "str | Priority" = Priority.IMPORTANT,
-                    arrival_s: float | None = None, detokenize: bool = True) -> Sequence:
+                    arrival_s: float | None = None, detokenize: bool = True,
+                    request_id: int | None = None) -> Sequence:
         """Queue a generation; `prompt` is text (tokenized as is) or token ids; `tier` a configured tier's
         name (default: the first) or a Tier with this request's own targets. `detokenize=False`: token ids
-        only (the server makes text in its HTTP process; stop strings are then the caller's to apply)."""
+        only (the server makes text in its HTTP process; stop strings are then the caller's to apply).
+        `request_id`: the caller's id for it (the server's, so that one id names it everywhere); default:
+        the engine's next. `self.sequences[request_id]` is its sequence until it is handed out finished."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -224,7 +236,11 @@ class LLMEngine:
             if name not in self.tiers:
                 raise ValueError(f"unknown tier {name!r}; configured tiers: {', '.join(self.tiers)}")
             tier = self.tiers[name]
-        req = Request(next(self._ids), self.now() if arrival_s is None else arrival_s, len(ids), params.max_tokens,
+        if request_id is None:
+            request_id = next(self._ids)
+        elif request_id in self.sequences:
+            raise ValueError(f"request id {request_id} is already in the engine")
+        req = Request(request_id, self.now() if arrival_s is None else arrival_s, len(ids), params.max_tokens,
                       tier, self.rule, Priority.parse(priority), sampled=not params.plain_greedy)
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
@@ -241,9 +257,68 @@ class LLMEngine:
     def now(self) -> float:
         return self.replica.clock.now()
 
+    def time_at(self, monotonic_s: float) -> float:
+        """The engine clock's reading at `time.monotonic()` == `monotonic_s` (an arrival in another process)."""
+        return self.replica.clock.at(monotonic_s)
+
     @property
     def has_work(self) -> bool:
         return self.replica.has_work
+
+    @property
+    def sequences(self) -> "dict[int, Sequence]":
+        """Every request in the engine (queued, prefilling, decoding), by request id; read-only."""
+        return self.executor.sequences
+
+    def add_step_hook(self, hook, first: bool = False) -> None:
+        """Call `hook(plan, result, end_s)` after every step (`plan.predicted_s`: what the scheduler expected;
+        `result.duration_s`: what it took)."""
+        self.replica.on_step.insert(0, hook) if first else self.replica.on_step.append(hook)
+
+    def admit(self) -> None:
+        """Admission control now, not at the next step: requests that arrived join the scheduler, and in a tier
+        that rejects infeasible requests, those that cannot make their deadline finish rejected."""
+        self.replica.admit_arrivals()
+
+    def stats(self, **core) -> EngineStats:
+        """The engine's state for a server's metrics; `core`: the other `EngineStats` fields."""
+        kv, waiting = self.allocator, self.scheduler.waiting
+        started = waiting.num_started
+        return EngineStats(time.monotonic(), kv.num_free, kv.num_blocks, len(self.replica.decodes) + started,
+                           len(waiting) - started, getattr(self.predictor, "ratios", None), **core)
+
+    def load_report(self) -> LoadReport:
+        """What a router weighs this replica by: O(requests) and O(waiting) per tier, so a server sends it only
+        on request and at most every few tenths of a second.
+
+        ahead_s[tier]: seconds until a new request of that tier (1 token of prompt) would make its first token
+            here, the scheduler's own `predicted_first_token_s`: the prefill work queued ahead of it in this
+            policy's order (EDF / niyama: tighter tiers first) at the observed prefill rate;
+        work_tokens: prompt tokens not prefilled yet plus output tokens not made yet (up to each max_tokens),
+            over every request in the engine: its outstanding work;
+        decodes_late: some running decode is past its token deadline (an interactive request avoids it)."""
+        sched, kv, replica = self.scheduler, self.allocator, self.replica
+        now = self.now()
+        ahead = {name: sched.predicted_first_token_s(now, Request(-1, now, 1, 1, tier, self.rule)) - now
+                 for name, tier in self.tiers.items()}
+        work = 0
+        for seq in self.sequences.values():
+            req = seq.request
+            work += req.num_remaining_prefill + max(0, req.max_output_tokens - len(seq.output_ids))
+        late = bool(replica.decodes) and replica.decodes.min_deadline(replica.iteration) < now
+        return LoadReport(time.time(), sched.prefill_rate.tokens_per_s, ahead, work, len(self.sequences),
+                          max(0, kv.num_free - kv.num_watermark_blocks) * kv.block_size, late)
+
+    def info(self) -> EngineInfo:
+        """What a server's HTTP side needs to know about the engine, once."""
+        kv = self.allocator
+        return EngineInfo(self.model_name, self.describe(), self.tokenizer_path, tuple(self.eos_token_ids),
+                          self.model_config.max_position, self.model_config.vocab_size, kv.num_blocks,
+                          (kv.num_blocks - kv.num_watermark_blocks) * kv.block_size, self.sampling_defaults)
+
+    def check_blocks(self) -> None:
+        """KV conservation (AssertionError if a block is lost or held twice)."""
+        self.replica.check_blocks()
 
     def step(self) -> list[Sequence]:
         """Run one iteration (or wait for the next arrival); return the sequences that finished in it.
@@ -264,6 +339,17 @@ class LLMEngine:
                 seq.finish("rejected")
             seq.update_text()
         return done
+
+    def abort_all(self) -> list[Sequence]:
+        """Abort every request in the engine (after a failed step) and hand their sequences out; one that
+        cannot be aborted is logged and still handed out."""
+        for seq in list(self.sequences.values()):
+            try:
+                self.abort(seq)
+            except Exception:
+                log.exception("abort of request %s after a failed step", seq.request.request_id)
+                self.executor.release(seq.request)
+        return self.take_finished()
 
     def abort(self, seq: Sequence, reason: str = "abort") -> bool:
         """Stop a request wherever it is (queued, prefilling, decoding) and free its KV blocks; call between

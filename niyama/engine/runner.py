@@ -55,12 +55,14 @@ class StepInputs:
 
 
 class ModelExecutor:
+    ends_requests = True       # each sequence decides its end (replica.py)
+
     def __init__(self, model: LlamaModel, kv: PagedKVCache, backend: AttentionBackend, device: torch.device):
         self.model = model
         self.kv = kv
         self.backend = backend
         self.device = device
-        self.sequences: dict[Request, Sequence] = {}     # live: add() puts, release() takes (read-only elsewhere)
+        self.sequences: dict[int, Sequence] = {}   # live, by request id: add() puts, release() takes (read-only elsewhere)
         self.sampler = Sampler(model.config.vocab_size, device)
         self._released: list[Sequence] = []
         self.num_steps = 0
@@ -82,13 +84,14 @@ class ModelExecutor:
 
     # --- sequences: the engine adds, the replica loop releases ---------------
     def add(self, seq: Sequence) -> None:
-        if seq.request in self.sequences:
-            raise ValueError(f"request {seq.request.request_id} is already running")
-        self.sequences[seq.request] = seq
+        rid = seq.request.request_id
+        if rid in self.sequences:
+            raise ValueError(f"request {rid} is already running")
+        self.sequences[rid] = seq
 
     def release(self, req: Request) -> None:
         """The replica finished `req` (it ran out, stopped, or was aborted): hand its sequence out once."""
-        seq = self.sequences.pop(req, None)
+        seq = self.sequences.pop(req.request_id, None)
         if seq is not None:
             self.sampler.release(seq)
             self._released.append(seq)
@@ -125,7 +128,7 @@ class ModelExecutor:
             hidden, sample_rows, t1 = self.tp.run_step(step, self.forward)
         else:
             hidden, sample_rows, t1 = self.forward(step)
-        stopped = []
+        finished = []
         t2 = t3 = time.perf_counter()
         if step.sampled:
             logits = self.model.logits(hidden.index_select(0, sample_rows[:len(step.sampled)]))
@@ -140,12 +143,12 @@ class ModelExecutor:
             t3 = time.perf_counter()
             for i, (seq, token) in enumerate(zip(step.sampled, tokens)):
                 seq.append(token, logprobs.get(i))
-                if seq.finish_reason == "stop":
-                    stopped.append(seq.request)
+                if seq.finished:            # the sequence decides (stop token, max_tokens): replica.py
+                    finished.append(seq.request)
         self.num_steps += 1
         end = time.perf_counter()
         self.last_timing = StepTiming(t1 - t0, t2 - t1, t3 - t2, end - t3)
-        return StepResult(end - t0, stopped)
+        return StepResult(end - t0, finished)
 
     def forward(self, step: StepInputs):
         """The model's hidden states for the step's rows, the rows to sample (on the device), and the host
@@ -160,7 +163,7 @@ class ModelExecutor:
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         for chunk in plan.prefills:
-            seq = self.sequences[chunk.request]
+            seq = self.sequences[chunk.request.request_id]
             end = chunk.start + chunk.num_tokens
             slices.append(SeqSlice(len(ids), chunk.num_tokens, end, chunk.request.block_ids))
             ids.extend(seq.all_ids[chunk.start:end])
@@ -169,7 +172,7 @@ class ModelExecutor:
                 sample_rows.append(len(ids) - 1)
                 sampled.append(seq)
         for req in decodes:
-            seq = self.sequences[req]
+            seq = self.sequences[req.request_id]
             context = len(seq.prompt_ids) + len(seq.output_ids)
             slices.append(SeqSlice(len(ids), 1, context, req.block_ids))
             ids.append(seq.output_ids[-1])

@@ -31,6 +31,7 @@ class Sequence:
         self.request = request
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
+        self.num_emitted = 0                     # output tokens already handed to the caller (the server's core)
         self.params = params
         self.seed = seed
         self.penalty_slot: int | None = None     # the sampler's, while the request is in the engine
@@ -55,7 +56,7 @@ class Sequence:
 
     def append(self, token: int, logprobs: Logprobs | None = None) -> None:
         """Record a sampled token (and its log-probabilities, if asked for) and decide whether generation ends
-        here (stop token or length)."""
+        here (stop token or length). The one place that decides it: the replica and the server read it."""
         self.output_ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprobs)

@@ -20,6 +20,7 @@ sends the step's inputs (token ids, positions, the requests' slices with their b
 to every worker, which lays them out and runs the same forward, its logits discarded. The all-reduces run
 over torch.distributed: gloo on CPU, NCCL on CUDA (rank r on cuda:r), rendezvous on a free localhost port.
 A worker that fails sends its traceback back before it exits; rank 0 raises it as a TensorParallelError.
+The messages both ways are niyama/messages.py's (WorkerSpec, carrying their version, goes first).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..messages import VERSION, Step, Stop, WorkerFailed, WorkerStarted
 from .attention import SeqSlice
 from .config import ModelConfig
 
@@ -221,6 +223,7 @@ class WorkerSpec:
     rank: int = 0
     num_threads: int = 1            # CPU threads per rank
     timeout_s: float = TIMEOUT_S
+    version: int = VERSION          # of niyama/messages.py: a worker from another install refuses to start
 
     def rank_device(self, rank: int) -> torch.device:
         d = torch.device(self.device)
@@ -251,17 +254,18 @@ def leave_group() -> None:
 
 
 def pack_step(step) -> bytes:
-    """What a worker needs of a step (runner.StepInputs, less the sequences), as one message."""
+    """What a worker needs of a step (runner.StepInputs, less the sequences), as one message, pickled once
+    for every worker."""
     slices = [(s.q_start, s.q_len, s.context_len, s.block_ids) for s in step.slices]
-    return pickle.dumps(("step", (step.ids, step.positions, slices, step.num_decodes, step.sample_rows)),
+    return pickle.dumps(Step(step.ids, step.positions, slices, step.num_decodes, step.sample_rows),
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def unpack_step(args):
+def unpack_step(msg: Step):
     from .runner import StepInputs
 
-    ids, positions, slices, num_decodes, sample_rows = args
-    return StepInputs(ids, positions, [SeqSlice(*s) for s in slices], num_decodes, sample_rows, [])
+    return StepInputs(msg.ids, msg.positions, [SeqSlice(*s) for s in msg.slices], msg.num_decodes,
+                      msg.sample_rows, [])
 
 
 def free_port() -> int:
@@ -311,7 +315,7 @@ class TensorParallel:
             self.watcher = threading.Thread(target=self._watch, name="niyama-tp-watch", daemon=True)
             self.watcher.start()
             atexit.register(self.close)
-            self.expect("started")          # every worker got this far before rank 0 waits at the rendezvous
+            self.expect(WorkerStarted)      # every worker got this far before rank 0 waits at the rendezvous
             init_group(self.spec, 0)
         except BaseException:
             self.close()
@@ -332,8 +336,8 @@ class TensorParallel:
                         code = self._exit_code(rank)
                         self._fail(rank, f"worker {rank} exited (code {code}) without a word")
                     continue
-                if msg[0] == "error":
-                    self._fail(rank, msg[1])
+                if isinstance(msg, WorkerFailed):
+                    self._fail(rank, msg.traceback)
                 else:
                     self.replies[rank].put(msg)
 
@@ -347,7 +351,7 @@ class TensorParallel:
         self.errors[rank] = text
         self.failure.set()
         for replies in self.replies.values():        # whoever waits for any worker's reply stops waiting
-            replies.put(("error",))
+            replies.put(WorkerFailed(""))
         log.error("tensor-parallel worker %d failed:\n%s", rank, text)
 
     def error(self) -> TensorParallelError:
@@ -372,27 +376,24 @@ class TensorParallel:
                     self.errors[rank] = f"worker {rank} is gone (its pipe is closed)"
                 raise self.error() from None
 
-    def expect(self, kind: str, timeout_s: float | None = None) -> list:
-        """Each worker's next message, which must be `kind`; returns their payloads in rank order."""
+    def expect(self, kind: type, timeout_s: float | None = None) -> list:
+        """Each worker's next message, which must be a `kind` (a reply type of niyama/messages.py); returns
+        them in rank order."""
         out = []
         deadline = time.monotonic() + (timeout_s or self.spec.timeout_s)
         for rank, replies in self.replies.items():
             try:
                 msg = replies.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise TensorParallelError(f"tensor-parallel worker {rank} sent no {kind!r} within "
+                raise TensorParallelError(f"tensor-parallel worker {rank} sent no {kind.__name__} within "
                                           f"{timeout_s or self.spec.timeout_s:.0f} s") from None
-            if msg[0] == "error":
+            if isinstance(msg, WorkerFailed):
                 raise self.error()
-            assert msg[0] == kind, (msg[0], kind)
-            out.append(msg[1] if len(msg) > 1 else None)
+            if not isinstance(msg, kind):
+                raise TensorParallelError(f"tensor-parallel worker {rank} sent {type(msg).__name__}, "
+                                          f"not {kind.__name__}")
+            out.append(msg)
         return out
-
-    def call(self, command: str, *args) -> list:
-        """Run `command` on every worker; their replies in rank order."""
-        self.check()
-        self.send((command, *args))
-        return self.expect(command)
 
     def check(self) -> None:
         if self.errors or self.failed:
@@ -435,7 +436,7 @@ class TensorParallel:
         atexit.unregister(self.close)
         for conn in self.conns.values():
             try:
-                conn.send(("stop",))
+                conn.send(Stop())
             except OSError:
                 pass
         grace = 2 if self.failed else 10      # after a failure a worker may sit in a collective that never ends

@@ -2,15 +2,16 @@
 
     python -m niyama.engine.tp_worker FD       # FD: its end of a pipe from rank 0 (TensorParallel starts it)
 
-It builds its rank's model as rank 0 builds its own, then obeys rank 0's messages in order:
-    ("plan", args)       size the KV cache (plan_kv_cache runs forwards: every rank runs them together)
-    ("cache", args)      allocate the KV cache and the runner (the triton backend's buckets, CUDA graphs
-                         captured as rank 0 captures its own)
-    ("step", inputs)     run one forward on the step's inputs; the result is discarded (rank 0 samples)
-    ("stop",)            leave
-and answers ("started",), ("loaded",) and one reply per plan/cache command. Any exception is sent back as
-("error", traceback) before the process exits with code 1. It also exits when rank 0 dies (its pipe closes,
-or, while it waits inside a collective, its parent process changes).
+It receives a WorkerSpec (refused if its message version is not this install's), answers WorkerStarted,
+joins the group, builds its rank's model as rank 0 builds its own, answers WorkerLoaded, then obeys rank 0's
+messages (niyama/messages.py) in order:
+    PlanKV       size the KV cache (plan_kv_cache runs forwards: every rank runs them together) -> KVPlanned
+    BuildCache   allocate the KV cache and the runner (the triton backend's buckets, CUDA graphs captured as
+                 rank 0 captures its own) -> CacheBuilt
+    Step         run one forward on the step's inputs; the result is discarded (rank 0 samples)
+    Stop         leave
+Any exception is sent back as WorkerFailed (its traceback) before the process exits with code 1. It also
+exits when rank 0 dies (its pipe closes, or, while it waits inside a collective, its parent process changes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
+
+from ..messages import (BuildCache, CacheBuilt, KVPlanned, PlanKV, Step, Stop, WorkerFailed, WorkerLoaded,
+                        WorkerStarted, check_version)
 
 
 def exit_with_parent() -> None:
@@ -77,33 +81,34 @@ class Worker:
             if self.device.type == "cuda":
                 self.backend.warm_up(*kv.layer(0), max_batch_tokens)
 
-    def step(self, inputs) -> None:
+    def step(self, msg: Step) -> None:
         from .tensor_parallel import unpack_step
 
         self.num_steps += 1
         if self.num_steps == self.fail_at:
             raise RuntimeError(f"injected fault at step {self.fail_at} (NIYAMA_TP_FAIL_AT_STEP)")
-        self.executor.forward(unpack_step(inputs))
+        self.executor.forward(unpack_step(msg))
 
     def serve(self, conn: Connection) -> None:
         while True:
             try:
-                command, *args = conn.recv()
+                msg = conn.recv()
             except EOFError:           # rank 0 is gone
                 return
-            if command == "stop":
-                if self.executor is not None:
-                    self.executor.drop_graphs()
-                return
-            if command == "step":
-                self.step(*args)
-            elif command == "plan":
-                conn.send(("plan", self.plan(*args)))
-            elif command == "cache":
-                self.cache(*args)
-                conn.send(("cache",))
-            else:
-                raise ValueError(f"unknown command {command!r}")
+            match msg:
+                case Step():
+                    self.step(msg)
+                case PlanKV():
+                    conn.send(KVPlanned(self.plan(*msg)))
+                case BuildCache():
+                    self.cache(*msg)
+                    conn.send(CacheBuilt())
+                case Stop():
+                    if self.executor is not None:
+                        self.executor.drop_graphs()
+                    return
+                case _:
+                    raise ValueError(f"unknown command {type(msg).__name__}")
 
 
 def main(fd: int) -> int:
@@ -115,15 +120,16 @@ def main(fd: int) -> int:
 
         from .tensor_parallel import init_group
 
+        check_version(spec.version, "rank 0")
         torch.set_num_threads(spec.num_threads)
-        conn.send(("started",))
+        conn.send(WorkerStarted())
         init_group(spec, spec.rank)
         worker = Worker(spec, spec.rank)
-        conn.send(("loaded",))
+        conn.send(WorkerLoaded())
         worker.serve(conn)
     except BaseException:
         try:
-            conn.send(("error", traceback.format_exc()))
+            conn.send(WorkerFailed(traceback.format_exc()))
         except OSError:
             pass
         return 1

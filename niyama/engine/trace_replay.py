@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..replica import WallClock
+from ..replica import Recorder, WallClock
 from ..sim.run import SimResult
 from ..workload import Workload, clip_lengths
 from .engine import LLMEngine
@@ -61,17 +61,19 @@ def replay(engine: LLMEngine, workload: Workload, seed: int = 0, progress=None,
         seq = engine.add_request(ids, params, tier=spec.tier, priority=spec.priority, arrival_s=spec.arrival_s)
         requests.append(seq.request)
     steps = []
-    engine.replica.on_step.append(lambda plan, res, end: steps.append(
+    replica = engine.replica
+    replica.on_step.append(lambda plan, res, end: steps.append(
         (plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, plan.prefill_context, res.duration_s,
          plan.num_sampled)))
+    replica.recorder = record = Recorder(replica.iteration)       # for the report; detached after (a server keeps none)
     try:
         while engine.has_work:
             engine.step()
             if progress is not None:
-                progress(engine.replica.num_unfinished)
+                progress(replica.num_unfinished)
     finally:
-        engine.replica.on_step.pop()
-    replica = engine.replica
-    result = SimResult(workload, engine.config.policy, requests, replica.iteration_end_s, replica.iteration,
-                       replica.num_preemptions, replica.num_relegations)
+        replica.on_step.pop()
+        replica.recorder = None
+    result = SimResult(workload, engine.config.policy, requests, record.iteration_end_s, replica.iteration,
+                       record.num_preemptions, record.num_relegations)
     return ReplayResult(result, steps, clipped)

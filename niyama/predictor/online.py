@@ -75,6 +75,6 @@ class OnlineCorrection:
                      self.base.name)
 
     def observe_plan(self, plan, measured_s: float) -> None:
-        """`Replica.on_step`-shaped: a measured `BatchPlan`."""
+        """A measured `BatchPlan` (run after the replica's step)."""
         self.observe(plan.num_prefill_tokens, plan.num_decodes, plan.decode_context, plan.prefill_context,
                      measured_s, plan.num_sampled)

@@ -12,9 +12,9 @@ from .sarathi import FixedChunkScheduler
 
 # name -> (config class, preset overrides, factory)
 POLICIES = {
-    "fcfs": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "fcfs")),
-    "edf": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "edf")),
-    "srpf": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "srpf")),
+    "fcfs": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "fcfs", pred)),
+    "edf": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "edf", pred)),
+    "srpf": (SchedulerConfig, {}, lambda cfg, pred: FixedChunkScheduler(cfg, "srpf", pred)),
     "niyama": (NiyamaConfig, {}, None),
     # ablations (paper Table 5: edf -> edf-dc -> niyama-alpha0 -> niyama)
     "niyama-no-dc": (NiyamaConfig, {"dynamic_chunking": False}, None),
@@ -31,13 +31,20 @@ def policy_options(name: str) -> dict[str, object]:
     return {f.name: preset.get(f.name, f.default) for f in dataclasses.fields(cls)}
 
 
-def make_scheduler(name: str, predictor: BatchTimePredictor, **overrides) -> Scheduler:
-    cls, preset, factory = _lookup(name)
+def scheduler_config(name: str, **overrides) -> SchedulerConfig:
+    """Policy `name`'s configuration (its preset, then `overrides`), e.g. to size memory by its
+    `max_batch_tokens` before a scheduler exists."""
+    cls, preset, _ = _lookup(name)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"policy {name!r} has no option(s) {sorted(unknown)}; it has {sorted(known)}")
-    config = cls(**{**preset, **overrides})
+    return cls(**{**preset, **overrides})
+
+
+def make_scheduler(name: str, predictor: BatchTimePredictor, **overrides) -> Scheduler:
+    config = scheduler_config(name, **overrides)
+    factory = _lookup(name)[2]
     if factory is not None:
         return factory(config, predictor)
     return NiyamaScheduler(config, predictor, name=name)
@@ -49,4 +56,4 @@ def _lookup(name: str):
     return POLICIES[name]
 
 
-__all__ = ["POLICIES", "BatchPlan", "PrefillChunk", "Scheduler", "make_scheduler", "policy_options"]
+__all__ = ["POLICIES", "BatchPlan", "PrefillChunk", "Scheduler", "make_scheduler", "policy_options", "scheduler_config"]

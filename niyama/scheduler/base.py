@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kv import BlockAllocator
+from ..predictor import BatchTimePredictor
 from ..request import Phase, Request
 from ..running import RunningDecodes
 from .batch_plan import BatchPlan, PrefillChunk
@@ -47,21 +48,27 @@ class SchedulerConfig:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
 
+    @property
+    def max_batch_tokens(self) -> int:
+        """The most tokens one plan can hold: every decode, or the largest budget (the engine sizes memory by it)."""
+        return max(self.max_num_seqs, self.chunk_size)
+
 
 class Scheduler:
     name = "base"
     relegates_late_work = False    # does `relegations` shed requests that are too late?
 
-    def __init__(self, config: SchedulerConfig, order: OrderKey):
+    def __init__(self, config: SchedulerConfig, order: OrderKey, predictor: BatchTimePredictor | None = None):
+        """`predictor`: what each plan's `predicted_s` comes from (and, for niyama, its chunk sizes)."""
         self.config = config
+        self.predictor = predictor
         self.waiting = WaitingQueue(order)
         self.prefill_rate = PrefillRate(config.prefill_rate_init, config.prefill_rate_decay)
         self.arrivals = ArrivalWork() if config.foresee_arrivals else None
 
     @property
     def max_batch_tokens(self) -> int:
-        """The most tokens one plan can hold: every decode, or the largest budget (the engine sizes memory by it)."""
-        return max(self.config.max_num_seqs, self.config.chunk_size)
+        return self.config.max_batch_tokens
 
     # --- policy hooks ----------------------------------------------------
     def token_budget(self, now: float, decodes: RunningDecodes, iteration: int, min_slack: float,
@@ -121,6 +128,9 @@ class Scheduler:
             prefills, relegated = self._fill(now, budget - num_decodes, kv, num_decodes)
         plan = BatchPlan(iteration, num_decodes, decode_context, prefills, budget, min_slack, preempted, relegated,
                          decodes.num_sampled)
+        if self.predictor is not None:       # once, here: the engine's metrics and online correction read it
+            plan.predicted_s = self.predictor.batch_time(plan.num_prefill_tokens, num_decodes, decode_context,
+                                                         plan.prefill_context, plan.num_sampled)
         self._check(plan, decodes)
         return plan
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..request import Request
@@ -29,6 +30,7 @@ class BatchPlan:
     preempted: list[Request] = field(default_factory=list)   # decodes evicted for KV before this batch
     relegated: list[Request] = field(default_factory=list)   # requests relegated while filling
     num_sampled_decodes: int = 0   # decodes whose token is drawn with temperature or penalties (Request.sampled)
+    predicted_s: float = math.nan  # the scheduler's predicted batch time (nan: it has no predictor)
 
     @property
     def num_prefill_tokens(self) -> int:

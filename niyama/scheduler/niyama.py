@@ -70,24 +70,22 @@ class NiyamaConfig(SchedulerConfig):
             if not cands or list(cands) != sorted(set(cands)) or cands[0] < 1:
                 raise ValueError(f"chunk candidates must be increasing positive integers, got {cands}")
 
+    @property
+    def max_batch_tokens(self) -> int:
+        budgets = self.chunk_candidates + self.low_memory_candidates if self.dynamic_chunking else (self.chunk_size,)
+        return max(self.max_num_seqs, *budgets)
+
 
 class NiyamaScheduler(Scheduler):
     def __init__(self, config: NiyamaConfig, predictor: BatchTimePredictor, name: str = "niyama"):
         alpha = config.alpha_s
-        super().__init__(config, lambda r: r.arrival_s + r.ttft_s + alpha * r.num_remaining_prefill)
+        super().__init__(config, lambda r: r.arrival_s + r.ttft_s + alpha * r.num_remaining_prefill, predictor)
         self.config: NiyamaConfig = config
-        self.predictor = predictor
         self.name = name
 
     @property
     def relegates_late_work(self) -> bool:
         return self.config.relegation
-
-    @property
-    def max_batch_tokens(self) -> int:
-        cfg = self.config
-        budgets = cfg.chunk_candidates + cfg.low_memory_candidates if cfg.dynamic_chunking else (cfg.chunk_size,)
-        return max(cfg.max_num_seqs, *budgets)
 
     def token_budget(self, now: float, decodes: RunningDecodes, iteration: int, min_slack: float,
                      kv: BlockAllocator) -> int:

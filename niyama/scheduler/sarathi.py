@@ -27,8 +27,8 @@ ORDERS = {"fcfs": fcfs_order, "edf": edf_order, "srpf": srpf_order}
 
 
 class FixedChunkScheduler(Scheduler):
-    def __init__(self, config: SchedulerConfig | None = None, order: str = "fcfs"):
+    def __init__(self, config: SchedulerConfig | None = None, order: str = "fcfs", predictor=None):
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; one of {sorted(ORDERS)}")
-        super().__init__(config or SchedulerConfig(), ORDERS[order])
+        super().__init__(config or SchedulerConfig(), ORDERS[order], predictor)
         self.name = order

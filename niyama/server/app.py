@@ -82,9 +82,9 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         if not runner.alive:
             raise APIError(runner.stopped, 503, type="server_error", code="engine_stopped")
         stats = runner.stats
-        degraded = stats["degraded"]
+        degraded = stats.degraded
         status = {"status": "degraded", "reason": degraded} if degraded else {"status": "ok"}
-        return {**status, "model": served_name, "kv_blocks_free": stats["kv_free"], "kv_blocks": stats["kv_blocks"],
+        return {**status, "model": served_name, "kv_blocks_free": stats.kv_free, "kv_blocks": stats.kv_blocks,
                 "engine": {"mode": info["mode"], "pid": info["pid"]}}
 
     card = {"id": served_name, "object": "model", "created": started, "owned_by": "niyama",

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 from ..engine.sequence import stop_token_ids
 from ..engine.text_output import TextOutput
-from .engine_core import EngineCore, Output, engine_info, serve_engine
+from ..messages import (Abort, AddRequest, EngineStats, Fatal, LoadReport, Output, Ready, ReportLoad, Shutdown,
+                        StepOutputs, check_version)
+from .engine_core import EngineCore, serve_engine
 from .protocol import Generation
 
 log = logging.getLogger("niyama.server")
@@ -93,10 +95,10 @@ class EngineClient:
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.streams: dict[int, Stream] = {}
-        self.stats: dict = {"kv_free": info["kv_blocks"], "kv_blocks": info["kv_blocks"], "degraded": None}
+        self.stats = EngineStats(time.monotonic(), info["kv_blocks"], info["kv_blocks"], 0, 0, None)
         self.stopped: str | None = None      # why the engine is not running
-        self.load: dict | None = None        # the engine's last load report (`report_load`), for a router
-        self._ids = itertools.count()
+        self.load: LoadReport | None = None  # the engine's last load report (`report_load`), for a router
+        self._ids = itertools.count()        # request ids: the engine uses the same
         self._send_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
@@ -120,10 +122,14 @@ class EngineClient:
             proc.join(5)
             raise RuntimeError(f"the engine process exited (code {proc.exitcode}) before it was ready; "
                                "see the log above") from None
-        if message[0] == "fatal":
+        if isinstance(message, Fatal):
             proc.join(10)
-            raise RuntimeError(f"the engine did not start: {message[1]}")
-        info = {**message[1], "pid": proc.pid, "mode": "process"}
+            raise RuntimeError(f"the engine did not start: {message.message}")
+        if not isinstance(message, Ready):
+            proc.terminate()
+            raise RuntimeError(f"the engine process sent {type(message).__name__} before Ready")
+        check_version(message.version, "the engine process")
+        info = {**message.info._asdict(), "pid": proc.pid, "mode": "process"}
         return cls(cmd_write, out_read, info, proc, metrics, tokenizer_factory(info) if tokenizer_factory else None)
 
     @classmethod
@@ -133,7 +139,7 @@ class EngineClient:
         out_read, out_write = multiprocessing.Pipe(duplex=False)
         core = EngineCore(engine, cmd_read, out_write)
         thread = threading.Thread(target=core.run, name="niyama-engine", daemon=True)
-        info = {**engine_info(engine), "pid": None, "mode": "thread"}
+        info = {**engine.info()._asdict(), "pid": None, "mode": "thread"}
         return cls(cmd_write, out_read, info, thread, metrics, engine.tokenizer)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -149,7 +155,7 @@ class EngineClient:
     def shutdown(self, timeout: float = 10) -> None:
         if self.stopped is None:
             self.stopped = "the server is shutting down"
-        self._send_queue.put(("shutdown",))
+        self._send_queue.put(Shutdown())
         self._send_queue.put(None)
         self._runner.join(timeout)
         if isinstance(self._runner, multiprocessing.process.BaseProcess) and self._runner.is_alive():
@@ -181,17 +187,17 @@ class EngineClient:
             raise EngineStopped(self.stopped)
         if self.metrics is not None:
             self.metrics.request_added(len(gen.prompt_ids))
-        self._send_queue.put(("add", rid, gen.prompt_ids, gen.params, gen.tier, gen.priority, arrival))
+        self._send_queue.put(AddRequest(rid, gen.prompt_ids, gen.params, gen.tier, gen.priority, arrival))
         return stream
 
     def abort(self, stream: Stream, reason: str = "abort") -> None:
         """Stop a request (its client left, or a stop string ended it); its blocks return at the engine's next
         pause, and the engine's final output for it still comes (for the metrics)."""
-        self._send_queue.put(("abort", stream.rid, reason))
+        self._send_queue.put(Abort(stream.rid, reason))
 
     def report_load(self, period_s: float) -> None:
-        """Ask the engine for its load (`engine_core.load_report`) at most every `period_s` while it works."""
-        self._send_queue.put(("load", period_s))
+        """Ask the engine for its load (`LLMEngine.load_report`) at most every `period_s` while it works."""
+        self._send_queue.put(ReportLoad(period_s))
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()
@@ -211,16 +217,18 @@ class EngineClient:
             except (EOFError, OSError):
                 self._engine_gone()
                 return
-            if message[0] == "out":
-                self._on_outputs(*message[1:])
+            if isinstance(message, StepOutputs):
+                self._on_outputs(*message)
+            else:
+                log.error("ignoring an unexpected engine message %s", type(message).__name__)
 
-    def _on_outputs(self, rids: list[int], tokens: list[int], ends: list[Output], stats: dict,
+    def _on_outputs(self, rids: list[int], tokens: list[int], ends: list[Output], stats: EngineStats,
                     logprobs: dict) -> None:
         now = time.monotonic()
         if self.metrics is not None:
             self.metrics.observe(stats)
         streams = self.streams
-        ready = [(streams[rid], ADMITTED) for rid in stats["admitted"] if rid in streams]
+        ready = [(streams[rid], ADMITTED) for rid in stats.admitted if rid in streams]
         for rid, token in zip(rids, tokens):
             stream = streams.get(rid)
             lp = logprobs.get(rid)
@@ -238,8 +246,8 @@ class EngineClient:
                 self.metrics.request_finished(stream, end, now)
         if ready:
             self._deliver(ready)
-        if "load" in stats:
-            self.load = stats["load"]
+        if stats.load is not None:
+            self.load = stats.load
         self.stats = stats          # last: once /health shows a request's blocks free, its metrics are recorded
 
     def _advance(self, stream: Stream, new: list[int], end: Output | None, now: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from ..messages import EngineStats
 from ..predictor.online import KINDS
 from ..qos import Tier
 
@@ -105,27 +106,27 @@ class ServerMetrics:
     def request_added(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.labels(self.model).inc(num_prompt_tokens)
 
-    def observe(self, stats: dict) -> None:
+    def observe(self, stats: EngineStats) -> None:
         """An engine message's stats: the steps it covers and the engine's state after them."""
         m = self.model
-        for step in stats["steps"]:
-            self.step_time.labels(m).observe(step["duration_s"])
-            if step["predicted_s"] > 0:
-                self.step_ratio.labels(m).observe(step["duration_s"] / step["predicted_s"])
-            if step["budget"] is not None:
-                self.chunk_size.labels(m).observe(step["budget"])
-            self.iteration_tokens.labels(m).observe(step["tokens"])
-            for tier, q in step["queue_s"]:
+        for step in stats.steps:
+            self.step_time.labels(m).observe(step.duration_s)
+            if step.predicted_s > 0:
+                self.step_ratio.labels(m).observe(step.duration_s / step.predicted_s)
+            if step.budget is not None:
+                self.chunk_size.labels(m).observe(step.budget)
+            self.iteration_tokens.labels(m).observe(step.tokens)
+            for tier, q in step.queue_s:
                 self.queue_time.labels(m, tier).observe(max(0.0, q))
-            for tier in step["relegated"]:
+            for tier in step.relegated:
                 self.relegations.labels(m, tier).inc()
-            if step["preempted"]:
-                self.preemptions.labels(m).inc(step["preempted"])
-        for kind, ratio in (stats["correction"] or {}).items():
+            if step.preempted:
+                self.preemptions.labels(m).inc(step.preempted)
+        for kind, ratio in (stats.correction or {}).items():
             self.correction.labels(m, kind).set(ratio)
-        self.running.labels(m).set(stats["running"])
-        self.waiting.labels(m).set(stats["waiting"])
-        self.kv_usage.labels(m).set(1 - stats["kv_free"] / stats["kv_blocks"])
+        self.running.labels(m).set(stats.running)
+        self.waiting.labels(m).set(stats.waiting)
+        self.kv_usage.labels(m).set(1 - stats.kv_free / stats.kv_blocks)
 
     def tokens_emitted(self, stream, num_new: int, now_s: float) -> None:
         self.generation_tokens.labels(self.model).inc(num_new)

@@ -144,7 +144,8 @@ class EngineReplica:
                 self.client.abort(stream)
 
     def record_routing_stats(self) -> dict:
-        return self.client.load or {}
+        load = self.client.load
+        return load._asdict() if load is not None else {}
 
     def check_health(self) -> None:
         if not self.client.alive:           # the engine process died: Serve replaces this replica
@@ -153,8 +154,8 @@ class EngineReplica:
     def report(self) -> dict:
         s = self.client.stats
         return {"pid": os.getpid(), "engine_pid": self.client.info["pid"], "node": self.node,
-                "stats": {"kv_free": s["kv_free"], "kv_blocks": s["kv_blocks"], "degraded": s["degraded"],
-                          "running": s.get("running", 0), "waiting": s.get("waiting", 0)},
+                "stats": {"kv_free": s.kv_free, "kv_blocks": s.kv_blocks, "degraded": s.degraded,
+                          "running": s.running, "waiting": s.waiting},
                 "load": self.client.load, "metrics": self.client.render_metrics()}
 
     async def _report_loop(self) -> None:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import time
 
+from ..messages import EngineStats
 from ..qos import DeadlineRule
 from .engine_client import EngineStopped, Event, Stream
 from .protocol import Generation
@@ -44,7 +45,7 @@ class RemoteEngine:
         self.stale_s = stale_s              # a replica silent this long is gone
         self.metrics = None                 # set by build_app; unused: /metrics merges the replicas' own
         self.replicas: dict[str, dict] = {}     # replica id -> its last report (ray_serve.EngineReplica.report)
-        self.stats: dict = {"kv_free": 0, "kv_blocks": 0, "degraded": None}
+        self.stats = EngineStats(0.0, 0, 0, 0, 0, None)
         self.stopped: str | None = None
         self._closing = False
         self._silent_since: float | None = None
@@ -137,9 +138,11 @@ class RemoteEngine:
         live = {rid: report for rid, (age_s, report) in snapshot.items() if age_s < self.stale_s}
         self.replicas = dict(sorted(live.items()))
         degraded = [f"replica {rid}: {r['stats']['degraded']}" for rid, r in live.items() if r["stats"]["degraded"]]
-        self.stats = {"kv_free": sum(r["stats"]["kv_free"] for r in live.values()),
-                      "kv_blocks": sum(r["stats"]["kv_blocks"] for r in live.values()),
-                      "degraded": "; ".join(degraded) or None}
+        self.stats = EngineStats(time.monotonic(), sum(r["stats"]["kv_free"] for r in live.values()),
+                                 sum(r["stats"]["kv_blocks"] for r in live.values()),
+                                 sum(r["stats"]["running"] for r in live.values()),
+                                 sum(r["stats"]["waiting"] for r in live.values()), None,
+                                 degraded="; ".join(degraded) or None)
         if self._closing:
             return
         now = time.monotonic()

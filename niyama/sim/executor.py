@@ -12,6 +12,8 @@ from ..scheduler import BatchPlan
 
 
 class SimulatedExecutor:
+    ends_requests = False      # a request ends when it made its trace's output length (replica.py)
+
     def __init__(self, predictor: BatchTimePredictor, noise: float = 0.0, seed: int = 0):
         if noise < 0:
             raise ValueError("noise must be >= 0")

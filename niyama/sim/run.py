@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..kv import BlockAllocator
 from ..predictor import DEFAULT_PROFILE, load_profile
 from ..predictor.online import OnlineCorrection
-from ..replica import Replica
+from ..replica import Recorder, Replica
 from ..request import Request
 from ..scheduler import make_scheduler
 from ..workload import Workload
@@ -44,7 +44,8 @@ def simulate(workload: Workload, policy: str = "niyama", *, profile: str = DEFAU
     predictor = OnlineCorrection(profile_model) if online_correction else profile_model
     scheduler = make_scheduler(policy, predictor, **(policy_options or {}))
     kv = BlockAllocator.for_tokens(kv_tokens)
-    replica = Replica(scheduler, SimulatedExecutor(truth, noise, seed), kv)
+    record = Recorder()
+    replica = Replica(scheduler, SimulatedExecutor(truth, noise, seed), kv, recorder=record)
     if online_correction:
         replica.on_step.append(lambda plan, result, end: predictor.observe_plan(plan, result.duration_s))
     if on_step is not None:
@@ -55,6 +56,6 @@ def simulate(workload: Workload, policy: str = "niyama", *, profile: str = DEFAU
     replica.run(progress)
     kv.check(r for r in requests if r.block_ids)
     assert kv.num_free == kv.num_blocks, "blocks leaked"
-    return SimResult(workload, policy, requests, replica.iteration_end_s, replica.iteration,
-                     replica.num_preemptions, replica.num_relegations)
+    return SimResult(workload, policy, requests, record.iteration_end_s, replica.iteration,
+                     record.num_preemptions, record.num_relegations)
 
