@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from niyama.engine.sampler import Sampler  # noqa: E402
+from niyama.engine.sampler import MAX_ROUNDS, Sampler  # noqa: E402
 from niyama.engine.sampling import SAMPLING_PRESETS, SamplingParams  # noqa: E402
 
 from helpers import SamplerRow  # noqa: E402
@@ -138,7 +138,7 @@ def sweep(device: torch.device, gen: torch.Generator) -> list[dict]:
             for i in range(13):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                triton_sampler.draw(logits, **cols, block=block, num_warps=warps)
+                triton_sampler.draw(logits, **cols, max_rounds=MAX_ROUNDS, block=block, num_warps=warps)
                 end.record()
                 end.synchronize()
                 if i >= 3:

@@ -10,7 +10,6 @@ the correctness oracle for faster backends.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -138,24 +137,3 @@ def _gather(k_cache, v_cache, blocks, k_buf, v_buf):
 def _sdpa(q, k, v, mask) -> torch.Tensor:
     """Grouped-query attention: each KV head serves heads/kv_heads query heads."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[-3] != k.shape[-3])
-
-
-AUTO = "auto"    # triton on a GPU, the reference elsewhere
-
-
-def make_backend(name: str, config, device: torch.device, max_num_seqs: int, block_size: int) -> AttentionBackend:
-    """`torch-reference` (anywhere), `triton` (CUDA; imports Triton only then), or `auto`."""
-    if name == AUTO:
-        name = "triton" if device.type == "cuda" else TorchReference.name
-    if name == TorchReference.name:
-        return TorchReference()
-    if name == "triton":
-        if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
-            raise ValueError("the triton attention backend runs on a CUDA GPU (on a CPU only in Triton's "
-                             "interpreter, TRITON_INTERPRET=1, for tests); use --attention torch-reference")
-        try:
-            from .triton_backend import TritonPaged
-        except ImportError as e:
-            raise ValueError(f"the triton attention backend needs the triton package ({e})") from e
-        return TritonPaged(config, device, max_num_seqs, block_size)
-    raise ValueError(f"unknown attention backend {name!r}; choose from auto, torch-reference, triton")

@@ -30,7 +30,8 @@ from ..qos import DeadlineRule, Priority, Tier, load_tiers
 from ..replica import Replica, WallClock
 from ..request import Phase, Request
 from ..scheduler import make_scheduler, scheduler_config
-from .attention import TorchReference, make_backend
+from .attention import TorchReference
+from .backends import make_backend
 from . import profile_choice
 from .calibrate import calibrate
 from .config import ModelConfig

@@ -296,7 +296,7 @@ class Sampler:
         seed, position = rows.ints[:, 1], rows.ints[:, 2]
         if self.use_triton:
             from .triton_sampler import draw
-            return draw(logits, temperature, top_p, min_p, floor, seed, position)
+            return draw(logits, temperature, top_p, min_p, floor, seed, position, MAX_ROUNDS)
         return draw_reference(logits, temperature, top_p, min_p, floor, seed, position)
 
 

@@ -43,7 +43,8 @@ class Worker:
     def __init__(self, spec, rank: int):
         import torch
 
-        from .attention import TorchReference, make_backend
+        from .attention import TorchReference
+        from .backends import make_backend
         from .engine import load_model, parse_dtype
         from .ops import make_ops
         from .tensor_parallel import Shard, TensorParallelOps

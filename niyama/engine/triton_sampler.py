@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampler import MAX_ROUNDS
 
 # A row is one program, so its passes run on one SM: many warps shorten them. Of five (block, warps) settings
 # this was the fastest at batch 1, 128 and 256 on an H100 (benchmarks/sampler_bench.py's sweep; docs/sampling.md).
@@ -151,15 +150,15 @@ def _draw_kernel(logits, stride, vocab, temperature, top_p, min_p, floor, seed, 
 
 
 def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-         floor: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, block: int = BLOCK,
+         floor: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, max_rounds: int, block: int = BLOCK,
          num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """`sampler.draw_reference` as one kernel launch (no host wait)."""
+    """`sampler.draw_reference` as one kernel launch (no host wait); `max_rounds`: sampler.MAX_ROUNDS."""
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.int64, device=logits.device)
     if n:
         _draw_kernel[(n,)](logits, logits.stride(0), vocab, temperature.contiguous(), top_p.contiguous(),
                            min_p.contiguous(), floor.contiguous(), seed.contiguous(), position.contiguous(), out,
-                           BLOCK=block, MAX_ROUNDS=MAX_ROUNDS, num_warps=num_warps)
+                           BLOCK=block, MAX_ROUNDS=max_rounds, num_warps=num_warps)
     return out
 
 

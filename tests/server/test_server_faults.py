@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from test_server import start_server, stop_server  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import soak  # noqa: E402
 
 

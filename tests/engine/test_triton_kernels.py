@@ -302,7 +302,7 @@ def test_worst_case_step_fits_at_the_default_memory_settings():
 
 
 def test_triton_backend_refuses_a_cpu_outside_the_interpreter(monkeypatch):
-    from niyama.engine.attention import make_backend
+    from niyama.engine.backends import make_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="runs on a CUDA GPU"):

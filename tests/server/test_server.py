@@ -574,7 +574,7 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(server):
     import re
     from pathlib import Path
 
-    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" / "niyama-dashboard.json").read_text())
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "niyama-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(dashboard["panels"]) >= 10 and all(p["targets"] for p in dashboard["panels"])
     queried = {m for e in exprs for m in re.findall(r"niyama:[a-z0-9_:]+", e)}

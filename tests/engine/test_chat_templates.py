@@ -15,7 +15,7 @@ pytest.importorskip("gguf")
 from niyama.engine.tokenizer import Tokenizer  # noqa: E402
 from niyama.engine.weights import default_gguf_path, resolve  # noqa: E402
 
-TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+TEMPLATES = Path(__file__).parent.parent / "data" / "chat_templates"
 CHAT = [{"role": "system", "content": "You answer briefly."},
         {"role": "user", "content": "Grüße aus München! What is 2+2?"},
         {"role": "assistant", "content": "4."},
