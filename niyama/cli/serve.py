@@ -90,6 +90,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+SERVER_CPU_RESERVE = 1      # cores a CPU engine leaves to the HTTP process (engine/cpu_threads.py)
+
+
 def parse_service_tier_map(text: str | None) -> dict[str, str]:
     if not text:
         return {}
@@ -131,6 +134,7 @@ def model_from_args(args) -> str | None:
 def run(args) -> int:
     import uvicorn    # a missing server dependency: the CLI says which extra to install
 
+    from ..engine.cpu_threads import RESERVE_ENV
     from ..qos import ON_INFEASIBLE, load_tiers, with_admission
     from ..server.app import Limits, build_app
     from ..server.request_qos import QoSPolicy
@@ -163,6 +167,8 @@ def run(args) -> int:
         from ..server import ray_serve     # Ray only on this path (ImportError: the CLI names the extra)
 
         return ray_serve.run(args, config, tiers, qos, limits)
+    # the HTTP side (event loop, the engine client's reader and sender threads) keeps a core from a CPU engine
+    os.environ.setdefault(RESERVE_ENV, str(SERVER_CPU_RESERVE))
     # the tiers read once above are the engine's and what the QoS policy resolves to
     runner = start_engine(config, tiers, args.in_process_engine)
     name = args.served_model_name or runner.info["model_name"]
