@@ -16,14 +16,20 @@ from ..metrics import format_report, summarize, write_records_csv
 from ..workload import make_workload
 from .common import add_output_options, add_workload_options, trace_help
 
-EXAMPLES = """examples:
+EXAMPLES = """examples, CPU-sized (the default model, `niyama serve` on a 2-core CPU: one to two minutes each):
+  niyama bench serve --dataset-name random --random-input-len 128 --random-output-len 32 --num-prompts 20 \\
+      --request-rate 0.5
+  niyama bench serve --trace azure-conv --qps 0.5 --requests 20 --max-prompt-tokens 256 --max-output-tokens 32
+  niyama bench serve --trace sharegpt --qps 0.5 --requests 60 --max-prompt-tokens 256 --max-output-tokens 32 \\
+      --max-duration 120                             # at most 2 minutes: a partial report of what finished
+
+examples, GPU-sized:
   niyama bench serve --url http://127.0.0.1:8000 --trace azure-conv --qps 2 --requests 200
   niyama bench serve --base-url http://127.0.0.1:8000 --request-rate 1 --num-prompts 20 \\
       --endpoint /v1/chat/completions --goodput ttft:2000          # vLLM's flags; vllm_result.json
-  niyama bench serve --trace azure-conv --qps 1 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32
   niyama bench serve --url http://gpu-box:8000 --model meta-llama/Llama-3.1-8B-Instruct --qos off
-  niyama bench serve --backend vllm --host 127.0.0.1 --port 8000 --dataset-name random --random-input-len 1024 \
-      --random-output-len 128 --num-prompts 100 --request-rate 4 --temperature 0.7 --top-p 0.9 --save-result \
+  niyama bench serve --backend vllm --host 127.0.0.1 --port 8000 --dataset-name random --random-input-len 1024 \\
+      --random-output-len 128 --num-prompts 100 --request-rate 4 --temperature 0.7 --top-p 0.9 --save-result \\
       --result-dir results/                                         # as typed for `vllm bench serve`
 
 Prompts are random token ids of the trace's lengths sent to /v1/completions; outputs are asked for at

@@ -89,3 +89,30 @@ def test_capacity_legend_explains_the_bound_columns():
     for column in ("goodput QPS:", "sustainable:", "paper Fig.7:", "bound:", "% of bound:", "runs:"):
         assert column in text
     assert "<= 1% violations" in text and "2552-token" in text
+
+
+def test_every_example_in_the_help_parses():
+    """The epilogs' commands, as a user pastes them (continuation lines joined, comments dropped)."""
+    import shlex
+
+    from niyama import cli
+
+    parser = build_parser()
+    count = 0
+    for verb in cli.VERBS:
+        for name in ("EXAMPLES", "PROFILE_EXAMPLES", "FIT_EXAMPLES"):
+            text = getattr(verb, name, "").replace("\\\n", " ")
+            lines = text.splitlines()
+            while lines:
+                line = lines.pop(0)
+                if not line.startswith("  niyama "):       # an example, not prose
+                    continue
+                while True:
+                    try:
+                        words = shlex.split(line, comments=True)
+                        break
+                    except ValueError:         # a quoted argument that goes on over the next line
+                        line += "\n" + lines.pop(0)
+                parser.parse_args(words[1:])
+                count += 1
+    assert count > 40
