@@ -20,7 +20,7 @@ EXAMPLES = """examples, CPU-sized (the default model, `niyama serve` on a 2-core
   niyama bench serve --dataset-name random --random-input-len 128 --random-output-len 32 --num-prompts 20 \\
       --request-rate 0.5
   niyama bench serve --trace azure-conv --qps 0.5 --requests 20 --max-prompt-tokens 256 --max-output-tokens 32
-  niyama bench serve --trace sharegpt --qps 0.5 --requests 60 --max-prompt-tokens 256 --max-output-tokens 32 \\
+  niyama bench serve --trace sharegpt --qps 0.25 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32 \\
       --max-duration 120                             # at most 2 minutes: a partial report of what finished
 
 examples, GPU-sized:
@@ -213,8 +213,8 @@ def run(args) -> int:
         partial = {"stopped_by": stopped, "after_s": round(duration, 2), "planned": planned,
                    "finished": len(finished), "in_flight": in_flight, "not_sent": planned - len(finished) - in_flight}
         print(f"PARTIAL: stopped by {stopped} after {duration:.1f} s: {len(finished)} of {planned} requests "
-              f"finished, {in_flight} in flight dropped, {partial['not_sent']} never sent; the report covers the "
-              "finished ones")
+              f"finished, {in_flight} in flight dropped, {partial['not_sent']} never sent; "
+              + ("the report covers the finished ones" if finished else "no report"))
         if not finished:
             return 130 if stopped == "Ctrl-C" else 1
         wl, bodies, outcomes = finished_only(wl, bodies, finished)
