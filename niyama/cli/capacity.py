@@ -126,7 +126,8 @@ def legend(target_pct: float) -> str:
             "same on runs twice as long whose backlog stays under the shortest TTLT; paper Fig.7: the paper's "
             "number.\nbound: the QPS one replica could finish at best on the trace, running only full 2552-token "
             "steps in the trace's prefill/decode mix, from the batch-time profile alone, no deadlines (`niyama "
-            "bound`); % of bound: goodput / bound (/ sustainable / bound); runs: simulations of the search.")
+            "bound`); % of bound: goodput / bound, and sustainable / bound after the slash; runs, time: the search's "
+            "simulations and seconds.")
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
