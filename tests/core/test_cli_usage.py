@@ -86,7 +86,7 @@ def test_model_help_names_every_dummy_shape():
 
 def test_capacity_legend_explains_the_bound_columns():
     text = legend(1.0)
-    for column in ("goodput QPS:", "sustainable:", "paper Fig.7:", "bound:", "% of bound:", "runs:"):
+    for column in ("goodput QPS:", "sustainable:", "paper Fig.7:", "bound:", "% of bound:", "runs, time:"):
         assert column in text
     assert "<= 1% violations" in text and "2552-token" in text
 
