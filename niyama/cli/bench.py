@@ -16,14 +16,20 @@ from ..metrics import format_report, summarize, write_records_csv
 from ..workload import make_workload
 from .common import add_output_options, add_workload_options, trace_help
 
-EXAMPLES = """examples:
+EXAMPLES = """examples, CPU-sized (the default model, `niyama serve` on a 2-core CPU: one to two minutes each):
+  niyama bench serve --dataset-name random --random-input-len 128 --random-output-len 32 --num-prompts 20 \\
+      --request-rate 0.5
+  niyama bench serve --trace azure-conv --qps 0.5 --requests 20 --max-prompt-tokens 256 --max-output-tokens 32
+  niyama bench serve --trace sharegpt --qps 0.25 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32 \\
+      --max-duration 120                             # at most 2 minutes: a partial report of what finished
+
+examples, GPU-sized:
   niyama bench serve --url http://127.0.0.1:8000 --trace azure-conv --qps 2 --requests 200
   niyama bench serve --base-url http://127.0.0.1:8000 --request-rate 1 --num-prompts 20 \\
       --endpoint /v1/chat/completions --goodput ttft:2000          # vLLM's flags; vllm_result.json
-  niyama bench serve --trace azure-conv --qps 1 --requests 40 --max-prompt-tokens 256 --max-output-tokens 32
   niyama bench serve --url http://gpu-box:8000 --model meta-llama/Llama-3.1-8B-Instruct --qos off
-  niyama bench serve --backend vllm --host 127.0.0.1 --port 8000 --dataset-name random --random-input-len 1024 \
-      --random-output-len 128 --num-prompts 100 --request-rate 4 --temperature 0.7 --top-p 0.9 --save-result \
+  niyama bench serve --backend vllm --host 127.0.0.1 --port 8000 --dataset-name random --random-input-len 1024 \\
+      --random-output-len 128 --num-prompts 100 --request-rate 4 --temperature 0.7 --top-p 0.9 --save-result \\
       --result-dir results/                                         # as typed for `vllm bench serve`
 
 Prompts are random token ids of the trace's lengths sent to /v1/completions; outputs are asked for at
@@ -100,6 +106,9 @@ def add_parser(sub) -> None:
                    help="random prompt token ids are drawn from [LO, HI) (default 1000,30000: inside any "
                         "Llama-family vocabulary)")
     s.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout in seconds (default 3600)")
+    s.add_argument("--max-duration", type=float, default=None, metavar="S",
+                   help="stop the run after S seconds and report the requests that finished by then, as Ctrl-C "
+                        "does (default: run until every request is done)")
     add_workload_options(s, admission=False)
     add_output_options(s, "results/bench-serve", "records.csv and summary.json")
     s.set_defaults(run=run)
@@ -117,6 +126,8 @@ def run(args) -> int:
 
     if args.requests < 1:
         raise ValueError("--requests must be >= 1")
+    if args.max_duration is not None and not args.max_duration > 0:
+        raise ValueError("--max-duration must be > 0")
     sampling = {key: getattr(args, key) for key in SAMPLING_FIELDS if getattr(args, key) is not None}
     if args.backend == "openai-chat":
         args.endpoint = "/v1/chat/completions"
@@ -174,19 +185,42 @@ def run(args) -> int:
     print(f"{url}: model {target.model!r} ({'niyama' if target.is_niyama else 'not niyama'}); "
           f"{len(wl)} requests at {args.qps:g} QPS from {wl.name}; QoS fields: "
           f"{'tier names' if qos_sent == 'tier' else 'explicit targets' if qos_sent else 'none'}")
-    failures = []
+    finished = []
     with tqdm(total=len(wl), unit="req", desc=f"bench {wl.name}", disable=args.quiet, dynamic_ncols=True) as bar:
         def progress(outcome):
             bar.update(1)
-            if outcome.error:
-                failures.append(outcome)
+            finished.append(outcome)
+
+        async def load():
+            run = run_load(target, bodies, arrivals, args.timeout, progress, args.endpoint, headers,
+                           args.max_concurrency)
+            return await (asyncio.wait_for(run, args.max_duration) if args.max_duration else run)
 
         t0 = time.monotonic()
-        outcomes = asyncio.run(run_load(target, bodies, arrivals, args.timeout, progress, args.endpoint, headers,
-                                        args.max_concurrency))
+        stopped = None
+        try:
+            outcomes = asyncio.run(load())
+        except (TimeoutError, asyncio.TimeoutError):
+            stopped = f"--max-duration {args.max_duration:g} s"
+        except KeyboardInterrupt:
+            stopped = "Ctrl-C"
         duration = time.monotonic() - t0
+    planned = len(wl)
+    partial = None
+    if stopped:      # report what finished; the requests still in flight were dropped with the connections
+        sent = sum(a <= duration for a in arrivals) - len(finished)      # due and unfinished
+        in_flight = min(sent, args.max_concurrency or sent)
+        partial = {"stopped_by": stopped, "after_s": round(duration, 2), "planned": planned,
+                   "finished": len(finished), "in_flight": in_flight, "not_sent": planned - len(finished) - in_flight}
+        print(f"PARTIAL: stopped by {stopped} after {duration:.1f} s: {len(finished)} of {planned} requests "
+              f"finished, {in_flight} in flight dropped, {partial['not_sent']} never sent; "
+              + ("the report covers the finished ones" if finished else "no report"))
+        if not finished:
+            return 130 if stopped == "Ctrl-C" else 1
+        wl, bodies, outcomes = finished_only(wl, bodies, finished)
+    failures = [o for o in outcomes if o.error]
     if clipped:
-        print(f"note: {clipped} of {len(wl)} requests had their lengths clipped (max_model_len or --max-*-tokens)")
+        print(f"note: {clipped} of {planned} requests had their lengths clipped (max_model_len or --max-*-tokens)")
     rejected = sum(o.rejected for o in failures)
     if rejected:
         print(f"{rejected} of {len(wl)} requests were rejected at arrival (429: deadline infeasible); the report "
@@ -202,17 +236,28 @@ def run(args) -> int:
     dest = Path(args.out)
     write_records_csv(records, dest / "records.csv")
     (dest / "summary.json").write_text(json.dumps({**asdict(summary), "failed": len(failures) - rejected,
-                                                   "url": url, "model": target.model}, indent=1))
+                                                   "url": url, "model": target.model, "partial": partial}, indent=1))
     vres = vllm_result(outcomes, bodies, duration, goodput, metrics, percentiles)
     print("\n" + format_vllm_result(vres, metrics, percentiles))
     vres.update({"backend": "openai-chat" if args.endpoint.endswith("chat/completions") else "openai",
-                 "model_id": target.model, "base_url": url, "endpoint": args.endpoint, "num_prompts": len(wl),
+                 "model_id": target.model, "base_url": url, "endpoint": args.endpoint, "num_prompts": planned,
                  "request_rate": args.qps, "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
                  "goodput": {k: v * 1000 for k, v in goodput.items()}, "date": time.strftime("%Y%m%d-%H%M%S")})
     vres.update(sampling)
+    if partial:
+        vres["partial"] = partial
     (dest / args.result_filename).write_text(json.dumps(vres, indent=1))
-    print(f"wrote {dest / 'records.csv'}, {dest / 'summary.json'} and {dest / args.result_filename}")
-    return 0
+    print(f"wrote {dest / 'records.csv'}, {dest / 'summary.json'} and {dest / args.result_filename}"
+          + (" (partial)" if partial else ""))
+    return 130 if stopped == "Ctrl-C" else 0
+
+
+def finished_only(wl, bodies: list[dict], finished: list):
+    """The workload, bodies and outcomes of the requests that finished, renumbered: a stopped run is reported
+    as the smaller run it was."""
+    keep = sorted(finished, key=lambda o: o.index)
+    return (dataclasses.replace(wl, specs=[wl.specs[o.index] for o in keep]), [bodies[o.index] for o in keep],
+            [dataclasses.replace(o, index=j) for j, o in enumerate(keep)])
 
 
 # SamplingParams' sampling fields (engine/sampling.py's MIX_KEYS; not imported: the engine package needs torch,

@@ -24,7 +24,7 @@ EXAMPLES = """examples:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("capacity", help="find each policy's goodput (QPS at <= 1%% violations) per trace",
-                       description="Search the highest load at which the worst tier has <= 1%% violations "
+                       description="Search the highest load at which the worst tier has <= 1% violations "
                                    "(coarse-to-fine, then linear interpolation), per trace x policy; print a "
                                    "table and write CSV/JSON and a bar chart like the paper's Fig. 7.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +60,7 @@ def run(args) -> int:
 
     rows = with_bounds([r.to_dict() for r in results], [r.job.scenario for r in results])
     print(format_table(rows))
+    print(legend(args.target))
     for line in short_run_warnings(results):
         print(line, file=sys.stderr)
     out = Path(args.out)
@@ -117,6 +118,16 @@ def format_table(rows: list[dict]) -> str:
                      f"{'-' if ref is None else f'{ref:.1f}':>11} {r['bound_qps']:>6.2f} {pct:>10} "
                      f"{len(r['points']) + len(r['long_points']):>5} {r['seconds']:>5.0f}s")
     return "\n".join(lines)
+
+
+def legend(target_pct: float) -> str:
+    """What the columns mean, under the table: the bound ones especially are not self-explanatory."""
+    return (f"goodput QPS: the highest load whose worst tier has <= {target_pct:g}% violations; sustainable: the "
+            "same on runs twice as long whose backlog stays under the shortest TTLT; paper Fig.7: the paper's "
+            "number.\nbound: the QPS one replica could finish at best on the trace, running only full 2552-token "
+            "steps in the trace's prefill/decode mix, from the batch-time profile alone, no deadlines (`niyama "
+            "bound`); % of bound: goodput / bound, and sustainable / bound after the slash; runs, time: the search's "
+            "simulations and seconds.")
 
 
 def write_tables(rows: list[dict], out: Path) -> None:

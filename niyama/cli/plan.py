@@ -25,7 +25,7 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="replicas needed for a load: the smallest shared pool vs the best silo split",
                        description="Search the fewest replicas that serve --qps of a trace with the worst tier at "
-                                   "<= --target %% violations: one shared pool (every replica serves every tier, "
+                                   "<= --target % violations: one shared pool (every replica serves every tier, "
                                    "--policy behind --router) and silos (a pool per tier, Sarathi chunks: 256 for "
                                    "interactive tiers, 2048 for batch tiers, round-robin inside). Prints a table, "
                                    "writes plan.json, plan.csv (every run) and plan.png.",

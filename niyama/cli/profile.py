@@ -148,11 +148,11 @@ def run_profile(args) -> int:
 
 def busy_note(device) -> None:
     """CPU times are only as good as the machine is quiet: say so when other work shares its cores."""
-    import os
+    from ..engine.cpu_threads import busy
 
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if device.type == "cpu" and load > 0.5 * cores:
-        print(f"note: load average {load:.1f} on {cores} cores: other work shares this CPU, step times are noisy")
+    note = busy(0.5) if device.type == "cpu" else None
+    if note:
+        print(f"note: {note}: other work shares this CPU, step times are noisy")
 
 
 def _shape_text(s) -> str:

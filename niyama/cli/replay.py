@@ -19,7 +19,7 @@ EXAMPLES = """examples:
   niyama replay --trace azure-conv --qps 2 --requests 50 --max-prompt-tokens 256 --max-output-tokens 32
   niyama replay --trace azure-conv --qps 1 --requests 30 --profile results/replay/profile.json
   niyama replay --model llama-3-8b --load-format dummy --device cuda --trace azure-code --qps 3 --requests 500
-  niyama replay --model llama-3-8b --load-format dummy --device cuda --trace azure-conv --qps 20 --requests 1200 \
+  niyama replay --model llama-3-8b --load-format dummy --device cuda --trace azure-conv --qps 20 --requests 1200 \\
       --sampling chat
 
 Prompts are random token ids of the trace's lengths; each request generates

@@ -15,8 +15,8 @@ from .common import (add_admission_option, add_engine_options, add_profile_optio
 
 EXAMPLES = """examples:
   niyama serve                                          # SmolLM2-135M-Instruct on CPU, port 8000
+  niyama serve ~/models/Llama-3.1-8B-Instruct --device cuda   # the model as vLLM takes it (or --model)
   niyama serve --port 8001 --default-tier Q2 --tiers my-tiers.json
-  niyama serve --model ~/models/Llama-3.1-8B-Instruct --device cuda
   niyama serve --profile measure                        # plan with batch times measured on this machine
   niyama serve --chat-template my-template.jinja        # a chat template other than the model's
   niyama serve --model llama-3-8b --load-format dummy --tokenizer ~/models/Llama-3-8B-Instruct --device cuda
@@ -36,10 +36,12 @@ def add_parser(sub) -> None:
                                    "/tokenize, /detokenize, /version, /health, /metrics). Requests may name a QoS tier, explicit targets and a "
                                    "priority; see README 'QoS per request'.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` takes it: the same as --model (see there)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: --model as given, or smollm2-135m-instruct)")
+                   help="the model id clients send (default: the model as given, or smollm2-135m-instruct)")
     g = p.add_argument_group("access and limits")
     g.add_argument("--api-key", default=os.environ.get("NIYAMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open) "
@@ -88,6 +90,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+SERVER_CPU_RESERVE = 1      # cores a CPU engine leaves to the HTTP process (engine/cpu_threads.py)
+
+
 def parse_service_tier_map(text: str | None) -> dict[str, str]:
     if not text:
         return {}
@@ -118,13 +123,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def model_from_args(args) -> str | None:
+    """MODEL or --model: either will do, both only if they agree."""
+    if args.model_arg is not None and args.model is not None and args.model_arg != args.model:
+        raise ValueError(f"the model is given twice and differs: MODEL {args.model_arg!r} and --model "
+                         f"{args.model!r}; give one of them")
+    return args.model if args.model is not None else args.model_arg
+
+
 def run(args) -> int:
     import uvicorn    # a missing server dependency: the CLI says which extra to install
 
+    from ..engine.cpu_threads import RESERVE_ENV
     from ..qos import ON_INFEASIBLE, load_tiers, with_admission
     from ..server.app import Limits, build_app
     from ..server.request_qos import QoSPolicy
 
+    args.model = model_from_args(args)
     check_policy(args.policy)
     options = parse_policy_options(args.policy, args.opt)
     if not 0 < args.port < 65536:
@@ -152,6 +167,8 @@ def run(args) -> int:
         from ..server import ray_serve     # Ray only on this path (ImportError: the CLI names the extra)
 
         return ray_serve.run(args, config, tiers, qos, limits)
+    # the HTTP side (event loop, the engine client's reader and sender threads) keeps a core from a CPU engine
+    os.environ.setdefault(RESERVE_ENV, str(SERVER_CPU_RESERVE))
     # the tiers read once above are the engine's and what the QoS policy resolves to
     runner = start_engine(config, tiers, args.in_process_engine)
     name = args.served_model_name or runner.info["model_name"]

@@ -45,7 +45,9 @@ def test_capacity_writes_table_and_chart(tmp_path):
     (("simulate", "--policy", "lifo", "--qps", "1"), "unknown policy"),
     (("simulate", "--qps", "1", "--opt", "alpha=1"), "has no option 'alpha'"),
     (("simulate", "--qps", "1", "--opt", "relegation=maybe"), "expected a bool"),
-    (("simulate", "--trace", "nope.csv", "--qps", "1"), "unknown trace"),
+    (("simulate", "--trace", "nope.csv", "--qps", "1"), "--trace: no such file: nope.csv"),
+    (("simulate", "--trace", "azure-cod", "--qps", "1"), "unknown trace 'azure-cod'"),
+    (("simulate", "--tiers", "data/tiers.json", "--qps", "1"), "--tiers: no such file: data/tiers.json"),
     (("simulate", "--qps", "1", "--tier-mix", "1,2"), "tier mix"),
     (("simulate",), "need --qps"),
 ])
