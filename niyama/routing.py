@@ -172,9 +172,9 @@ class QoS(Router):
 
     def comfortable(self, view: View, route: Route, first_s: float) -> bool:
         """Whether `view`'s replica is comfortable for `route`, its first token `first_s` from now there."""
-        window = route.first_token_s - route.age_s
-        return window - first_s >= self.comfort * route.first_token_s and not (route.interactive
-                                                                              and view.load.decodes_late)
+        if route.interactive and view.load.decodes_late:
+            return False
+        return route.first_token_s - route.age_s - first_s >= self.comfort * route.first_token_s
 
     def choose(self, views, route):
         order = self._order(len(views), True)

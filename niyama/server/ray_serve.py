@@ -14,8 +14,9 @@ What crosses between the ingress and the replicas is declared in `niyama.message
 The router reads each replica's load through Ray Serve's routing stats: the controller calls every replica's
 `record_routing_stats` each `REPORT_PERIOD_S` and hands the result to the routers (`RunningReplica
 .routing_stats`); the replica answers with its engine's last load report (made every `LOAD_PERIOD_S` while
-it works; a dict, as Ray wants). The rules are `niyama.routing`'s, the simulated fleet's. A client that leaves cancels the ingress's request; the relay's
-cancellation reaches the replica's `generate`, which aborts the request in its engine (its KV blocks return).
+it works; a dict, as Ray wants). The rules are `niyama.routing`'s, the simulated fleet's. A client that leaves
+cancels the ingress's request; the relay's cancellation reaches the replica's `generate`, which aborts the
+request in its engine (its KV blocks return).
 
 Imported only on this path: single-replica `niyama serve` needs no Ray.
 """
@@ -36,7 +37,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from ..messages import BoardEntry, EventBatch, LoadReport, ReplicaReport, ReplicaStatus, Route
-from ..routing import Sent, View, as_report, counted, make_router
+from ..routing import View, as_report, counted, make_router
 from .engine_client import EngineStopped, Event
 from .metrics import ServerMetrics
 from .remote_engine import RemoteEngine
@@ -75,8 +76,7 @@ class NiyamaRouter(RequestRouter):
                 del self.sent[request_id]
             else:
                 sent.setdefault(rid, []).append(r)
-        order = [ids[k] for k in self.rule.rank([View(loads[rid], Sent(tuple(sent.get(rid, ())))) for rid in ids],
-                                                route)]
+        order = [ids[k] for k in self.rule.rank([View.of(loads[rid], sent.get(rid, ())) for rid in ids], route)]
         if route is not None and order:
             self.sent[key] = (order[0], route)      # where it goes unless that replica's queue is full
         return [[by_id[rid]] for rid in order]
