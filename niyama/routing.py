@@ -154,7 +154,7 @@ class LeastLoaded(Router):
     name = "least-loaded"
 
     def _rank(self, views, route, order):
-        return sorted(order, key=lambda k: views[k].work_tokens)      # stable: equal work keeps the turn order
+        return by_work(views, order)
 
 
 class QoS(Router):
@@ -179,7 +179,7 @@ class QoS(Router):
     def choose(self, views, route):
         order = self._order(len(views), True)
         if self.prefer == "load":        # the least loaded comfortable replica: try them by work
-            for k in sorted(order, key=lambda k: views[k].work_tokens):
+            for k in by_work(views, order):
                 if self.comfortable(views[k], route, views[k].first_token_s(route)):
                     return k
         ranked = self._rank(views, route, order)
@@ -193,7 +193,7 @@ class QoS(Router):
         if not ok and route.age_s + self.retry_s <= self.hold_s:
             return None
         if self.prefer == "load":
-            ok = sorted(ok, key=lambda k: views[k].work_tokens)
+            ok = by_work(views, ok)
         else:
             ok = self._soonest_first(views, ok, first)
         fits = {k: views[k].fits(route) for k in rest}
@@ -203,6 +203,12 @@ class QoS(Router):
         """`ks` by predicted first token; those within tie_s of the soonest count as the soonest, least work first."""
         best = min((first[k] for k in ks), default=0.0)
         return sorted(ks, key=lambda k: (max(first[k], best + self.tie_s), views[k].work_tokens))
+
+
+def by_work(views: Sequence[View], ks: list[int]) -> list[int]:
+    """`ks`, least work first; stable: equal work keeps the turn order."""
+    work = [v.work_tokens for v in views]
+    return sorted(ks, key=work.__getitem__)
 
 
 # name -> class; each takes its options as keywords
