@@ -186,3 +186,54 @@ class CacheBuilt(NamedTuple):
 
 class WorkerFailed(NamedTuple):
     traceback: str
+
+
+# --- Ray Serve ingress <-> engine replicas ---
+# (server/ray_serve.py, server/remote_engine.py.) The request itself goes as `server.protocol.Generation` and its
+# events as `server.engine_client.Event`; the routers' load view is `niyama.routing`'s.
+class Route(NamedTuple):
+    """What a router knows of one generation request (`niyama.routing`); the ingress sends it beside the request,
+    and the replica dates the request's arrival from it."""
+    tier: str                 # the tier's name ("custom" for explicit targets)
+    interactive: bool         # the tier has a TBT target (qos avoids replicas whose decodes are late)
+    prompt_tokens: int
+    max_tokens: int
+    first_token_s: float      # its first-token deadline (TTFT, or TTFT_eff), seconds after arrival
+    sent_at: float            # time.time() when the ingress sent it (the simulator: its clock)
+    age_s: float = 0.0        # seconds since it reached the ingress
+
+    @property
+    def work_tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+class EventBatch(NamedTuple):
+    """Replica -> ingress, one item of a request's stream: its events since the last item."""
+    events: list              # [Event]; empty: a tier-rejecting request was admitted
+    relegated: bool           # whether the scheduler relegated it; final once the last event is in
+
+
+class ReplicaStatus(NamedTuple):
+    """A replica's engine state, as /health and /replicas show it."""
+    kv_free: int              # free KV blocks
+    kv_blocks: int
+    degraded: str | None      # why the engine is not fully healthy
+    running: int
+    waiting: int
+
+
+class ReplicaReport(NamedTuple):
+    """Replica -> board every report period (board -> ingress in `BoardEntry`s): what /health, /metrics and
+    /replicas show."""
+    pid: int
+    engine_pid: int | None
+    node: str                 # the Ray node's IP address
+    status: ReplicaStatus
+    load: LoadReport | None   # the engine's last load report, as its router sees it
+    metrics: bytes            # the replica's Prometheus text
+
+
+class BoardEntry(NamedTuple):
+    """One replica on the board's snapshot (replica id -> BoardEntry)."""
+    age_s: float              # seconds since its last report
+    report: ReplicaReport

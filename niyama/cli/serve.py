@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from ..server.routing import ROUTERS
+from ..routing import ROUTERS
 from .common import (add_admission_option, add_engine_options, add_profile_option, check_policy, engine_config_from_args,
                      parse_policy_options)
 
@@ -138,6 +138,7 @@ def run(args) -> int:
     from ..qos import ON_INFEASIBLE, load_tiers, with_admission
     from ..server.app import Limits, build_app
     from ..server.request_qos import QoSPolicy
+    from ..server.start import start_engine
 
     args.model = model_from_args(args)
     check_policy(args.policy)
@@ -201,25 +202,3 @@ def check_tokenizer(config) -> None:
     load_tokenizer(None if kind == "dummy" else source, model_config.vocab_size, (), config.tokenizer,
                    config.chat_template)
 
-
-def start_engine(config, tiers, in_process: bool):
-    """The engine, its model loaded: in its own process (the default), or on a thread of this one."""
-    from ..engine.tokenizer import Tokenizer
-    from ..qos import DeadlineRule
-    from ..server.engine_client import EngineClient
-
-    if in_process:
-        from ..engine import LLMEngine
-
-        engine = LLMEngine(config)
-        engine.set_tiers(tiers, DeadlineRule())
-        return EngineClient.in_thread(engine)
-
-    def tokenizer(info):
-        """The engine's tokenizer (its path and EOS ids come from the engine); the chat template from the
-        same config the engine got, so both processes render chats alike."""
-        if not info["tokenizer_path"]:
-            return None
-        return Tokenizer(info["tokenizer_path"], info["eos_token_ids"], config.chat_template)
-
-    return EngineClient.spawn(config, tiers, tokenizer_factory=tokenizer)

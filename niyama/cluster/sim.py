@@ -37,19 +37,21 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from ..kv import BlockAllocator
+from ..messages import LoadReport, Route
 from ..predictor import DEFAULT_PROFILE, load_profile
 from ..replica import Recorder, Replica
 from ..request import Request
+from ..routing import Router, View, make_router
 from ..scheduler import make_scheduler
 from ..sim.executor import SimulatedExecutor
 from ..sim.run import DEFAULT_KV_TOKENS, SimResult
 from ..workload import Workload
 from .fleet import Fleet, Pool
-from .routers import Router, make_router
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Node:
     pool: Pool
     replica: Replica
     queued_prefill_tokens: int = 0     # routed here, not yet prefilled (recompute after preemption included)
+    output_tokens_left: int = 0        # routed here, not made yet (to each request's max_output_tokens)
     busy_s: float = 0.0                # sum of its step times
     in_heap: bool = False              # in the loop's heap of replicas with work
 
@@ -66,7 +69,51 @@ class Node:
         self.queued_prefill_tokens -= plan.num_prefill_tokens
         for req in plan.preempted:     # its KV is gone: prompt and tokens so far are prefilled again
             self.queued_prefill_tokens += req.num_prefill_target
+        # every decode made a token, and so did every prefill that ended
+        self.output_tokens_left -= plan.num_decodes + sum(c.completes_prefill for c in plan.prefills)
+        for req in result.stopped:     # ended early: the rest will not come
+            self.output_tokens_left -= req.max_output_tokens - req.num_output_tokens
         self.busy_s += result.duration_s
+
+
+class NodeLoad:
+    """`node`'s load report at `now` as its engine would make it (`messages.LoadReport`'s fields), for routing
+    `req`. A field is computed when a rule first reads it: qos predicts only on the replicas it tries, mostly one.
+    `ahead_s` holds `req`'s tier only: the scheduler's exact prediction of `req`'s own first token less its own
+    prefill, which the rules add back. A replica mid-step is seen as the step will leave it (the module
+    docstring): its predictions start at the step's end."""
+
+    def __init__(self, node: Node, now: float, req: Request):
+        self.replica, self.req, self.time = node.replica, req, now
+        self.work_tokens = node.queued_prefill_tokens + node.output_tokens_left
+        self._at = max(now, self.replica.clock.now())
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.replica.scheduler.prefill_rate.tokens_per_s
+
+    @cached_property
+    def ahead_s(self) -> dict:
+        req = self.req
+        first = self.replica.scheduler.predicted_first_token_s(self._at, req)
+        return {req.tier.name: first - self.time - req.num_remaining_prefill / self.prefill_tokens_per_s}
+
+    @property
+    def requests(self) -> int:
+        return self.replica.num_unfinished
+
+    @property
+    def kv_free_tokens(self) -> int:
+        kv = self.replica.kv
+        return max(0, kv.num_free - kv.num_watermark_blocks) * kv.block_size
+
+    @cached_property
+    def decodes_late(self) -> bool:
+        decodes = self.replica.decodes
+        return bool(decodes) and decodes.min_deadline(self.replica.iteration) < self._at
+
+    def report(self) -> LoadReport:
+        return LoadReport(*(getattr(self, f) for f in LoadReport._fields))
 
 
 @dataclass
@@ -105,7 +152,6 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
     `progress(n)`: called with the number of requests routed, then finished, now and then."""
     planned = load_profile(profile)
     truth = planned if executor_profile is None else load_profile(executor_profile)
-    decode_tokens = workload.rule.output_len_pred
     nodes: list[Node] = []
     pools: list[tuple[list[Node], Router]] = []
     for pool in fleet.pools:
@@ -120,7 +166,7 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
             nodes.append(node)
             members.append(node)
         opts = router_options if router_options and pool.router != "round-robin" else {}
-        pools.append((members, make_router(pool.router, planned, decode_tokens, **opts)))
+        pools.append((members, make_router(pool.router, **opts)))
     pool_of = _pool_of_tier(fleet, workload)
 
     requests = workload.requests()
@@ -145,7 +191,7 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
         t, _, req = heapq.heappop(events)
         advance(t)
         members, router = pools[pool_of[req.tier.name]]
-        choice = router.route(t, req, members)
+        choice = route(router, t, req, members)
         if choice is None:
             seq += 1
             num_held += 1
@@ -162,6 +208,17 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
     if progress is not None:
         progress(len(requests))
     return _result(workload, fleet, nodes, requests, replica_of, num_held)
+
+
+def route(router: Router, now: float, req: Request, members: list[Node]) -> int | None:
+    """Index in `members` of the replica that gets `req`, or None to hold it: `router`'s rule over the views
+    the replicas' own load reports would give now (every earlier send already counted in)."""
+    return router.choose([View(NodeLoad(m, now, req)) for m in members], route_of(req, now))
+
+
+def route_of(req: Request, now: float) -> Route:
+    return Route(req.tier.name, req.tier.interactive, req.num_prompt_tokens, req.max_output_tokens,
+                 req.first_token_deadline_s - req.arrival_s, now, now - req.arrival_s)
 
 
 def _pool_of_tier(fleet: Fleet, workload: Workload) -> dict[str, int]:
@@ -183,6 +240,7 @@ def _dispatch(node: Node, t: float, req: Request, busy: list) -> None:
     replica.admit_arrivals()
     if not req.rejected:
         node.queued_prefill_tokens += req.num_prompt_tokens
+        node.output_tokens_left += req.max_output_tokens
     if not node.in_heap and replica.has_work:
         heapq.heappush(busy, (replica.clock.now(), node.index))
         node.in_heap = True

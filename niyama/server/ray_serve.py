@@ -5,14 +5,18 @@
                                          |  handle.generate(Generation, route=Route), routed by NiyamaRouter
                                          v
                      EngineReplica x N (each an EngineClient and its engine process, as in `niyama serve`;
-                                        detokenizes and applies stop strings, streams Events back)
-                     ReplicaBoard (each replica's stats and Prometheus text, for /health, /metrics, /replicas)
+                                        detokenizes and applies stop strings, streams EventBatches back)
+                     ReplicaBoard (each replica's ReplicaReport: stats, load, Prometheus text, for /health,
+                                   /metrics, /replicas)
+
+What crosses between the ingress and the replicas is declared in `niyama.messages` (its last section).
 
 The router reads each replica's load through Ray Serve's routing stats: the controller calls every replica's
 `record_routing_stats` each `REPORT_PERIOD_S` and hands the result to the routers (`RunningReplica
-.routing_stats`); the replica answers with its engine's last `load_report` (made every `LOAD_PERIOD_S` while
-it works). The rules are `routing.rank`'s. A client that leaves cancels the ingress's request; the relay's
-cancellation reaches the replica's `generate`, which aborts the request in its engine (its KV blocks return).
+.routing_stats`); the replica answers with its engine's last load report (made every `LOAD_PERIOD_S` while
+it works; a dict, as Ray wants). The rules are `niyama.routing`'s, the simulated fleet's. A client that leaves
+cancels the ingress's request; the relay's cancellation reaches the replica's `generate`, which aborts the
+request in its engine (its KV blocks return).
 
 Imported only on this path: single-replica `niyama serve` needs no Ray.
 """
@@ -32,10 +36,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from ..messages import BoardEntry, EventBatch, LoadReport, ReplicaReport, ReplicaStatus, Route
+from ..routing import View, as_report, counted, make_router
 from .engine_client import EngineStopped, Event
 from .metrics import ServerMetrics
 from .remote_engine import RemoteEngine
-from .routing import ROUTERS, Load, Route, Sent, counted, rank
+from .start import start_engine
 
 log = logging.getLogger("niyama.server")
 
@@ -46,33 +52,32 @@ SENT_KEEP_S = 30.0         # a router forgets a send after this long even if no 
 
 
 class NiyamaRouter(RequestRouter):
-    """Ray Serve's request router for the engine deployment: `routing.rank` over the replicas' routing stats
-    and the requests this router sent since them. Runs in the ingress process (the handle's owner)."""
+    """Ray Serve's request router for the engine deployment: a `niyama.routing` rule over the replicas' routing
+    stats and the requests this router sent since them. Runs in the ingress process (the handle's owner). Its
+    rule never holds a request (no hold_s)."""
 
     def initialize_state(self, router: str = "qos"):
-        if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; choose from {', '.join(ROUTERS)}")
-        self.router = router
-        self.turn = 0
+        self.rule = make_router(router)
         self.sent: dict[str, tuple[str, Route]] = {}     # request id -> (replica id, its route)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = {rid: Load.from_stats(r.routing_stats) for rid, r in by_id.items()}
+        ids = sorted(by_id)
+        loads = {rid: as_report(by_id[rid].routing_stats) for rid in ids}
         route = pending_request.kwargs.get("route") if pending_request is not None else None
+        route = route if isinstance(route, Route) else None
         key = pending_request.metadata.internal_request_id if pending_request is not None else None
         self.sent.pop(key, None)          # chosen again (its first choice failed): counted where it goes now
         now = time.time()
-        sent: dict[str, Sent] = {}
+        sent: dict[str, list[Route]] = {}
         for request_id, (rid, r) in list(self.sent.items()):
             if rid not in loads or counted(r, loads[rid]) or now - r.sent_at > SENT_KEEP_S:
                 del self.sent[request_id]
             else:
-                sent.setdefault(rid, Sent()).routes.append(r)
-        order = rank(self.router, list(by_id), loads, sent, route if isinstance(route, Route) else None, self.turn)
-        if isinstance(route, Route) and order:
-            self.turn += 1
+                sent.setdefault(rid, []).append(r)
+        order = [ids[k] for k in self.rule.rank([View.of(loads[rid], sent.get(rid, ())) for rid in ids], route)]
+        if route is not None and order:
             self.sent[key] = (order[0], route)      # where it goes unless that replica's queue is full
         return [[by_id[rid]] for rid in order]
 
@@ -86,27 +91,25 @@ class ReplicaBoard:
     its own so that Serve starts, restarts and removes it with the app."""
 
     def __init__(self):
-        self.reports: dict[str, tuple[float, dict]] = {}
+        self.reports: dict[str, tuple[float, ReplicaReport]] = {}
 
-    async def report(self, replica: str, report: dict) -> None:
+    async def report(self, replica: str, report: ReplicaReport) -> None:
         self.reports[replica] = (time.monotonic(), report)
 
     async def leave(self, replica: str) -> None:
         self.reports.pop(replica, None)
 
     async def snapshot(self) -> dict:
-        """replica id -> (seconds since its last report, the report); replicas silent a minute are forgotten."""
+        """replica id -> BoardEntry; replicas silent a minute are forgotten."""
         now = time.monotonic()
         self.reports = {k: v for k, v in self.reports.items() if now - v[0] < 60}
-        return {k: (now - t, r) for k, (t, r) in self.reports.items()}
+        return {k: BoardEntry(now - t, r) for k, (t, r) in self.reports.items()}
 
 
 class EngineReplica:
     """One engine: `niyama serve`'s EngineClient and engine process, fed over a Ray Serve handle."""
 
     async def __init__(self, config, tiers, in_process: bool, served_name: str | None, board):
-        from ..cli.serve import start_engine
-
         self.id = serve.get_replica_context().replica_id.unique_id
         self.client = await asyncio.to_thread(start_engine, config, tiers, in_process)
         self.client.metrics = ServerMetrics(served_name or self.client.info["model_name"], tuple(tiers))
@@ -121,42 +124,43 @@ class EngineReplica:
         return self.client.info
 
     async def generate(self, gen, route: Route):
-        """Stream one request's events, in batches: (events, relegated); see remote_engine's wire format."""
+        """Stream one request's events, in `EventBatch`es."""
         transit = max(0.0, time.time() - route.sent_at)
         try:
             stream = self.client.submit(gen, time.monotonic() - route.age_s - transit)
         except EngineStopped as e:
-            yield [Event("", 0, error=f"the server cannot take requests: {e}", status=503)], False
+            yield EventBatch([Event("", 0, error=f"the server cannot take requests: {e}", status=503)], False)
             return
         try:
             if stream.verdict is not None:
                 rejected = await stream.verdict
-                yield ([rejected] if rejected is not None else []), False
+                yield EventBatch([rejected] if rejected is not None else [], False)
                 if rejected is not None:
                     return
             while not stream.finished:
                 events = [await stream.__anext__()]
                 while not stream.finished and not stream.queue.empty():
                     events.append(await stream.__anext__())
-                yield events, stream.relegated
+                yield EventBatch(events, stream.relegated)
         finally:                # the ingress cancelled (its client left) or the stream ended
             if not stream.finished:
                 self.client.abort(stream)
 
     def record_routing_stats(self) -> dict:
+        """The engine's last load report, as the dict Ray Serve carries to the routers."""
         load = self.client.load
-        return load._asdict() if load is not None else {}
+        return load._asdict() if isinstance(load, LoadReport) else load or {}
 
     def check_health(self) -> None:
         if not self.client.alive:           # the engine process died: Serve replaces this replica
             raise RuntimeError(self.client.stopped)
 
-    def report(self) -> dict:
+    def report(self) -> ReplicaReport:
         s = self.client.stats
-        return {"pid": os.getpid(), "engine_pid": self.client.info["pid"], "node": self.node,
-                "stats": {"kv_free": s.kv_free, "kv_blocks": s.kv_blocks, "degraded": s.degraded,
-                          "running": s.running, "waiting": s.waiting},
-                "load": self.client.load, "metrics": self.client.render_metrics()}
+        load = self.client.load
+        return ReplicaReport(os.getpid(), self.client.info["pid"], self.node,
+                             ReplicaStatus(s.kv_free, s.kv_blocks, s.degraded, s.running, s.waiting),
+                             as_report(load) if load else None, self.client.render_metrics())
 
     async def _report_loop(self) -> None:
         while True:

@@ -11,8 +11,7 @@ What `/health` and `/metrics` show comes from the replicas' reports on the board
 read every `poll_s`: KV blocks summed over live replicas, and each replica's Prometheus series with a
 `replica` label (`merge_metrics`).
 
-Replica -> ingress, one item per batch of news: (events, relegated), where `events` is a list of `Event`s
-(empty: a tier-rejecting request was admitted) and `relegated` is known once the last event is in.
+Replica -> ingress, one `messages.EventBatch` per batch of news; replica -> board -> ingress, `ReplicaReport`s.
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ import itertools
 import logging
 import time
 
-from ..messages import EngineStats
+from ..messages import EngineStats, ReplicaReport, Route
 from ..qos import DeadlineRule
 from .engine_client import EngineStopped, Event, Stream
 from .protocol import Generation
-from .routing import Route
 
 log = logging.getLogger("niyama.server")
 
@@ -44,7 +42,7 @@ class RemoteEngine:
         self.poll_s = poll_s
         self.stale_s = stale_s              # a replica silent this long is gone
         self.metrics = None                 # set by build_app; unused: /metrics merges the replicas' own
-        self.replicas: dict[str, dict] = {}     # replica id -> its last report (ray_serve.EngineReplica.report)
+        self.replicas: dict[str, ReplicaReport] = {}     # replica id -> its last report
         self.stats = EngineStats(0.0, 0, 0, 0, 0, None)
         self.stopped: str | None = None
         self._closing = False
@@ -78,8 +76,8 @@ class RemoteEngine:
         stream = Stream(next(self._ids), gen, arrival, None)
         if gen.tier.rejects_infeasible:
             stream.verdict = asyncio.get_running_loop().create_future()
-        route = Route(gen.tier.name, len(gen.prompt_ids), gen.params.max_tokens, self.rule.ttft_s(gen.tier),
-                      time.time(), time.monotonic() - arrival)
+        route = Route(gen.tier.name, gen.tier.interactive, len(gen.prompt_ids), gen.params.max_tokens,
+                      self.rule.ttft_s(gen.tier), time.time(), time.monotonic() - arrival)
         self._relays[stream.rid] = asyncio.get_running_loop().create_task(self._relay(stream, route))
         return stream
 
@@ -89,13 +87,13 @@ class RemoteEngine:
             task.cancel()
 
     def render_metrics(self) -> bytes:
-        return merge_metrics({rid: r["metrics"] for rid, r in self.replicas.items()})
+        return merge_metrics({rid: r.metrics for rid, r in self.replicas.items()})
 
     # --- one request ---------------------------------------------------------
     async def _relay(self, stream: Stream, route: Route) -> None:
         response = self.handle.options(stream=True).generate.remote(stream.gen, route=route)
         try:
-            async for events, relegated in response:
+            async for events, relegated in response:         # EventBatch
                 stream.relegated = relegated
                 verdict = stream.verdict
                 if verdict is not None and not verdict.done():
@@ -134,14 +132,13 @@ class RemoteEngine:
             await asyncio.sleep(self.poll_s)
 
     def _take(self, snapshot: dict) -> None:
-        """snapshot: replica id -> (seconds since its last report, the report)."""
-        live = {rid: report for rid, (age_s, report) in snapshot.items() if age_s < self.stale_s}
+        """snapshot: replica id -> BoardEntry."""
+        live = {rid: entry.report for rid, entry in snapshot.items() if entry.age_s < self.stale_s}
         self.replicas = dict(sorted(live.items()))
-        degraded = [f"replica {rid}: {r['stats']['degraded']}" for rid, r in live.items() if r["stats"]["degraded"]]
-        self.stats = EngineStats(time.monotonic(), sum(r["stats"]["kv_free"] for r in live.values()),
-                                 sum(r["stats"]["kv_blocks"] for r in live.values()),
-                                 sum(r["stats"]["running"] for r in live.values()),
-                                 sum(r["stats"]["waiting"] for r in live.values()), None,
+        degraded = [f"replica {rid}: {r.status.degraded}" for rid, r in live.items() if r.status.degraded]
+        statuses = [r.status for r in live.values()]
+        self.stats = EngineStats(time.monotonic(), sum(s.kv_free for s in statuses), sum(s.kv_blocks for s in statuses),
+                                 sum(s.running for s in statuses), sum(s.waiting for s in statuses), None,
                                  degraded="; ".join(degraded) or None)
         if self._closing:
             return
@@ -155,10 +152,10 @@ class RemoteEngine:
 
     def describe_replicas(self) -> list[dict]:
         """/replicas: each live replica's identity, KV and queue, and the load its router sees."""
-        return [{"replica": rid, "pid": r["pid"], "engine_pid": r["engine_pid"], "node": r["node"],
-                 "kv_blocks_free": r["stats"]["kv_free"], "kv_blocks": r["stats"]["kv_blocks"],
-                 "running": r["stats"].get("running", 0), "waiting": r["stats"].get("waiting", 0),
-                 "degraded": r["stats"]["degraded"], "load": r["load"]} for rid, r in self.replicas.items()]
+        return [{"replica": rid, "pid": r.pid, "engine_pid": r.engine_pid, "node": r.node,
+                 "kv_blocks_free": r.status.kv_free, "kv_blocks": r.status.kv_blocks, "running": r.status.running,
+                 "waiting": r.status.waiting, "degraded": r.status.degraded,
+                 "load": r.load._asdict() if r.load is not None else None} for rid, r in self.replicas.items()]
 
 
 def merge_metrics(texts: dict[str, bytes]) -> bytes:

@@ -10,10 +10,11 @@ import pytest
 from niyama.cli import main
 from niyama.cluster import ROUTERS, make_fleet, make_router, parse_fleet, simulate_cluster
 from niyama.cluster.planner import Evaluation, PlanSetup, evaluate_pool, smallest_passing
-from niyama.cluster.sim import Node
+from niyama.cluster.sim import Node, NodeLoad, route, route_of
 from niyama.kv import BlockAllocator
 from niyama.metrics import summarize, token_times
 from niyama.replica import Recorder, Replica
+from niyama.routing import View
 from niyama.request import Phase
 from niyama.sim import SimulatedExecutor, simulate
 from niyama.workload import RequestSpec, make_workload
@@ -70,6 +71,7 @@ def queue(node, requests) -> None:
     for r in requests:
         node.replica.add(r)
         node.queued_prefill_tokens += r.num_prompt_tokens
+        node.output_tokens_left += r.max_output_tokens
     node.replica.admit_arrivals()
 
 
@@ -77,8 +79,8 @@ def test_least_loaded_sends_to_the_idle_replica_whatever_its_turn():
     ns = nodes(3)
     queue(ns[0], [req(1, 0.0, 5000)])
     queue(ns[2], [req(2, 0.0, 3000)])
-    router = make_router("least-loaded", PREDICTOR)
-    assert [router.route(0.0, req(10 + k, 0.0, 100), ns) for k in range(3)] == [1, 1, 1]
+    router = make_router("least-loaded")
+    assert [route(router, 0.0, req(10 + k, 0.0, 100), ns) for k in range(3)] == [1, 1, 1]
 
 
 def test_qos_avoids_a_replica_where_the_request_would_be_late():
@@ -89,23 +91,24 @@ def test_qos_avoids_a_replica_where_the_request_would_be_late():
     queue(ns[0], [req(k, 0.0, 1000) for k in range(60)])
     queue(ns[1], [req(100 + k, 0.0, 6000, tier="Q3") for k in range(30)])
     q1 = req(200, 0.1, 1000)                          # sorts after the 60 queued Q1 prompts of its size
-    qos = make_router("qos", PREDICTOR)
-    assert make_router("least-loaded", PREDICTOR).route(0.1, q1, ns) == 0
-    assert qos.slack(0.1, q1, ns[0])[1] is False and qos.slack(0.1, q1, ns[1])[1] is True
-    assert qos.route(0.1, q1, ns) == 1
-    assert qos.route(0.1, req(201, 0.1, 8000, tier="Q3"), ns) == 0   # sorts after the queued Q3 work
+    qos = make_router("qos")
+    assert route(make_router("least-loaded"), 0.1, q1, ns) == 0
+    views = [View(NodeLoad(n, 0.1, q1)) for n in ns]
+    assert [qos.comfortable(v, route_of(q1, 0.1), v.first_token_s(route_of(q1, 0.1))) for v in views] == [False, True]
+    assert route(qos, 0.1, q1, ns) == 1
+    assert route(qos, 0.1, req(201, 0.1, 8000, tier="Q3"), ns) == 0   # sorts after the queued Q3 work
 
 
 def test_qos_spreads_ties_over_idle_replicas_and_may_hold():
     ns = nodes(4)
-    qos = make_router("qos", PREDICTOR)
-    assert sorted(qos.route(0.0, req(k, 0.0, 500), ns) for k in range(4)) == [0, 1, 2, 3]
+    qos = make_router("qos")
+    assert sorted(route(qos, 0.0, req(k, 0.0, 500), ns) for k in range(4)) == [0, 1, 2, 3]
     for n in ns:
         queue(n, [req(100 * (n.index + 1) + k, 0.0, 1000) for k in range(64)])
-    held = make_router("qos", PREDICTOR, hold_s=1.0, retry_s=0.5)
+    held = make_router("qos", hold_s=1.0, retry_s=0.5)
     late = req(99, 0.1, 1000)
-    assert held.route(0.1, late, ns) is None           # infeasible everywhere: held...
-    assert held.route(1.1, late, ns) is not None       # ...for at most hold_s, then sent where least late
+    assert route(held, 0.1, late, ns) is None           # infeasible everywhere: held...
+    assert route(held, 1.1, late, ns) is not None       # ...for at most hold_s, then sent where least late
 
 
 def test_holding_requests_still_finishes_them_all():
@@ -157,7 +160,7 @@ def test_fleet_specs():
     with pytest.raises(ValueError, match="one count per tier"):
         make_fleet("silo:3,3", tuple(TIERS.values()))
     with pytest.raises(ValueError, match="unknown router"):
-        make_router("random", PREDICTOR)
+        make_router("random")
 
 
 def test_smallest_passing_finds_the_threshold_from_any_start():

@@ -1,6 +1,6 @@
 """`niyama serve --replicas 2` as users reach it: a local Ray instance, two CPU engine replicas of the default model
-(SmolLM2-135M) behind one OpenAI endpoint on 127.0.0.1, real HTTP; and the routing rules and the metrics merge
-on their own (no Ray)."""
+(SmolLM2-135M) behind one OpenAI endpoint on 127.0.0.1, real HTTP; and the metrics merge on its own (no Ray). The
+routing rules: tests/cluster/test_routing.py."""
 
 from __future__ import annotations
 
@@ -21,61 +21,12 @@ openai = pytest.importorskip("openai")
 parser = pytest.importorskip("prometheus_client.parser")
 
 from niyama.server.remote_engine import merge_metrics  # noqa: E402
-from niyama.server.routing import Load, Route, Sent, counted, rank  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KV_TOKENS = 4096
 
 
-# --- the routing rules --------------------------------------------------------------------------------------
-def load(**kw) -> Load:
-    base = dict(time=time.time(), prefill_tokens_per_s=1000.0, ahead_s={"Q1": 0.0, "Q3": 0.0}, work_tokens=0,
-                requests=0, kv_free_tokens=100_000)
-    return Load(**{**base, **kw})
-
-
-def route(tier="Q1", prompt=100, max_tokens=50, first_token_s=6.0, age_s=0.0) -> Route:
-    return Route(tier, prompt, max_tokens, first_token_s, time.time(), age_s)
-
-
-def test_round_robin_takes_turns_whatever_the_load():
-    loads = {"a": load(work_tokens=10_000), "b": load(), "c": load()}
-    assert [rank("round-robin", ["c", "a", "b"], loads, {}, route(), k)[0] for k in range(4)] == ["a", "b", "c", "a"]
-
-
-def test_least_loaded_counts_reported_and_unreported_work():
-    loads = {"a": load(work_tokens=500), "b": load(work_tokens=300)}
-    assert rank("least-loaded", ["a", "b"], loads, {}, route(), 0) == ["b", "a"]
-    sent = {"b": Sent([route(prompt=400, max_tokens=100)])}       # sent to b since its report: 800 > 500
-    assert rank("least-loaded", ["a", "b"], loads, sent, route(), 0) == ["a", "b"]
-
-
-def test_qos_sends_each_tier_where_its_own_queue_is_short():
-    # a: a long batch backlog, which Q1 requests overtake; b: a Q1 backlog of 5 s
-    loads = {"a": load(ahead_s={"Q1": 0.2, "Q3": 60.0}, work_tokens=50_000),
-             "b": load(ahead_s={"Q1": 5.0, "Q3": 5.0}, work_tokens=5_000)}
-    assert rank("qos", ["a", "b"], loads, {}, route("Q1"), 0)[0] == "a"                  # b leaves < 50% slack
-    assert rank("least-loaded", ["a", "b"], loads, {}, route("Q1"), 0)[0] == "b"
-    assert rank("qos", ["a", "b"], loads, {}, route("Q3", first_token_s=594.0), 0)[0] == "b"   # both fine: less work
-    # nowhere comfortable: the earliest first token, and a replica whose KV cannot hold it last
-    tight = route("Q1", prompt=2000, first_token_s=1.0)
-    loads = {"a": load(ahead_s={"Q1": 3.0}), "b": load(ahead_s={"Q1": 1.5}), "c": load(kv_free_tokens=1000)}
-    assert rank("qos", ["a", "b", "c"], loads, {}, tight, 0) == ["b", "a", "c"]
-    # tokens sent since the last report wait ahead too; a report made after a send counts it
-    sent = {"b": Sent([route(prompt=5000)])}
-    assert rank("qos", ["a", "b"], loads, sent, tight, 0)[0] == "a"
-    assert counted(route(), load(time=time.time() + 1)) and not counted(route(), load())
-
-
-def test_an_idle_fleet_spreads_requests_in_turn():
-    loads = {"a": load(), "b": load(prefill_tokens_per_s=1001.0)}      # predictions a hair apart: a tie
-    for router in ("least-loaded", "qos"):
-        assert [rank(router, ["a", "b"], loads, {}, route(), k)[0] for k in range(4)] == ["a", "b", "a", "b"]
-    assert rank("qos", ["a", "b"], {"a": Load(), "b": Load()}, {}, None, 1) == ["b", "a"]     # no report yet
-    with pytest.raises(ValueError, match="unknown router"):
-        rank("random", ["a"], {"a": Load()}, {}, None, 0)
-
-
+# --- the metrics merge -----------------------------------------------------------------------------------------
 def test_merged_metrics_label_each_replica_and_parse():
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
