@@ -2,7 +2,7 @@
 # The GPU runs behind the sampling figures of docs/sampling.md (Llama-3-8B shape, random bf16 weights). Steps,
 # comma-separated, so that a call fits the device tool's 10-minute limit; OUT: where the results go.
 #
-#   kernels         sampler tests compiled (tests/test_sampler.py), sampler_bench, engine_bench's decode figures
+#   kernels         sampler tests compiled (tests/engine/test_sampler.py), sampler_bench, engine_bench's decode figures
 #                   greedy vs sampled, with the card's copy bandwidth and GEMM rate (~4 min)
 #   replay-chat     niyama replay azure-conv 20 QPS x 1200 requests, chat sampling (t 0.7, top_p 0.9) (~2.5 min)
 #   replay-greedy   the same, greedy (~2.5 min)
@@ -31,7 +31,7 @@ for step in ${1//,/ }; do
     echo "=== $step ($(date +%T))"
     case $step in
     kernels)
-        timeout 150 python3 -m pytest -q tests/test_sampler.py -p no:cacheprovider 2>&1 | tail -25
+        timeout 150 python3 -m pytest -q tests/engine/test_sampler.py -p no:cacheprovider 2>&1 | tail -25
         skip_old=--skip-old                 # the per-row sampler's baseline (slow) only with OLD=1
         [ -n "${OLD:-}" ] && skip_old=
         timeout 150 python3 benchmarks/sampler_bench.py $skip_old --out "$out/sampler_bench.json" \

@@ -13,7 +13,7 @@ from .common import add_engine_options, engine_config_from_args
 
 PROFILE_EXAMPLES = """examples:
   niyama profile --quick                                    # the default model on this CPU, ~1 min
-  OMP_NUM_THREADS=1 niyama profile --shapes 120 --repeats 3 # the CPU run the README reports
+  OMP_NUM_THREADS=1 niyama profile --shapes 120 --repeats 3 # the CPU run docs/profiling.md reports
   niyama profile --model llama-3-8b --load-format dummy --device cuda --out results/profile/h100.csv
   niyama fit-predictor results/profile/profile.csv
 

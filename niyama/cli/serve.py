@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with per-request QoS",
                        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
                                    "/tokenize, /detokenize, /version, /health, /metrics). Requests may name a QoS tier, explicit targets and a "
-                                   "priority; see README 'QoS per request'.", epilog=EXAMPLES,
+                                   "priority; see docs/serving.md, 'QoS per request'.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
                    help="the model, as `vllm serve MODEL` takes it: the same as --model (see there)")
@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
                         "engine, no Ray)")
     r.add_argument("--router", default="qos", choices=ROUTERS,
                    help="how a request picks its replica: round-robin, least-loaded (least outstanding tokens) or "
-                        "qos (its tier's predicted first token and deadline; see README) (default qos)")
+                        "qos (its tier's predicted first token and deadline; see docs/fleets.md) (default qos)")
     r.add_argument("--address", default=None,
                    help="an existing Ray cluster: 'auto' (this node's), or ray://HOST:10001 (default: start a local "
                         "Ray instance)")

@@ -24,7 +24,7 @@ Queuing the request at routing time instead of at the next step's start
 changes nothing for the scheduler (that step sees the same queue) but lets
 the router count it. With one replica, a request is queued before the first
 step that starts at or after its arrival, as in `niyama.sim.simulate`, so the
-results are the same request for request (tests/test_cluster.py).
+results are the same request for request (tests/cluster/test_cluster.py).
 
 A held request (a router's None) is routed again `retry_s` later, its
 arrival time unchanged. Results: every request, finished, with its token

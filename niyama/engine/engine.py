@@ -35,6 +35,7 @@ from .backends import make_backend
 from . import profile_choice
 from .calibrate import calibrate
 from .config import ModelConfig
+from .cpu_threads import set_cpu_threads
 from .kv_cache import DEFAULT_CPU_KV_TOKENS, PagedKVCache
 from .memory import plan_kv_cache
 from .model import LlamaModel, rope_inv_freq
@@ -89,6 +90,7 @@ class LLMEngine:
         self.config = cfg
         t0 = time.perf_counter()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        set_cpu_threads(self.device)        # before tensor parallelism splits the threads among its ranks
         auto = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = parse_dtype(auto if cfg.dtype in (None, "auto") else cfg.dtype)
         kind, source = resolve(cfg.model, cfg.load_format)

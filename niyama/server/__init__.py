@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP server: protocol, QoS fields, engine thread, metrics, app."""
+"""The OpenAI-compatible HTTP server: protocol, QoS fields, the engine process and its client, metrics, app, Ray Serve replicas."""

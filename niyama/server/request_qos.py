@@ -1,6 +1,6 @@
 """Per-request QoS from an OpenAI-style request body.
 
-A request says how urgent it is in one of three ways (README "QoS per request"):
+A request says how urgent it is in one of three ways (docs/serving.md, "QoS per request"):
 - `tier`: the name of a configured tier (default tiers Q1, Q2, Q3);
 - explicit targets in milliseconds: `ttft_ms` + `tbt_ms` (interactive) or `ttlt_ms` (batch);
 - OpenAI's `service_tier`: `auto`/`default` -> the server's default tier, `priority`/`scale` -> the first

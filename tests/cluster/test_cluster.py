@@ -225,7 +225,7 @@ def test_sustainable_answer_raises_each_pool_to_its_throughput_floor():
 
 
 def test_cluster_experiment_quick(tmp_path):
-    """The --quick path (CI size: a 2-replica load for 6 minutes); tests/test_experiments.py checks its files."""
+    """The --quick path (CI size: a 2-replica load for 6 minutes); tests/cluster/test_experiments.py checks its files."""
     assert main(["experiment", "cluster", "--quick", "--reference-qps", "4.66", "--out", str(tmp_path),
                  "--quiet"]) == 0
     res = json.loads((tmp_path / "cluster" / "results.json").read_text())["results"]

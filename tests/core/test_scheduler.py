@@ -115,7 +115,7 @@ def test_dynamic_chunk_without_decodes_is_2552_and_late_decodes_get_128_in_the_p
     allocator, decodes = kv(), RunningDecodes()
     on_schedule_decode(allocator, decodes)
     plan, _ = plan_for("niyama", [req(0, 15.9, 5000)], now=16.06, decodes=decodes, allocator=allocator,
-                       late_recovery=False)      # the default recovers when late: tests/test_late_recovery.py
+                       late_recovery=False)      # the default recovers when late: tests/core/test_late_recovery.py
     assert plan.min_slack_s < 0
     assert plan.token_budget == 128 and chunks(plan) == [(0, 0, 127)]
 

@@ -213,7 +213,7 @@ def test_profile_quick_then_fit_predictor_on_the_default_model(tmp_path):
     print(r.stdout)
     assert {("linear", "all"), ("spline", "all")} <= set(table)
     chosen = min(("linear", "spline"), key=lambda m: table[(m, "all")])
-    assert table[(chosen, "all")] < 25.0               # a quick, noisy run; the full run's numbers: README
+    assert table[(chosen, "all")] < 25.0               # a quick, noisy run; the full run's numbers: docs/profiling.md
     profile = load_profile(str(fitted))
     assert profile.name == "cpu-test" and json.loads(fitted.read_text())["measured_on"]["device"]
     assert profile.batch_time(512, 0, 0, 0) > 0
