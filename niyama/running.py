@@ -20,6 +20,14 @@ decode that emitted token `n0` in iteration `i0` emits token
 Token times are not stored per token: a request records the iteration
 ranges it decoded in, and the replica's iteration end times give the rest.
 The engine may still stop a decode early (EOS, stop string, abort): `remove`.
+
+A decode that leaves stays in the heaps as a dead entry, dropped when it
+reaches the top. That is not enough in a server: when steps run faster than
+the token pace (an H100 decode step is 7-20 ms against a 50 ms TBT), newer
+decodes' constants `c` are smaller, so old dead entries sink and never reach
+the top. So once dead entries outnumber the live ones the heaps are rebuilt
+from the live ones (amortized O(1) per removal), and a pace no decode has
+any more loses its heap: nothing grows with the number of requests served.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class RunningDecodes:
         self._context_base = 0                         # sum(P - i0) over members
         self.num_sampled = 0                           # members with `sampled` set
         self._seq = 0
+        self._dead = 0                                 # removals since the heaps were last compacted
 
     def __len__(self) -> int:
         return len(self._members)
@@ -82,16 +91,35 @@ class RunningDecodes:
         self.num_sampled -= req.sampled
         req.decode_seq = -1   # invalidates its heap entries
         req.token_segments[-1][1] = iteration
+        self._dead += 1
+        if self._dead > 2 * len(self._members) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop every dead heap entry, and the heaps of paces no decode has."""
+        def live(entries: list) -> list:
+            kept = [e for e in entries if e[2].decode_seq == e[1]]
+            heapq.heapify(kept)
+            return kept
+        heaps = {tbt: live(heap) for tbt, heap in self._deadline_heaps.items()}
+        self._deadline_heaps = {tbt: heap for tbt, heap in heaps.items() if heap}
+        self._finish_heap = live(self._finish_heap)
+        self._dead = 0
+
+    @property
+    def num_heap_entries(self) -> int:
+        """Entries in the heaps, live and dead (bounded by a multiple of the live decodes, plus a constant)."""
+        return len(self._finish_heap) + sum(len(h) for h in self._deadline_heaps.values())
 
     def pop_finished(self, iteration: int) -> list[Request]:
         """Decodes that emitted their last token in `iteration` (already executed)."""
         done = []
-        heap = self._finish_heap
-        while heap and heap[0][0] <= iteration:
-            _, seq, req = heapq.heappop(heap)
+        while self._finish_heap and self._finish_heap[0][0] <= iteration:
+            _, seq, req = heapq.heappop(self._finish_heap)
             if req.decode_seq == seq:
-                self.remove(req, iteration + 1)
                 done.append(req)
+        for req in done:                  # (a removal may compact the heaps)
+            self.remove(req, iteration + 1)
         return done
 
     # --- queries for iteration `i` (not yet executed) -------------------

@@ -217,8 +217,8 @@ class EngineClient:
             except (EOFError, OSError):
                 self._engine_gone()
                 return
-            if isinstance(message, StepOutputs):
-                self._on_outputs(*message)
+            if type(message) is tuple:          # StepOutputs' wire form (messages.py)
+                self._on_outputs(*StepOutputs.from_wire(message))
             else:
                 log.error("ignoring an unexpected engine message %s", type(message).__name__)
 

@@ -6,7 +6,7 @@ engine state across the boundary: everything the HTTP side knows comes in messag
 
 HTTP side -> engine (read between steps): AddRequest, Abort, ReportLoad, Shutdown.
 Engine -> HTTP side: Ready (once, after the model loaded) or Fatal (it did not load; the process exits), then
-    one StepOutputs per step and after commands that changed something. Tier-rejecting requests' handlers
+    one StepOutputs per step and after commands that changed something (in its wire form: messages.py). Tier-rejecting requests' handlers
     wait for the verdict before they answer: `stats.admitted` lists those admitted; a rejected one gets an
     Output with status 429.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import signal
 import time
 
@@ -171,7 +172,8 @@ class EngineCore:
         stats = self.engine.stats(steps=self.steps, degraded=self.degraded, admitted=self.admitted, load=load)
         self.steps = []
         self.admitted = []
-        self.outputs.send(StepOutputs(rids, tokens, out, stats, logprobs))
+        wire = StepOutputs(rids, tokens, out, stats, logprobs).to_wire()
+        self.outputs.send_bytes(pickle.dumps(wire, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _load_if_due(self):
         """The load report, if one was asked for and the last is `load_period_s` old, or one is due now: asked
