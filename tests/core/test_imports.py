@@ -120,3 +120,13 @@ def test_imports_go_down_the_layers():
     upward = sorted(f"{a} -> {b}" for a, targets in GRAPH.items() if a != "niyama" for b in targets
                     if b != "niyama" and layer(b) > layer(a))
     assert upward == []
+
+
+def test_the_engine_core_uses_only_the_engines_own_surface():
+    """The server's engine loop reads nothing inside LLMEngine: no scheduler, replica, predictor, executor or
+    allocator attribute anywhere in engine_core.py (LLMEngine offers stats, load_report, admit, ...)."""
+    tree = ast.parse((PACKAGE / "server" / "engine_core.py").read_text())
+    inner = {"scheduler", "replica", "predictor", "executor", "allocator", "kv", "decodes"}
+    reached = sorted({f"line {n.lineno}: .{n.attr}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and n.attr in inner})
+    assert reached == []
