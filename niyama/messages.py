@@ -5,12 +5,13 @@ Three boundaries carry them:
 - tensor-parallel rank 0 <-> its worker processes (`engine/tensor_parallel.py` <-> `engine/tp_worker.py`);
 - the Ray Serve ingress <-> its engine replicas (`server/ray_serve.py`, `server/remote_engine.py`).
 
-Messages are NamedTuples: typed and immutable, and they pickle as a class reference plus a tuple, as cheap as
-the string-tagged tuples they replaced (`benchmarks/ipc_bench.py` measures both at 256 running requests).
-Receivers dispatch on the type (`match msg: case AddRequest(): ...`). The one message sent every engine step,
-`StepOutputs`, travels in its plain-tuple form (`to_wire` / `from_wire`), which pickles cheaper still. Each boundary's handshake carries
-`VERSION` (`Ready.version`, `WorkerSpec.version`): a process started from another install is refused with a
-clear error instead of failing on a field it does not know. Bump it when a message changes shape.
+Messages are NamedTuples: typed and immutable. Receivers dispatch on the type (`match msg: case
+AddRequest(): ...`). The one message sent every engine step, `StepOutputs`, crosses the pipe in a plain-tuple
+form (`to_wire` / `from_wire`): pickled as objects it cost ~3x the string-tagged tuple it replaced, in this
+form it costs the same (`benchmarks/ipc_bench.py` measures all of them at 1-512 running requests). Each
+boundary's handshake carries `VERSION` (`Ready.version`, `WorkerSpec.version`): a process started from
+another install is refused with a clear error instead of failing on a field it does not know. Bump it when
+a message changes shape.
 
 Importable without the server's dependencies: the GPU machine's engine uses it.
 """
