@@ -101,3 +101,25 @@ def batched_sample(logits, params, histories=None, seeds=None, sampler=None) -> 
             for i, (p, h) in enumerate(zip(params, histories))]
     sampler = sampler or Sampler(logits.shape[1], logits.device)
     return sampler.sample(logits.clone(), rows).to_host()[0]
+
+
+def fleet_nodes(n: int, kv_tokens: int = 440_000, **policy) -> list:
+    """`n` idle simulated niyama replicas of one shared pool, as the fleet simulator holds them."""
+    from niyama.cluster import make_fleet
+    from niyama.cluster.sim import Node
+    from niyama.replica import Recorder, Replica
+    from niyama.sim import SimulatedExecutor
+
+    fleet = make_fleet(f"shared:{n}", tuple(TIERS.values()))
+    return [Node(k, fleet.pools[0], Replica(scheduler("niyama", **policy), SimulatedExecutor(PREDICTOR),
+                                            BlockAllocator.for_tokens(kv_tokens), recorder=Recorder()))
+            for k in range(n)]
+
+
+def queue_on(node, requests) -> None:
+    """Route `requests` to `node` now, as the fleet simulator does."""
+    for r in requests:
+        node.replica.add(r)
+        node.queued_prefill_tokens += r.num_prompt_tokens
+        node.output_tokens_left += r.max_output_tokens
+    node.replica.admit_arrivals()

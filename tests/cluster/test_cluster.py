@@ -10,16 +10,14 @@ import pytest
 from niyama.cli import main
 from niyama.cluster import ROUTERS, make_fleet, make_router, parse_fleet, simulate_cluster
 from niyama.cluster.planner import Evaluation, PlanSetup, evaluate_pool, smallest_passing
-from niyama.cluster.sim import Node, NodeLoad, route, route_of
-from niyama.kv import BlockAllocator
+from niyama.cluster.sim import NodeLoad, route, route_of
 from niyama.metrics import summarize, token_times
-from niyama.replica import Recorder, Replica
 from niyama.routing import View
 from niyama.request import Phase
-from niyama.sim import SimulatedExecutor, simulate
-from niyama.workload import RequestSpec, make_workload
+from niyama.sim import simulate
+from niyama.workload import make_workload
 
-from helpers import PREDICTOR, RULE, TIERS, req, scheduler
+from helpers import TIERS, fleet_nodes, queue_on, req
 
 
 def same_requests(a, b) -> None:
@@ -61,24 +59,10 @@ def test_round_robin_counts_and_replica_stats():
     assert 0 < res.utilization <= 1
 
 
-def nodes(n: int, **policy):
-    fleet = make_fleet(f"shared:{n}", tuple(TIERS.values()))
-    return [Node(k, fleet.pools[0], Replica(scheduler("niyama", **policy), SimulatedExecutor(PREDICTOR),
-                                            BlockAllocator.for_tokens(440_000), recorder=Recorder())) for k in range(n)]
-
-
-def queue(node, requests) -> None:
-    for r in requests:
-        node.replica.add(r)
-        node.queued_prefill_tokens += r.num_prompt_tokens
-        node.output_tokens_left += r.max_output_tokens
-    node.replica.admit_arrivals()
-
-
 def test_least_loaded_sends_to_the_idle_replica_whatever_its_turn():
-    ns = nodes(3)
-    queue(ns[0], [req(1, 0.0, 5000)])
-    queue(ns[2], [req(2, 0.0, 3000)])
+    ns = fleet_nodes(3)
+    queue_on(ns[0], [req(1, 0.0, 5000)])
+    queue_on(ns[2], [req(2, 0.0, 3000)])
     router = make_router("least-loaded")
     assert [route(router, 0.0, req(10 + k, 0.0, 100), ns) for k in range(3)] == [1, 1, 1]
 
@@ -87,9 +71,9 @@ def test_qos_avoids_a_replica_where_the_request_would_be_late():
     """Replica 0 holds 60K tokens of Q1 prompts (a new Q1 request's first token ~7 s away at 8.5K tokens/s, past
     its 6 s TTFT); replica 1 holds three times the work, all Q3, which a Q1 request jumps. Least-loaded picks
     replica 0; qos picks replica 1. A Q3 request, which waits behind everything, goes to replica 0."""
-    ns = nodes(2)
-    queue(ns[0], [req(k, 0.0, 1000) for k in range(60)])
-    queue(ns[1], [req(100 + k, 0.0, 6000, tier="Q3") for k in range(30)])
+    ns = fleet_nodes(2)
+    queue_on(ns[0], [req(k, 0.0, 1000) for k in range(60)])
+    queue_on(ns[1], [req(100 + k, 0.0, 6000, tier="Q3") for k in range(30)])
     q1 = req(200, 0.1, 1000)                          # sorts after the 60 queued Q1 prompts of its size
     qos = make_router("qos")
     assert route(make_router("least-loaded"), 0.1, q1, ns) == 0
@@ -100,11 +84,11 @@ def test_qos_avoids_a_replica_where_the_request_would_be_late():
 
 
 def test_qos_spreads_ties_over_idle_replicas_and_may_hold():
-    ns = nodes(4)
+    ns = fleet_nodes(4)
     qos = make_router("qos")
     assert sorted(route(qos, 0.0, req(k, 0.0, 500), ns) for k in range(4)) == [0, 1, 2, 3]
     for n in ns:
-        queue(n, [req(100 * (n.index + 1) + k, 0.0, 1000) for k in range(64)])
+        queue_on(n, [req(100 * (n.index + 1) + k, 0.0, 1000) for k in range(64)])
     held = make_router("qos", hold_s=1.0, retry_s=0.5)
     late = req(99, 0.1, 1000)
     assert route(held, 0.1, late, ns) is None           # infeasible everywhere: held...

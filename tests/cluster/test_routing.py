@@ -9,15 +9,12 @@ import pytest
 
 from niyama.cluster import make_fleet, simulate_cluster
 from niyama.cluster.sim import Node, NodeLoad, route, route_of
-from niyama.kv import BlockAllocator
 from niyama.messages import LoadReport, Route
-from niyama.replica import Replica
 from niyama.request import Phase
 from niyama.routing import NO_REPORT, ROUTERS, Sent, View, as_report, counted, make_router
-from niyama.sim import SimulatedExecutor
 from niyama.workload import make_workload
 
-from helpers import PREDICTOR, TIERS, req, scheduler, start_decode
+from helpers import TIERS, fleet_nodes, queue_on, req, start_decode
 
 OPTIONS = [("round-robin", {}), ("least-loaded", {}), ("qos", {}), ("qos", {"prefer": "slack"}),
            ("qos", {"comfort": 0.2}), ("qos", {"hold_s": 1.0, "retry_s": 0.5})]
@@ -71,20 +68,6 @@ def test_the_fleet_and_ray_serve_choose_alike_from_the_same_reports(name, option
     assert (held > 0) == (options.get("hold_s", 0) > 0)
 
 
-def nodes(n: int):
-    fleet = make_fleet(f"shared:{n}", tuple(TIERS.values()))
-    return [Node(k, fleet.pools[0], Replica(scheduler("niyama"), SimulatedExecutor(PREDICTOR),
-                                            BlockAllocator.for_tokens(40_000))) for k in range(n)]
-
-
-def queue(node, requests) -> None:
-    for r in requests:
-        node.replica.add(r)
-        node.queued_prefill_tokens += r.num_prompt_tokens
-        node.output_tokens_left += r.max_output_tokens
-    node.replica.admit_arrivals()
-
-
 def late_decode(node, rid: int) -> None:
     """A Q1 decode whose next token was due long ago."""
     replica = node.replica
@@ -95,9 +78,9 @@ def late_decode(node, rid: int) -> None:
 def test_simulated_replicas_route_alike_on_both_paths():
     """The fleet's own routing (`cluster.sim.route`: lazy views of its replicas) against Ray Serve's path fed the
     load reports those replicas would send (`NodeLoad.report`)."""
-    ns = nodes(3)
-    queue(ns[0], [req(k, 0.0, 1000) for k in range(50)])              # Q1 backlog: ~6 s ahead of a new Q1
-    queue(ns[1], [req(100 + k, 0.0, 3000, tier="Q3") for k in range(5)])
+    ns = fleet_nodes(3, kv_tokens=40_000)
+    queue_on(ns[0], [req(k, 0.0, 1000) for k in range(50)])              # Q1 backlog: ~6 s ahead of a new Q1
+    queue_on(ns[1], [req(100 + k, 0.0, 3000, tier="Q3") for k in range(5)])
     late_decode(ns[2], 200)                                           # idle but for one late decode
     now = 1.0
     for name, options in OPTIONS:

@@ -91,7 +91,10 @@ def test_max_duration_reports_and_saves_what_finished(fake_server, tmp_path):
 
 
 def test_ctrl_c_reports_and_saves_what_finished(fake_server, tmp_path):
-    proc = subprocess.Popen(bench(fake_server, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as in a terminal: a shell without job control starts background jobs (and so this test, when run
+    # in one) with SIGINT ignored, which a child would inherit
+    proc = subprocess.Popen(bench(fake_server, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while fake_server.posts < 8 and time.monotonic() < deadline:     # a few requests sent (and so some done)
         time.sleep(0.05)
