@@ -71,7 +71,7 @@ class Node:
             self.queued_prefill_tokens += req.num_prefill_target
         # every decode made a token, and so did every prefill that ended
         self.output_tokens_left -= plan.num_decodes + sum(c.completes_prefill for c in plan.prefills)
-        for req in result.stopped:     # ended early: the rest will not come
+        for req in result.finished:    # ended by its executor (early): the rest will not come
             self.output_tokens_left -= req.max_output_tokens - req.num_output_tokens
         self.busy_s += result.duration_s
 
