@@ -32,6 +32,13 @@ ROUNDS = 1000
 LAYOUTS = ("typed (wire)", "typed (objects)", "tuples", "Output per request")
 
 
+def turn(step: int) -> tuple:
+    """The layouts in round `step`'s order: they take turns round by round, and each goes first as often as the
+    others (the first message after a pause pays the other process's wake-up: ~4 us here, a bias otherwise)."""
+    k = step % len(LAYOUTS)
+    return LAYOUTS[k:] + LAYOUTS[:k]
+
+
 def message(n: int, step: int, layout: str) -> tuple:
     if layout == "tuples":
         stats = {"time": time.monotonic(), "steps": [{"duration_s": 0.01, "predicted_s": 0.011, "budget": 512,
@@ -47,46 +54,63 @@ def message(n: int, step: int, layout: str) -> tuple:
     return StepOutputs([], [], [Output(rid, [1000 + step]) for rid in range(n)], stats, {})
 
 
-def sender(conn, sizes, ack) -> None:
-    for n, layout in sizes:
+SIZES = (1, 32, 128, 256, 512)
+
+
+def send(conn, n: int, step: int, layout: str) -> None:
+    t0 = time.perf_counter()
+    msg = message(n, step, layout)
+    if layout == "typed (wire)":       # as engine_core.py sends it
+        conn.send_bytes(pickle.dumps((time.monotonic(), msg.to_wire()), protocol=pickle.HIGHEST_PROTOCOL))
+    else:
+        conn.send((time.monotonic(), msg))
+    conn.send(("cost", time.perf_counter() - t0))
+
+
+def receive(conn, layout: str) -> tuple[float, float]:
+    """(latency, the sender's cost) of the next message."""
+    if layout == "typed (wire)":       # as engine_client.py receives it
+        sent_at, wire = pickle.loads(conn.recv_bytes())
+        StepOutputs.from_wire(wire)
+    else:
+        sent_at, _msg = conn.recv()
+    latency = time.monotonic() - sent_at
+    return latency, conn.recv()[1]
+
+
+def sender(conn, ack) -> None:
+    # the layouts take turns round by round, so that a machine's drift (this one's is large) hits them alike
+    for n in SIZES:
         for step in range(ROUNDS):
-            t0 = time.perf_counter()
-            msg = message(n, step, layout)
-            if layout == "typed (wire)":       # as engine_core.py sends it
-                conn.send_bytes(pickle.dumps((time.monotonic(), msg.to_wire()), protocol=pickle.HIGHEST_PROTOCOL))
-            else:
-                conn.send((time.monotonic(), msg))
-            conn.send(("cost", time.perf_counter() - t0))
-            ack.recv()                       # one message in flight at a time, as in a step loop
+            for layout in turn(step):
+                send(conn, n, step, layout)
+                ack.recv()                       # one message in flight at a time, as in a step loop
     conn.close()
 
 
 def main() -> int:
-    sizes = [(n, layout) for n in (1, 32, 128, 256, 512) for layout in LAYOUTS]
     ctx = multiprocessing.get_context("spawn")
     out_read, out_write = ctx.Pipe(duplex=False)
     ack_read, ack_write = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=sender, args=(out_write, sizes, ack_read))
+    proc = ctx.Process(target=sender, args=(out_write, ack_read))
     proc.start()
     out_write.close()
     rows = []
-    for n, layout in sizes:
-        latency, cost = [], []
-        for _ in range(ROUNDS):
-            if layout == "typed (wire)":       # as engine_client.py receives it
-                sent_at, wire = pickle.loads(out_read.recv_bytes())
-                StepOutputs.from_wire(wire)
-            else:
-                sent_at, _msg = out_read.recv()
-            latency.append(time.monotonic() - sent_at)
-            cost.append(out_read.recv()[1])
-            ack_write.send(None)
-        rows.append({"layout": layout, "requests": n, "engine_side_us_median": 1e6 * statistics.median(cost),
-                     "latency_us_median": 1e6 * statistics.median(latency),
-                     "latency_us_p99": 1e6 * sorted(latency)[int(0.99 * len(latency))]})
-        r = rows[-1]
-        print(f"{r['layout']:>18}: {n:>4} requests/step: engine side {r['engine_side_us_median']:7.1f} us, delivered in "
-              f"{r['latency_us_median']:7.1f} us (p99 {r['latency_us_p99']:7.1f} us)")
+    for n in SIZES:
+        got = {layout: ([], []) for layout in LAYOUTS}
+        for step in range(ROUNDS):
+            for layout in turn(step):
+                latency, cost = receive(out_read, layout)
+                got[layout][0].append(latency)
+                got[layout][1].append(cost)
+                ack_write.send(None)
+        for layout, (latency, cost) in got.items():
+            rows.append({"layout": layout, "requests": n, "engine_side_us_median": 1e6 * statistics.median(cost),
+                         "latency_us_median": 1e6 * statistics.median(latency),
+                         "latency_us_p99": 1e6 * sorted(latency)[int(0.99 * len(latency))]})
+            r = rows[-1]
+            print(f"{r['layout']:>18}: {n:>4} requests/step: engine side {r['engine_side_us_median']:7.1f} us, "
+                  f"delivered in {r['latency_us_median']:7.1f} us (p99 {r['latency_us_p99']:7.1f} us)")
     proc.join()
     path = Path(__file__).parent / "results" / "ipc_bench.json"
     path.write_text(json.dumps({"rounds": ROUNDS, "rows": rows}, indent=1))
