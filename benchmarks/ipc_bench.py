@@ -47,8 +47,8 @@ def message(n: int, step: int, layout: str) -> tuple:
                  "kv_free": 100, "kv_blocks": 1000, "running": n, "waiting": 3, "degraded": None, "admitted": [],
                  "correction": None}
         return ("out", list(range(n)), [1000 + step] * n, [], stats, {})
-    stats = EngineStats(time.monotonic(), 100, 1000, n, 3, None,
-                        steps=[StepRecord(0.01, 0.011, 512, 512, [("Q1", 0.1)], [], 0)], admitted=[])
+    stats = EngineStats(time.monotonic(), 100, 1000, n, 3, None,                  # as LLMEngine.stats makes it
+                        [StepRecord(0.01, 0.011, 512, 512, [("Q1", 0.1)], [], 0)], None, [], None)
     if layout.startswith("typed"):
         return StepOutputs(list(range(n)), [1000 + step] * n, [], stats, {})
     return StepOutputs([], [], [Output(rid, [1000 + step]) for rid in range(n)], stats, {})

@@ -283,12 +283,14 @@ class LLMEngine:
         that rejects infeasible requests, those that cannot make their deadline finish rejected."""
         self.replica.admit_arrivals()
 
-    def stats(self, **core) -> EngineStats:
-        """The engine's state for a server's metrics; `core`: the other `EngineStats` fields."""
+    def stats(self, steps=(), degraded: str | None = None, admitted=(), load: LoadReport | None = None) -> EngineStats:
+        """The engine's state for a server's metrics, with what the server's loop adds (`EngineStats`' last
+        fields). Built positionally: it is made every step (benchmarks/ipc_bench.py)."""
         kv, waiting = self.allocator, self.scheduler.waiting
         started = waiting.num_started
         return EngineStats(time.monotonic(), kv.num_free, kv.num_blocks, len(self.replica.decodes) + started,
-                           len(waiting) - started, getattr(self.predictor, "ratios", None), **core)
+                           len(waiting) - started, getattr(self.predictor, "ratios", None), steps, degraded,
+                           admitted, load)
 
     def load_report(self) -> LoadReport:
         """What a router weighs this replica by: O(requests) and O(waiting) per tier, so a server sends it only

@@ -169,7 +169,7 @@ class EngineCore:
         load = self._load_if_due()
         if not out and not rids and not self.steps and not self.admitted and load is None:
             return
-        stats = self.engine.stats(steps=self.steps, degraded=self.degraded, admitted=self.admitted, load=load)
+        stats = self.engine.stats(self.steps, self.degraded, self.admitted, load)
         self.steps = []
         self.admitted = []
         wire = StepOutputs(rids, tokens, out, stats, logprobs).to_wire()
