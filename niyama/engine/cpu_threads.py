@@ -6,7 +6,7 @@ waits for a core and all the others wait for it. On a 2-core machine with a load
 `niyama generate` ran at 2.5-2.7 tok/s with two threads and 8.7-10.8 with one. The choice: physical cores
 this process may use (hyperthread siblings count once; a cgroup CPU quota caps them), less `reserve` for the
 threads that run beside the engine, less the cores other work already holds (the whole part of the 1-minute
-load average less 1 for this process itself, with a warning), at least 1. NIYAMA_CPU_THREADS, else the user's OMP_NUM_THREADS, overrides
+load average, with a warning), at least 1. NIYAMA_CPU_THREADS, else the user's OMP_NUM_THREADS, overrides
 it. GPUs are left alone.
 """
 
@@ -55,7 +55,7 @@ def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu"), cgroup: Path
 def choose_cpu_threads(reserve: int = 0, environ=os.environ, cores: int | None = None,
                        load: float | None = None) -> tuple[int, str]:
     """(threads, why): NIYAMA_CPU_THREADS, else OMP_NUM_THREADS, else physical cores - `reserve` - the cores
-    the load average says other work holds (less this process's own 1), at least 1."""
+    the load average says other work holds, at least 1."""
     for var in (THREADS_ENV, "OMP_NUM_THREADS"):
         text = environ.get(var, "").strip()
         if not text:
@@ -73,9 +73,7 @@ def choose_cpu_threads(reserve: int = 0, environ=os.environ, cores: int | None =
     n = max(1, cores - reserve)
     why = f"{cores} physical core{'s' * (cores != 1)}" + (f", {reserve} left to threads beside the engine"
                                                          if reserve else "")
-    # whole cores busy with other work over the last minute: the caller, running now, is ~1 of the load
-    # itself (a test run or a benchmark that starts engines one after another would otherwise count itself)
-    held = int(max(0.0, load - 1.0))
+    held = int(load)                          # whole cores busy with other work over the last minute
     if held and cores - held < n:
         n = max(1, cores - held)
         why += f", load average {load:.1f}"
