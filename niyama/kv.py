@@ -1,12 +1,40 @@
-"""Paged KV block allocator, shared by the simulator and the GPU engine.
+"""Paged KV block allocator with automatic prefix caching, shared by the simulator and the GPU engine.
 
 Blocks hold `block_size` tokens (16). A request takes the blocks for its
-whole prefill when the prefill starts, one more block each time its decode
-crosses a block boundary, and returns all of them when it finishes or is
-preempted. Block ids are real so the engine can build block tables from them.
+whole prefill when the prefill starts (`start`), one more block each time its
+decode crosses a block boundary (`allocate`), and gives them back when it
+finishes or is preempted (`release`). Block ids are real so the engine can
+build block tables from them.
+
+Prefix caching. A full block whose KV has been computed is indexed under a
+key that stands for its tokens and every token before them (`TokenKeys`: a
+chained hash of the token ids; `TraceKeys`: a trace's prefix-block ids). A
+request that starts attaches the longest run of its leading blocks found in
+the index, shared with whoever else holds them (each block counts its
+holders), allocates only the rest, and its prefill begins after them. At
+least one prompt token is always computed: its logits make the first token.
+
+A block is in one of three states:
+    free   no holder, nothing worth keeping;
+    idle   no holder, keyed: reusable until evicted; it counts as free room;
+    held   one holder or more (keyed or not); never evicted.
+A new block is a free one if there is any, else the idle block unused for
+longest (LRU; a released request's blocks go idle tail first, so its prompt's
+head, the part others share, is evicted last).
+
+Keys are 64-bit: two different contents could in principle share one
+(about 1 in 10^10 for a million cached blocks). Token keys are keyed BLAKE2b,
+so one tenant cannot aim a prompt at another's blocks without the per-process
+salt.
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from collections import Counter
+from typing import Protocol
 
 from .request import Request, blocks_for
 
@@ -15,18 +43,104 @@ class OutOfBlocks(RuntimeError):
     pass
 
 
+class BlockKeys(Protocol):
+    """The prefix-cache keys of a request's blocks: key i stands for tokens [0, (i + 1) * block_size)."""
+
+    def __len__(self) -> int:
+        """How many leading blocks have a key (their tokens are known)."""
+
+    def __getitem__(self, i: int) -> int: ...
+
+
+_SALT = os.urandom(16)    # per process: keys are never compared across processes
+
+
+class TokenKeys:
+    """Keys of a growing token list's full blocks (the engine's prompt and generated ids, the lists themselves,
+    not copies): key i = BLAKE2b(key i-1, tokens of block i). Each key is computed once, when first asked for.
+    The lists may only grow, or lose tokens past the last key asked for (a stop string's trim)."""
+
+    __slots__ = ("parts", "block_size", "_keys")
+
+    def __init__(self, parts: "tuple[list[int], ...]", block_size: int):
+        self.parts = parts
+        self.block_size = block_size
+        self._keys: list[int] = []
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts) // self.block_size
+
+    def __getitem__(self, i: int) -> int:
+        keys = self._keys
+        if i < len(keys):
+            return keys[i]
+        if i >= len(self):
+            raise IndexError(i)
+        bs, n = self.block_size, len(self)        # every known block at once: a lookup walks them in order
+        lo = len(keys) * bs
+        tokens = [t for p in self.parts for t in p][lo:n * bs] if len(self.parts) > 1 else self.parts[0][lo:n * bs]
+        prev = keys[-1] if keys else 0
+        for k in range(0, len(tokens), bs):
+            h = hashlib.blake2b(prev.to_bytes(8, "little"), digest_size=8, key=_SALT)
+            h.update(array("q", tokens[k:k + bs]).tobytes())
+            prev = int.from_bytes(h.digest(), "little")
+            keys.append(prev)
+        return keys[i]
+
+
+class TraceKeys:
+    """Keys of a trace request's blocks from its prompt's block ids (Mooncake's `hash_ids`: one id per
+    `trace_block` tokens, equal ids for equal content): block i is sub-block i mod r of trace block i // r,
+    r = trace_block / block_size. Past the prompt, the tokens are this request's own generated ones, which no
+    other request has: their keys can only be hit by the same request re-prefilling after a preemption."""
+
+    __slots__ = ("chain", "num_prompt_blocks", "num_blocks", "ratio", "owner")
+
+    def __init__(self, hash_ids, num_prompt_tokens: int, num_tokens: int, owner: int, block_size: int = 16,
+                 trace_block: int = 512):
+        if trace_block % block_size:
+            raise ValueError(f"trace blocks of {trace_block} tokens do not split into blocks of {block_size}")
+        chain, prev = [], 0
+        for h in hash_ids:             # chained, so that equal ids only match after equal prefixes
+            prev = hash((prev, h))
+            chain.append(prev)
+        self.chain = chain
+        self.ratio = trace_block // block_size
+        self.num_prompt_blocks = min(num_prompt_tokens // block_size, len(chain) * self.ratio)
+        self.num_blocks = num_tokens // block_size
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, i: int) -> int:
+        if i < self.num_prompt_blocks:
+            return hash((self.chain[i // self.ratio], i % self.ratio))
+        if i >= self.num_blocks:
+            raise IndexError(i)
+        return hash((-1, self.owner, i))
+
+
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int = 16, watermark: float = 0.01):
+    def __init__(self, num_blocks: int, block_size: int = 16, watermark: float = 0.01, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         if not 0 <= watermark < 1:
             raise ValueError("watermark must be in [0, 1)")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         # Admissions keep this many blocks free so running decodes can grow
         # without being preempted at once (vLLM's watermark).
         self.num_watermark_blocks = int(watermark * num_blocks)
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
+        self._refs = [0] * num_blocks          # holders of each block
+        self._key: list = [None] * num_blocks  # the key a block is indexed under, if any
+        self._index: dict[int, int] = {}       # key -> block: every keyed block, held or idle
+        self._idle: dict[int, None] = {}       # keyed blocks nobody holds, least recently used first
+        # prefix-cache counters, in prompt tokens (vLLM's prefix_cache_queries / _hits), over every start
+        self.num_query_tokens = 0
+        self.num_hit_tokens = 0
 
     @classmethod
     def for_tokens(cls, num_tokens: int, block_size: int = 16, **kw) -> "BlockAllocator":
@@ -34,39 +148,143 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a request could take now: free ones and idle cached ones (evicted when taken)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     @property
     def usage(self) -> float:
         return self.num_used / self.num_blocks
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks whose content a later request could reuse (held or idle)."""
+        return len(self._index)
+
+    @property
+    def num_idle_blocks(self) -> int:
+        return len(self._idle)
+
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
 
-    def can_admit(self, num_tokens: int) -> bool:
-        """Room to start a prefill of `num_tokens` while keeping the watermark free."""
-        return self.num_free - self.blocks_for(num_tokens) >= self.num_watermark_blocks
+    # --- prefix lookup -----------------------------------------------------
+    def _hits(self, req: Request) -> list[int]:
+        """The cached blocks of `req`'s prefill, from its first block on; never its last token's block."""
+        keys = req.block_keys
+        if keys is None or not self.prefix_caching:
+            return []
+        limit = min(len(keys), (req.num_prefill_target - 1) // self.block_size)
+        index, found = self._index, []
+        for i in range(limit):
+            b = index.get(keys[i])
+            if b is None:
+                break
+            found.append(b)
+        return found
 
+    def cached_tokens(self, req: Request) -> int:
+        """Tokens of `req`'s prefill that are cached now (a hint until it starts: blocks may still go)."""
+        return len(self._hits(req)) * self.block_size
+
+    def start(self, req: Request) -> bool:
+        """Take `req`'s prefill blocks if there is room, keeping the watermark free: its cached prefix shared,
+        the rest new. Its prefill then begins after the prefix (`num_computed_tokens`). False, and nothing
+        taken, without room."""
+        if req.block_ids:
+            raise RuntimeError(f"request {req.request_id} starts while holding KV blocks")
+        hits = self._hits(req)
+        refs = self._refs
+        idle = sum(refs[b] == 0 for b in hits)      # attaching an idle block takes it out of the free room
+        new = self.blocks_for(req.num_prefill_target) - len(hits)
+        if self.num_free - idle - new < self.num_watermark_blocks:
+            return False
+        for b in hits:
+            if refs[b] == 0:
+                del self._idle[b]
+            refs[b] += 1
+        req.block_ids = hits                        # (grows by the new blocks below)
+        req.num_keyed_blocks = num_hits = len(hits)
+        self.allocate(req, new)
+        req.num_computed_tokens = req.num_cached_tokens = num_hits * self.block_size
+        self.num_query_tokens += req.num_prefill_target
+        self.num_hit_tokens += req.num_cached_tokens
+        return True
+
+    # --- blocks ------------------------------------------------------------
     def allocate(self, req: Request, num_blocks: int) -> None:
-        if num_blocks > len(self._free):
-            raise OutOfBlocks(f"request {req.request_id} needs {num_blocks} blocks, {len(self._free)} free")
+        """`num_blocks` new blocks for `req` (its decode grows): free ones first, then the least recently used
+        idle ones, whose content is dropped."""
+        if num_blocks > self.num_free:
+            raise OutOfBlocks(f"request {req.request_id} needs {num_blocks} blocks, {self.num_free} free")
+        free, idle, refs = self._free, self._idle, self._refs
         for _ in range(num_blocks):
-            req.block_ids.append(self._free.pop())
+            if free:
+                b = free.pop()
+            else:
+                b = next(iter(idle))
+                del idle[b]
+                del self._index[self._key[b]]
+                self._key[b] = None
+            refs[b] = 1
+            req.block_ids.append(b)
+
+    def commit(self, req: Request, num_tokens: int) -> None:
+        """The KV of `req`'s first `num_tokens` tokens is computed: index its full blocks so that others can
+        share them. A block whose key is already indexed (someone computed the same content alongside) stays
+        unkeyed, and is freed, not cached, when released."""
+        keys = req.block_keys
+        if keys is None or not self.prefix_caching:
+            return
+        full = min(num_tokens // self.block_size, len(keys), len(req.block_ids))
+        index, key_of, blocks = self._index, self._key, req.block_ids
+        for i in range(req.num_keyed_blocks, full):
+            k = keys[i]
+            if k not in index:
+                b = blocks[i]
+                index[k] = b
+                key_of[b] = k
+        req.num_keyed_blocks = max(req.num_keyed_blocks, full)
 
     def release(self, req: Request) -> None:
-        self._free.extend(req.block_ids)
+        """`req` gives its blocks back (finished, aborted, preempted; before its phase changes): the full blocks
+        it computed stay cached, idle, the rest are free."""
+        self.commit(req, req.num_kv_tokens)
+        refs, key_of, idle, free = self._refs, self._key, self._idle, self._free
+        for b in reversed(req.block_ids):          # tail first into the LRU order: evicted first
+            refs[b] -= 1
+            if refs[b] == 0:
+                if key_of[b] is None:
+                    free.append(b)
+                else:
+                    idle[b] = None
         req.block_ids = []
+        req.num_keyed_blocks = 0
 
     def check(self, holders) -> None:
-        """Conservation: every block is free or held by exactly one live request."""
-        held = [b for r in holders for b in r.block_ids]
-        every = held + self._free
+        """Conservation: every block is free, idle (cached, nobody holds it) or held by exactly the requests
+        whose block tables name it, as often as they do; the index and the states agree."""
+        held = Counter(b for r in holders for b in r.block_ids)
         # raised, not asserted: the server's degraded check must also run under `python -O`
-        if len(every) != self.num_blocks:
-            raise AssertionError(f"{len(every)} blocks accounted for, expected {self.num_blocks}")
-        if len(set(every)) != self.num_blocks:
-            raise AssertionError("a block is held twice")
+        free, idle = set(self._free), set(self._idle)
+        if len(free) != len(self._free):
+            raise AssertionError("a block is free twice")
+        if free & idle or free & held.keys() or idle & held.keys():
+            raise AssertionError("a block is in two states (free, idle, held)")
+        if len(free) + len(idle) + len(held) != self.num_blocks:
+            raise AssertionError(f"{len(free) + len(idle) + len(held)} blocks accounted for, "
+                                 f"expected {self.num_blocks}")
+        for b, n in held.items():
+            if self._refs[b] != n:
+                raise AssertionError(f"block {b} counts {self._refs[b]} holders, {n} requests hold it")
+        if any(self._refs[b] for b in free | idle):
+            raise AssertionError("a free or idle block counts holders")
+        if any(self._key[b] is not None for b in free) or any(self._key[b] is None for b in idle):
+            raise AssertionError("a free block is keyed or an idle one is not")
+        if any(self._key[b] != k for k, b in self._index.items()) or \
+                sum(k is not None for k in self._key) != len(self._index):
+            raise AssertionError("the prefix index and the blocks' keys disagree")
+

@@ -142,6 +142,7 @@ class Replica:
         pending = self._pending
         while pending and pending[0][0] <= now:
             req = heapq.heappop(pending)[2]
+            req.num_cached_tokens = self.kv.cached_tokens(req)     # its work is what the cache does not hold
             if req.tier.rejects_infeasible:
                 req.predicted_first_token_s = self.scheduler.predicted_first_token_s(now, req)
                 if req.predicted_first_token_s > req.first_token_deadline_s:
@@ -228,6 +229,7 @@ class Replica:
         for chunk in plan.prefills:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
+            self.kv.commit(req, req.num_computed_tokens)      # its full blocks can be shared from now on
             if req.num_computed_tokens < req.num_prefill_target:
                 self.scheduler.requeue(req)
                 continue
@@ -255,9 +257,9 @@ class Replica:
         self.iteration = i + 1
 
     def _finish(self, req: Request, end: float) -> None:
+        self.kv.release(req)                 # (before DONE: what it computed depends on its phase)
         req.move_to(Phase.DONE)
         req.finish_s = end
-        self.kv.release(req)
         self.executor.release(req)
         if self.recorder is not None:
             self.recorder.finish(req)

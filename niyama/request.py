@@ -21,7 +21,7 @@ class Phase(enum.IntEnum):
 
 
 # The lifecycle, in one place: every phase change goes through `Request.move_to`, which refuses any other.
-#   WAITING -> PREFILL   the scheduler admits it (takes its KV blocks)
+#   WAITING -> PREFILL   the scheduler admits it (takes its KV blocks, sharing its cached prefix)
 #   PREFILL -> DECODE    its prefill's last chunk emitted a token
 #   DECODE  -> WAITING   preempted for KV space: recompute prompt + generated tokens later
 #   any     -> DONE      finished, stopped early, aborted or rejected at arrival (its blocks return)
@@ -45,7 +45,7 @@ class Request:
         "tier", "priority", "ttft_s", "tbt_s",
         "phase", "num_prefill_target", "num_computed_tokens", "num_output_tokens",
         "first_token_s", "anchor_s", "finish_s", "relegated", "rejected", "predicted_first_token_s", "num_preemptions",
-        "block_ids", "token_segments", "sampled",
+        "block_ids", "block_keys", "num_cached_tokens", "num_keyed_blocks", "token_segments", "sampled",
         "decode_iter0", "decode_token0", "decode_seq",
     )
 
@@ -76,6 +76,12 @@ class Request:
         self.predicted_first_token_s: float | None = None   # the admission check's estimate, when made
         self.num_preemptions = 0
         self.block_ids: list[int] = []
+        # prefix caching (kv.py): the keys of its blocks' contents (None: never shared), the cached prefix
+        # (while waiting, what the cache holds of it at the last look; once started, what it attached),
+        # and how many of its leading blocks are indexed
+        self.block_keys = None
+        self.num_cached_tokens = 0
+        self.num_keyed_blocks = 0
         # [start, end) iteration ranges in which this request emitted tokens;
         # token times are the replica's iteration end times over these ranges.
         self.token_segments: list[list[int]] = []
@@ -95,7 +101,16 @@ class Request:
 
     @property
     def num_remaining_prefill(self) -> int:
-        return self.num_prefill_target - self.num_computed_tokens
+        """Prefill tokens still to compute: past its progress, and before it starts, past its cached prefix."""
+        return self.num_prefill_target - max(self.num_computed_tokens, self.num_cached_tokens)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens whose KV it holds computed: its prefill progress, or while it decodes prompt + generated but
+        the last (the next step writes that one's)."""
+        if self.phase == Phase.DECODE:
+            return self.num_prompt_tokens + self.num_output_tokens - 1
+        return self.num_computed_tokens if self.phase == Phase.PREFILL else 0
 
     @property
     def started(self) -> bool:

@@ -9,8 +9,8 @@ One call to `schedule(now, decodes, kv, iteration)`:
    the policy's order, several requests if they fit; when a request that has
    not started comes up, the policy may relegate it, and other waiting
    requests with it (`relegations`); relegated requests go back behind
-   every non-relegated one; starting a prefill takes its KV blocks and needs
-   a free `max_num_seqs` slot;
+   every non-relegated one; starting a prefill takes its KV blocks (sharing
+   its cached prefix, which it then skips) and needs a free `max_num_seqs` slot;
 5. a `BatchPlan` comes back. No clock is read and no tensor is touched.
 After the batch runs, the replica hands back paused prefills (`requeue`) and
 the measured batch (`observe`, which also keeps the observed prefill rate).
@@ -150,11 +150,12 @@ class Scheduler:
     def _preempt(self, req: Request, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> None:
         """Recompute preemption: drop the KV, re-prefill prompt + generated tokens later."""
         decodes.remove(req, iteration)
-        kv.release(req)
+        kv.release(req)                  # its computed blocks stay cached: the re-prefill may find them
         req.num_preemptions += 1
         req.move_to(Phase.WAITING)
         req.num_prefill_target = req.num_prompt_tokens + req.num_output_tokens
         req.num_computed_tokens = 0
+        req.num_cached_tokens = kv.cached_tokens(req)
         self.waiting.push(req)
 
     def _fill(self, now: float, prefill_budget: int, kv: BlockAllocator,
@@ -170,6 +171,7 @@ class Scheduler:
             if req is None:
                 break
             if not req.started:
+                req.num_cached_tokens = kv.cached_tokens(req)    # what is cached now, not when it was queued
                 # a preempted decode re-prefilling has started before: never relegated
                 if not req.relegated and req.first_token_s is None:
                     shed = self.relegations(now, req)
@@ -179,11 +181,10 @@ class Scheduler:
                         self.waiting.push(r)   # behind every non-relegated request
                     if req in shed:
                         continue
-                if num_running >= self.config.max_num_seqs or not kv.can_admit(req.num_prefill_target):
+                if num_running >= self.config.max_num_seqs or not kv.start(req):
                     held.append(req)
                     admissions_blocked = True  # only started prefills may still run
                     continue
-                kv.allocate(req, kv.blocks_for(req.num_prefill_target))
                 req.move_to(Phase.PREFILL)
                 num_running += 1
             n = min(left, req.num_remaining_prefill)

@@ -96,7 +96,7 @@ class NiyamaScheduler(Scheduler):
         low_memory = kv.num_free * kv.block_size < cfg.low_memory_tokens
         cands = cfg.low_memory_candidates if low_memory else cfg.chunk_candidates
         head = self.waiting.peek()
-        prefill_context = head.num_computed_tokens if head is not None else 0
+        prefill_context = head.num_prefill_target - head.num_remaining_prefill if head is not None else 0
         num_sampled = decodes.num_sampled
         predicted_s = lambda total: self.predictor.batch_time(max(0, total - num_decodes), num_decodes,
                                                               decode_context, prefill_context, num_sampled)

@@ -44,7 +44,7 @@ class ArrivalWork:
         lane = self._lanes.get(req.tier.name)
         if lane is None:
             lane = self._lanes[req.tier.name] = _Lane(req.arrival_s)
-        lane.add(req.arrival_s, req.num_prompt_tokens, req.ttft_s, self.history_s)
+        lane.add(req.arrival_s, req.num_remaining_prefill, req.ttft_s, self.history_s)
 
     def rates(self, now: float, horizon_s: float) -> list[tuple[float, float]]:
         """(TTFT_eff, tokens/s over the last `horizon_s`) of each tier seen."""
