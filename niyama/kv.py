@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Protocol
 
 from .request import Request, blocks_for
@@ -137,7 +137,9 @@ class BlockAllocator:
         self._refs = [0] * num_blocks          # holders of each block
         self._key: list = [None] * num_blocks  # the key a block is indexed under, if any
         self._index: dict[int, int] = {}       # key -> block: every keyed block, held or idle
-        self._idle: dict[int, None] = {}       # keyed blocks nobody holds, least recently used first
+        # keyed blocks nobody holds, least recently used first (an OrderedDict: a dict's first key is O(n) to
+        # find once many were deleted from its front)
+        self._idle: OrderedDict[int, None] = OrderedDict()
         # prefix-cache counters, in prompt tokens (vLLM's prefix_cache_queries / _hits), over every start
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
@@ -225,8 +227,7 @@ class BlockAllocator:
             if free:
                 b = free.pop()
             else:
-                b = next(iter(idle))
-                del idle[b]
+                b = idle.popitem(last=False)[0]
                 del self._index[self._key[b]]
                 self._key[b] = None
             refs[b] = 1

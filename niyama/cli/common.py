@@ -10,7 +10,7 @@ from ..predictor import DEFAULT_PROFILE, PROFILES
 from ..scheduler import POLICIES, policy_options
 from ..sim.run import DEFAULT_KV_TOKENS
 from ..sim.scenario import Scenario
-from ..workload import TRACES
+from ..workload import PAPER_TRACES, TRACES
 
 
 def add_workload_options(p: argparse.ArgumentParser, admission: bool = True) -> None:
@@ -50,6 +50,9 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
                         "default (default off: the simulator's times are the profile's own)")
     g.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
                    help=f"KV cache capacity in tokens (default {DEFAULT_KV_TOKENS}: Llama-3-8B on 80 GB)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt from its first token (default: requests share the cached KV of "
+                        "equal prompt prefixes, where the trace says which prefixes are equal: mooncake)")
     g.add_argument("--noise", type=float, default=0.0,
                    help="log-normal sigma of multiplicative batch-time noise (default 0)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -142,7 +145,8 @@ def engine_config_from_args(args, **extra):
 
 def scenario_from_args(args, trace: str, policy: str) -> Scenario:
     """A scenario from the workload and replica options (and --requests / --duration-h if the verb has them)."""
-    return Scenario(trace, policy, profile=args.profile, kv_tokens=args.kv_tokens, noise=args.noise, seed=args.seed,
+    return Scenario(trace, policy, profile=args.profile, kv_tokens=args.kv_tokens, prefix_caching=args.prefix_caching,
+                    noise=args.noise, seed=args.seed,
                     duration_s=getattr(args, "duration_h", 4.0) * 3600, num_requests=getattr(args, "requests", None),
                     workload_options=dict(tiers=args.tiers, tier_mix=args.tier_mix,
                                           low_priority_fraction=args.low_priority,
@@ -152,9 +156,9 @@ def scenario_from_args(args, trace: str, policy: str) -> Scenario:
 
 
 def add_traces_option(p) -> None:
-    """--trace/--traces: a comma-separated list, every shipped trace by default."""
-    p.add_argument("--trace", "--traces", dest="traces", default=",".join(TRACES),
-                   help=f"comma-separated traces: {trace_help()} (default: all shipped)")
+    """--trace/--traces: a comma-separated list, the paper's three by default."""
+    p.add_argument("--trace", "--traces", dest="traces", default=",".join(PAPER_TRACES),
+                   help=f"comma-separated traces: {trace_help()} (default: {','.join(PAPER_TRACES)})")
 
 
 def trace_names(args) -> list[str]:
@@ -162,7 +166,8 @@ def trace_names(args) -> list[str]:
 
 
 def trace_help() -> str:
-    return f"{', '.join(TRACES)} or a CSV with num_prefill_tokens,num_decode_tokens[,arrived_at]"
+    return (f"{', '.join(TRACES)}, a CSV with num_prefill_tokens,num_decode_tokens[,arrived_at], or a Mooncake "
+            f"JSONL (.jsonl[.gz]: timestamp, input_length, output_length[, hash_ids])")
 
 
 def parse_policy_options(policy: str, items: list[str]) -> dict:

@@ -56,7 +56,7 @@ def run(args) -> int:
         if unknown:
             raise ValueError(f"--set {unknown[0]!r}: no experiment has that parameter")
     ctx = Context(Path(args.out), quick=args.quick, seed=args.seed, profile=args.profile, kv_tokens=args.kv_tokens,
-                  noise=args.noise, executor_profile=args.executor_profile, online_correction=args.online_correction,
+                  prefix_caching=args.prefix_caching, noise=args.noise, executor_profile=args.executor_profile, online_correction=args.online_correction,
                   policy_overrides=parse_any_policy_options(args.opt),
                   reference_qps=args.reference_qps, processes=args.jobs, show_progress=not args.quiet)
     command = "niyama " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""

@@ -65,7 +65,7 @@ def run(args) -> int:
     for name in (args.policy, args.silo_policy):
         check_policy(name)
     setup = PlanSetup(args.trace, args.qps, duration_s=args.duration_h * 3600, seed=args.seed, profile=args.profile,
-                      kv_tokens=args.kv_tokens, noise=args.noise,
+                      kv_tokens=args.kv_tokens, prefix_caching=args.prefix_caching, noise=args.noise,
                       workload_options=dict(tiers=args.tiers, tier_mix=args.tier_mix,
                                             low_priority_fraction=args.low_priority,
                                             on_infeasible=args.on_infeasible),

@@ -61,7 +61,8 @@ def run(args) -> int:
             if done - bar.n >= step or done == len(wl):
                 bar.update(done - bar.n)
 
-        result = simulate(wl, args.policy, profile=args.profile, kv_tokens=args.kv_tokens, noise=args.noise,
+        result = simulate(wl, args.policy, profile=args.profile, kv_tokens=args.kv_tokens,
+                          prefix_caching=args.prefix_caching, noise=args.noise,
                           seed=args.seed, policy_options=options, progress=progress,
                           executor_profile=args.executor_profile, online_correction=args.online_correction)
     summary, records = summarize(result)

@@ -57,6 +57,7 @@ class PlanSetup:
     seed: int = 0
     profile: str = DEFAULT_PROFILE
     kv_tokens: int = DEFAULT_KV_TOKENS
+    prefix_caching: bool = True
     noise: float = 0.0
     executor_profile: str | None = None         # how long batches really take (default: `profile`)
     workload_options: dict = field(default_factory=dict)   # make_workload keywords: tiers, tier_mix, ...
@@ -157,7 +158,8 @@ def run_fleet(setup: PlanSetup, spec: str, router: str | None = None, progress=N
                        policy_options=setup.policy_options, silo_policy=setup.silo_policy)
     return simulate_cluster(wl, fleet, profile=setup.profile, kv_tokens=setup.kv_tokens, noise=setup.noise,
                             seed=setup.seed, executor_profile=setup.executor_profile,
-                            router_options=setup.router_options, progress=progress)
+                            router_options=setup.router_options, progress=progress,
+                            prefix_caching=setup.prefix_caching)
 
 
 def pool_workload(wl: Workload, tier: str | None) -> Workload:
@@ -184,7 +186,8 @@ def evaluate_pool(setup: PlanSetup, wl: Workload, pool: str, n: int, router: str
             sorted({(k * n) // setup.sample_replicas for k in range(setup.sample_replicas)})
         results = [simulate(_every(sub, j, n), policy, profile=setup.profile, kv_tokens=setup.kv_tokens,
                             noise=setup.noise, seed=setup.seed + j, policy_options=opts,
-                            executor_profile=setup.executor_profile) for j in picks]
+                            executor_profile=setup.executor_profile, prefix_caching=setup.prefix_caching)
+                   for j in picks]
         requests = [r for res in results for r in res.requests]
         backlog = max(res.backlog_s for res in results)
         simulated = len(results)
@@ -192,7 +195,7 @@ def evaluate_pool(setup: PlanSetup, wl: Workload, pool: str, n: int, router: str
         fleet = make_fleet(f"shared:{n}", wl.tiers, policy=policy, router=router, policy_options=opts)
         res = simulate_cluster(sub, fleet, profile=setup.profile, kv_tokens=setup.kv_tokens, noise=setup.noise,
                                seed=setup.seed, executor_profile=setup.executor_profile,
-                               router_options=setup.router_options)
+                               router_options=setup.router_options, prefix_caching=setup.prefix_caching)
         requests, backlog, simulated = res.requests, res.backlog_s, n
     per_tier = _violations(requests, [t.name for t in wl.tiers] if tier is None else [tier])
     passed = all(v <= setup.target_pct for v in per_tier.values())

@@ -146,7 +146,7 @@ class ClusterResult(SimResult):
 def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT_PROFILE,
                      kv_tokens: int = DEFAULT_KV_TOKENS, noise: float = 0.0, seed: int = 0,
                      executor_profile: str | None = None, router_options: dict | None = None,
-                     progress=None) -> ClusterResult:
+                     progress=None, prefix_caching: bool = True) -> ClusterResult:
     """Run `workload` through `fleet`. `router_options` go to every pool's router that is not round-robin
     (e.g. the qos router's tie_s, hold_s). Replica k's noise stream is seeded with `seed + k`.
     `progress(n)`: called with the number of requests routed, then finished, now and then."""
@@ -159,7 +159,7 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
         for _ in range(pool.num_replicas):
             k = len(nodes)
             replica = Replica(make_scheduler(pool.policy, planned, **pool.policy_options),
-                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens),
+                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching),
                               recorder=Recorder())
             node = Node(k, pool, replica)
             replica.on_step.append(node.on_step)
@@ -169,7 +169,7 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
         pools.append((members, make_router(pool.router, **opts)))
     pool_of = _pool_of_tier(fleet, workload)
 
-    requests = workload.requests()
+    requests = workload.requests(nodes[0].replica.kv.block_size)
     assert all(r.request_id == i for i, r in enumerate(requests)), "workload request ids are their positions"
     replica_of = np.full(len(requests), -1, dtype=np.int64)
     busy: list[tuple[float, int]] = []             # (next step start, node index)

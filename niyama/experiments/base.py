@@ -55,6 +55,7 @@ class Context:
     seed: int = 0
     profile: str = DEFAULT_PROFILE
     kv_tokens: int = DEFAULT_KV_TOKENS
+    prefix_caching: bool = True
     noise: float = 0.0
     executor_profile: str | None = None          # how long batches really take (default: `profile`)
     online_correction: bool = False              # the scheduler rescales its profile by the times it sees
@@ -69,7 +70,8 @@ class Context:
         knobs = policy_options(policy)
         opts = {k: v for k, v in self.policy_overrides.items() if k in knobs}
         opts.update(policy_opts or {})
-        return Scenario(trace, policy, profile=self.profile, kv_tokens=self.kv_tokens, noise=self.noise,
+        return Scenario(trace, policy, profile=self.profile, kv_tokens=self.kv_tokens,
+                        prefix_caching=self.prefix_caching, noise=self.noise,
                         seed=self.seed, duration_s=duration_h * 3600.0,
                         workload_options={k: v for k, v in workload_options.items() if v is not None},
                         policy_options=opts, executor_profile=self.executor_profile,

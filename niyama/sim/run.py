@@ -35,22 +35,24 @@ class SimResult:
 def simulate(workload: Workload, policy: str = "niyama", *, profile: str = DEFAULT_PROFILE,
              kv_tokens: int = DEFAULT_KV_TOKENS, noise: float = 0.0, seed: int = 0,
              policy_options: dict | None = None, on_step=None, progress=None,
-             executor_profile: str | None = None, online_correction: bool = False) -> SimResult:
+             executor_profile: str | None = None, online_correction: bool = False,
+             prefix_caching: bool = True) -> SimResult:
     """`profile`: what the scheduler plans with; `executor_profile`: how long batches really take (default:
     the same; another one simulates a scheduler planning with a wrong profile); `online_correction`: the
-    scheduler's profile is rescaled by the step times it sees, as the engine does."""
+    scheduler's profile is rescaled by the step times it sees, as the engine does. `prefix_caching`: requests
+    whose workload spec carries prefix block ids share their cached blocks (kv.py)."""
     profile_model = load_profile(profile)
     truth = profile_model if executor_profile is None else load_profile(executor_profile)
     predictor = OnlineCorrection(profile_model) if online_correction else profile_model
     scheduler = make_scheduler(policy, predictor, **(policy_options or {}))
-    kv = BlockAllocator.for_tokens(kv_tokens)
+    kv = BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching)
     record = Recorder()
     replica = Replica(scheduler, SimulatedExecutor(truth, noise, seed), kv, recorder=record)
     if online_correction:
         replica.on_step.append(lambda plan, result, end: predictor.observe_plan(plan, result.duration_s))
     if on_step is not None:
         replica.on_step.append(on_step)
-    requests = workload.requests()
+    requests = workload.requests(kv.block_size)
     for req in requests:
         replica.add(req)
     replica.run(progress)

@@ -30,6 +30,7 @@ class Scenario:
     policy_options: dict = field(default_factory=dict)     # policy knobs (see `niyama policies`)
     executor_profile: str | None = None       # how long batches really take (default: `profile`)
     online_correction: bool = False           # the scheduler rescales its profile by the times it sees
+    prefix_caching: bool = True               # cached prompt blocks are shared (workloads with block ids)
 
     @property
     def label(self) -> str:
@@ -47,4 +48,5 @@ class Scenario:
     def simulate(self, qps: float | None, scale: float = 1.0, on_step=None) -> SimResult:
         return simulate(self.workload(qps, scale), self.policy, profile=self.profile, kv_tokens=self.kv_tokens,
                         noise=self.noise, seed=self.seed, policy_options=self.policy_options, on_step=on_step,
-                        executor_profile=self.executor_profile, online_correction=self.online_correction)
+                        executor_profile=self.executor_profile, online_correction=self.online_correction,
+                        prefix_caching=self.prefix_caching)

@@ -1,6 +1,6 @@
 """Workloads: traces, arrival processes and QoS mixes -> a list of request specs."""
 
 from .build import RequestSpec, Workload, clip_lengths, make_workload
-from .traces import TRACES, Trace, load_trace
+from .traces import PAPER_TRACES, TRACES, Trace, load_trace
 
-__all__ = ["RequestSpec", "Workload", "clip_lengths", "make_workload", "TRACES", "Trace", "load_trace"]
+__all__ = ["RequestSpec", "Workload", "clip_lengths", "make_workload", "PAPER_TRACES", "TRACES", "Trace", "load_trace"]

@@ -2,6 +2,10 @@
 
 Every random choice draws from its own seeded stream, so changing the load
 changes only the arrival times, never which request is which tier.
+
+Rows are drawn shuffled (traces hold bursts), except from a trace with
+prefix block ids: there who reuses whose prefix depends on who came first,
+so rows keep the trace's order and a workload holds at most one pass of it.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..qos import DeadlineRule, Priority, Tier, load_tiers, parse_mix, with_admission
+from ..kv import TraceKeys
 from ..request import Request
 from . import arrivals as arrival_processes
-from .traces import Trace, load_trace
+from .traces import MOONCAKE_BLOCK_TOKENS, Trace, load_trace
 
 DEFAULT_DURATION_S = 4 * 3600.0   # capacity runs span at least 4 hours of arrivals
 
@@ -27,6 +32,7 @@ class RequestSpec:
     tier: str
     priority: Priority = Priority.IMPORTANT
     sampled: bool = False      # drawn with temperature or penalties (the time model's per-row term)
+    block_ids: tuple[int, ...] | None = None    # the trace's prefix block ids (Workload.block_tokens each)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Workload:
     rule: DeadlineRule
     long_prompt_threshold: int
     qps: float | None = None
+    block_tokens: int = MOONCAKE_BLOCK_TOKENS   # prompt tokens per entry of a spec's block_ids
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -49,11 +56,23 @@ class Workload:
     def last_arrival_s(self) -> float:
         return self.specs[-1].arrival_s if self.specs else 0.0
 
-    def requests(self) -> list[Request]:
-        """Fresh Request objects (a workload can be replayed many times)."""
+    @property
+    def has_prefixes(self) -> bool:
+        return any(s.block_ids for s in self.specs)
+
+    def requests(self, block_size: int = 16) -> list[Request]:
+        """Fresh Request objects (a workload can be replayed many times); a spec's block ids become its
+        requests' prefix-cache keys (for a KV cache of `block_size`-token blocks)."""
         tiers = self.tier_by_name
-        return [Request(i, s.arrival_s, s.num_prompt_tokens, s.num_output_tokens, tiers[s.tier], self.rule, s.priority,
-                        s.sampled) for i, s in enumerate(self.specs)]
+        out = []
+        for i, s in enumerate(self.specs):
+            req = Request(i, s.arrival_s, s.num_prompt_tokens, s.num_output_tokens, tiers[s.tier], self.rule,
+                          s.priority, s.sampled)
+            if s.block_ids:
+                req.block_keys = TraceKeys(s.block_ids, s.num_prompt_tokens, s.num_prompt_tokens + s.num_output_tokens,
+                                           i, block_size, self.block_tokens)
+            out.append(req)
+        return out
 
 
 def make_workload(trace: "str | Trace", qps: float | None = None, *, num_requests: int | None = None,
@@ -83,10 +102,14 @@ def make_workload(trace: "str | Trace", qps: float | None = None, *, num_request
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
 
     times = _arrival_times(tr, arrival, qps, num_requests, duration_s, diurnal_qps, diurnal_period_s, rng_arrival)
+    if tr.block_ids is not None:
+        times = times[:len(tr)]
     n = len(times)
     if n == 0:
         raise ValueError("the workload has no requests; raise --qps, --requests or the duration")
-    if n <= len(tr):
+    if tr.block_ids is not None:
+        rows = np.arange(n)                          # in order, once: the reuse depends on it
+    elif n <= len(tr):
         rows = rng_length.permutation(len(tr))[:n]   # shuffled, as the artifact does: traces hold bursts
     else:
         rows = rng_length.integers(0, len(tr), n)  # more requests than rows: sample with replacement
@@ -94,9 +117,10 @@ def make_workload(trace: "str | Trace", qps: float | None = None, *, num_request
     low = rng_priority.random(n) < low_priority_fraction
     outputs = tr.output_tokens[rows] if output_tokens is None else np.full(n, output_tokens)
     specs = [RequestSpec(float(times[k]), int(tr.prompt_tokens[rows[k]]), int(outputs[k]),
-                         tier_set[tier_idx[k]].name, Priority.LOW if low[k] else Priority.IMPORTANT)
+                         tier_set[tier_idx[k]].name, Priority.LOW if low[k] else Priority.IMPORTANT,
+                         block_ids=tr.block_ids[rows[k]] if tr.block_ids is not None else None)
              for k in range(n)]
-    return Workload(tr.name, specs, tier_set, rule, tr.long_prompt_threshold, qps)
+    return Workload(tr.name, specs, tier_set, rule, tr.long_prompt_threshold, qps, tr.block_tokens)
 
 
 def _arrival_times(tr: Trace, arrival: str, qps, num_requests, duration_s, diurnal_qps, period_s, rng):
