@@ -96,7 +96,8 @@ class StepRecord(NamedTuple):
     predicted_s: float                # what the scheduler planned it to take (BatchPlan.predicted_s)
     budget: int | None                # the token budget, if the step had prefills
     tokens: int
-    queue_s: list                     # [(tier name, seconds queued)] of prefills that started in this step
+    started: list                     # [(tier name, seconds queued, prompt tokens, cached prompt tokens)] of the
+                                      # requests whose prefill started in this step (re-prefills not counted)
     relegated: list                   # [tier name] of requests relegated in this step
     preempted: int
 
@@ -124,6 +125,7 @@ class EngineStats(NamedTuple):
     degraded: str | None = None       # why the engine is not fully healthy (KV blocks lost after a failure)
     admitted: list | tuple = ()       # rids of tier-rejecting requests admitted since the last message
     load: LoadReport | None = None    # when asked for (ReportLoad) and due
+    kv_cached: int = 0                # KV blocks a later request could reuse (prefix cache), held or idle
 
 
 class StepOutputs(NamedTuple):
@@ -237,6 +239,7 @@ class ReplicaStatus(NamedTuple):
     degraded: str | None      # why the engine is not fully healthy
     running: int
     waiting: int
+    kv_cached: int = 0        # prefix-cached blocks, held or idle
 
 
 class ReplicaReport(NamedTuple):

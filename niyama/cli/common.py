@@ -50,13 +50,17 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
                         "default (default off: the simulator's times are the profile's own)")
     g.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
                    help=f"KV cache capacity in tokens (default {DEFAULT_KV_TOKENS}: Llama-3-8B on 80 GB)")
-    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="recompute every prompt from its first token (default: requests share the cached KV of "
-                        "equal prompt prefixes, where the trace says which prefixes are equal: mooncake)")
+    add_prefix_caching_option(g, "where the trace says which prefixes are equal (mooncake)")
     g.add_argument("--noise", type=float, default=0.0,
                    help="log-normal sigma of multiplicative batch-time noise (default 0)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override a policy knob, e.g. --opt alpha_s=0.004 (see `niyama policies`)")
+
+
+def add_prefix_caching_option(g, where: str) -> None:
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help=f"recompute every prompt from its first token (default: requests share the cached KV of "
+                        f"equal prompt prefixes, {where})")
 
 
 def add_sim_profile_option(g) -> None:
@@ -97,6 +101,7 @@ def add_engine_options(p: argparse.ArgumentParser, cpu_kv_tokens: int = 32768, c
     g.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--kv-tokens", type=int, default=None,
                    help=f"KV cache size in tokens (default: from free GPU memory, {cpu_kv_tokens} on CPU)")
+    add_prefix_caching_option(g, "whole 16-token blocks of equal token ids")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory the engine may fill: weights, the worst step's activations, "
                         "CUDA graphs and the KV cache (default 0.9)")
@@ -139,7 +144,7 @@ def engine_config_from_args(args, **extra):
                         kv_tokens=args.kv_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
                         attention=args.attention, cuda_graphs=not args.no_cuda_graphs, tokenizer=args.tokenizer,
                         chat_template=load_chat_template(template) if template else None,
-                        online_correction=not args.no_online_correction,
+                        online_correction=not args.no_online_correction, prefix_caching=args.prefix_caching,
                         tensor_parallel_size=args.tensor_parallel_size, **extra)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv import BlockAllocator
+from ..kv import BlockAllocator, TokenKeys
 from ..messages import (BuildCache, CacheBuilt, EngineInfo, EngineStats, KVPlanned, LoadReport, PlanKV,
                         WorkerLoaded)
 from ..predictor.online import OnlineCorrection
@@ -67,6 +67,7 @@ class EngineConfig:
                                           # here and cached), measure (always measure), a shipped name or a file
     online_correction: bool = True        # rescale the profile by the measured step times (predictor/online.py)
     tiers: str = "default"
+    prefix_caching: bool = True           # requests share the KV of equal prompt prefixes (kv.py)
     max_num_seqs: int = 256
     seed: int = 0
     tensor_parallel_size: int = 1         # ranks: GPUs on cuda, processes on cpu (tensor_parallel.py)
@@ -159,7 +160,8 @@ class LLMEngine:
             kv_tokens = self.memory.kv_tokens
             if self.tp:          # the rank with the least room decides
                 kv_tokens = min([kv_tokens] + [r.kv_tokens for r in self.tp.expect(KVPlanned)])
-        self.allocator = BlockAllocator.for_tokens(kv_tokens or DEFAULT_CPU_KV_TOKENS, block_size)
+        self.allocator = BlockAllocator.for_tokens(kv_tokens or DEFAULT_CPU_KV_TOKENS, block_size,
+                                                   prefix_caching=cfg.prefix_caching)
         self.kv_cache = PagedKVCache(rank_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
         self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
@@ -248,6 +250,8 @@ class LLMEngine:
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         seq = Sequence(req, ids, params, self.tokenizer if detokenize else None, self.eos_token_ids, seed)
+        if self.allocator.prefix_caching:    # keyed by its own token lists: generated tokens' blocks cache too
+            req.block_keys = TokenKeys((seq.prompt_ids, seq.output_ids), self.allocator.block_size)
         self.executor.add(seq)
         return seq
 
@@ -290,7 +294,7 @@ class LLMEngine:
         started = waiting.num_started
         return EngineStats(time.monotonic(), kv.num_free, kv.num_blocks, len(self.replica.decodes) + started,
                            len(waiting) - started, getattr(self.predictor, "ratios", None), steps, degraded,
-                           admitted, load)
+                           admitted, load, kv.num_cached_blocks)
 
     def load_report(self) -> LoadReport:
         """What a router weighs this replica by: O(requests) and O(waiting) per tier, so a server sends it only

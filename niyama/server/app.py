@@ -85,6 +85,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         degraded = stats.degraded
         status = {"status": "degraded", "reason": degraded} if degraded else {"status": "ok"}
         return {**status, "model": served_name, "kv_blocks_free": stats.kv_free, "kv_blocks": stats.kv_blocks,
+                "kv_blocks_cached": stats.kv_cached,
                 "engine": {"mode": info["mode"], "pid": info["pid"]}}
 
     card = {"id": served_name, "object": "model", "created": started, "owned_by": "niyama",

@@ -128,8 +128,8 @@ class EngineCore:
         self.steps.append(StepRecord(
             result.duration_s, plan.predicted_s, plan.token_budget if plan.prefills else None,
             plan.num_prefill_tokens + plan.num_decodes,
-            [(c.request.tier.name, start_s - c.request.arrival_s) for c in plan.prefills
-             if c.start == 0 and c.request.num_preemptions == 0],
+            [(c.request.tier.name, start_s - c.request.arrival_s, c.request.num_prompt_tokens, c.start)
+             for c in plan.prefills if c.start == c.request.num_cached_tokens and c.request.num_preemptions == 0],
             [r.tier.name for r in plan.relegated], len(plan.preempted)))
 
     def _fail_all(self, message: str) -> list:

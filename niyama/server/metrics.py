@@ -58,6 +58,13 @@ class ServerMetrics:
         self.success = Counter("niyama:request_success", "Finished requests by finish reason",
                                m + ("finished_reason",), registry=r)
         self.preemptions = Counter("niyama:num_preemptions", "Decodes preempted for KV space", m, registry=r)
+        self.prefix_queries = Counter("niyama:prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                      "when their prefill started", mt, registry=r)
+        self.prefix_hits = Counter("niyama:prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
+                                   "prefill skipped)", mt, registry=r)
+        self.kv_cached = Gauge("niyama:kv_cache_cached_blocks", "KV blocks holding reusable prompt prefixes, held "
+                               "by a request or idle (idle ones are evicted, least recently used first, when "
+                               "blocks run out)", m, registry=r)
         # niyama's own: the promise per tier and what the scheduler did to keep it
         self.tier_requests = Counter("niyama:tier_requests", "Finished requests per QoS tier (aborts excluded)",
                                      m + ("tier",), registry=r)
@@ -92,11 +99,11 @@ class ServerMetrics:
                     self.tier_target.labels(model_name, t.name, kind).set(getattr(t, f"{kind}_s"))
         for metric in (self.step_time, self.step_ratio, self.iteration_tokens, self.chunk_size, self.prompt_len, self.output_len,
                        self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-                       self.preemptions):
+                       self.preemptions, self.kv_cached):
             metric.labels(model_name)          # every series exists from the start (at 0), for dashboards
         for tier in (t.name for t in tiers):      # every configured tier shows up from the start, at 0
             for metric in (self.tier_requests, self.tier_violations, self.relegations, self.rejections, self.ttft,
-                           self.itl, self.e2e, self.queue_time):
+                           self.itl, self.e2e, self.queue_time, self.prefix_queries, self.prefix_hits):
                 metric.labels(model_name, tier)
 
     def render(self) -> bytes:
@@ -116,8 +123,10 @@ class ServerMetrics:
             if step.budget is not None:
                 self.chunk_size.labels(m).observe(step.budget)
             self.iteration_tokens.labels(m).observe(step.tokens)
-            for tier, q in step.queue_s:
+            for tier, q, prompt, cached in step.started:
                 self.queue_time.labels(m, tier).observe(max(0.0, q))
+                self.prefix_queries.labels(m, tier).inc(prompt)
+                self.prefix_hits.labels(m, tier).inc(cached)
             for tier in step.relegated:
                 self.relegations.labels(m, tier).inc()
             if step.preempted:
@@ -127,6 +136,7 @@ class ServerMetrics:
         self.running.labels(m).set(stats.running)
         self.waiting.labels(m).set(stats.waiting)
         self.kv_usage.labels(m).set(1 - stats.kv_free / stats.kv_blocks)
+        self.kv_cached.labels(m).set(stats.kv_cached)
 
     def tokens_emitted(self, stream, num_new: int, now_s: float) -> None:
         self.generation_tokens.labels(self.model).inc(num_new)

@@ -159,7 +159,7 @@ class EngineReplica:
         s = self.client.stats
         load = self.client.load
         return ReplicaReport(os.getpid(), self.client.info["pid"], self.node,
-                             ReplicaStatus(s.kv_free, s.kv_blocks, s.degraded, s.running, s.waiting),
+                             ReplicaStatus(s.kv_free, s.kv_blocks, s.degraded, s.running, s.waiting, s.kv_cached),
                              as_report(load) if load else None, self.client.render_metrics())
 
     async def _report_loop(self) -> None:

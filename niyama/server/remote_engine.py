@@ -139,7 +139,7 @@ class RemoteEngine:
         statuses = [r.status for r in live.values()]
         self.stats = EngineStats(time.monotonic(), sum(s.kv_free for s in statuses), sum(s.kv_blocks for s in statuses),
                                  sum(s.running for s in statuses), sum(s.waiting for s in statuses), None,
-                                 degraded="; ".join(degraded) or None)
+                                 degraded="; ".join(degraded) or None, kv_cached=sum(s.kv_cached for s in statuses))
         if self._closing:
             return
         now = time.monotonic()

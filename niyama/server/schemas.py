@@ -354,6 +354,7 @@ class Health(Body):
     model: str
     kv_blocks_free: int
     kv_blocks: int
+    kv_blocks_cached: int = Field(description="blocks holding reusable prompt prefixes (prefix cache), in use or idle")
     engine: EngineState
 
 
