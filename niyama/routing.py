@@ -20,7 +20,7 @@ simulator takes the first), or returns None to hold the request and be asked aga
   costs the same everywhere, so seconds and tokens order prefill work alike; they differ only in what a decode
   token weighs against a prefill token.
 - `qos` (ours): the request's first token on a replica is predicted at
-      ahead_s[tier] + (prompt tokens sent since the report + its prompt) / prefill rate
+      ahead_s[tier] + (prompt tokens sent since the report + its prompt - its prefix cached there) / prefill rate
   where ahead_s is the replica's scheduler's own prediction for a new request of that tier
   (`Scheduler.predicted_first_token_s`: the prefill work queued ahead of it in that replica's priority order,
   at its observed prefill rate, from the end of its step in flight). A Q1 request is only ordered behind Q1
@@ -32,7 +32,12 @@ simulator takes the first), or returns None to hold the request and be asked aga
   more paced decode only slows its prefills further). Comfortable replicas come first, least work first
   (least-loaded's measure, so that decode-heavy replicas keep their pace); then the rest: those where its KV
   need (prompt + max_tokens) fits in the free KV first, each group by predicted first token (the least late
-  first). Free KV is not a condition of comfort: it is KV free now, not when the request's prefill starts
+  first). Prefix affinity follows from the same two measures: where the request's prefix is cached its
+  prefill is shorter (an earlier first token) and it adds less work (work is counted less that prefix), so a
+  replica holding it wins among the comfortable ones unless it is busier by more than the prefix saves, and is
+  never chosen when it is not comfortable (`prefix_affinity=False` ignores caches; only the simulated fleet
+  knows each replica's cache: a Ray Serve replica's load report does not say what it holds of a prompt).
+  Free KV is not a condition of comfort: it is KV free now, not when the request's prefill starts
   (decodes finish meanwhile), and requiring it raised Q1 violations in the simulator under KV pressure
   (sharegpt, 40K-token caches, 3 replicas at 9 QPS, 6 seeds: 6.60% against 5.70%).
   With no replica comfortable it thus goes where its first token comes earliest, and that replica's admission
@@ -92,6 +97,7 @@ class View(NamedTuple):
     `cluster.sim.NodeLoad`, which computes a field when a rule first reads it)."""
     load: LoadReport
     sent: Sent = Sent()
+    affinity: bool = True     # count the request's prefix cached here (a router with prefix_affinity=False: no)
 
     @classmethod
     def of(cls, load: LoadReport | dict | None, sent=()) -> "View":
@@ -102,12 +108,25 @@ class View(NamedTuple):
     def work_tokens(self) -> int:
         return self.load.work_tokens + self.sent.work_tokens
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the request being routed that this replica's prefix cache holds (the simulator's view
+        knows; a load report does not: 0)."""
+        return getattr(self.load, "cached_tokens", 0) if self.affinity else 0
+
+    @property
+    def work_with(self) -> int:
+        """Its work less the request's cached prefix here: what placing the request here saves ranks it."""
+        return self.work_tokens - self.cached_tokens
+
     def first_token_s(self, route: Route) -> float:
-        """Seconds from now until `route`'s first token here. A tier the replica did not report (explicit
-        targets) waits for the most work any tier waits for here."""
+        """Seconds from now until `route`'s first token here: the work ahead of it, then its prompt less what
+        this replica has cached of it. A tier the replica did not report (explicit targets) waits for the most
+        work any tier waits for here."""
         ahead_s = self.load.ahead_s
         ahead = ahead_s[route.tier] if route.tier in ahead_s else max(ahead_s.values(), default=0.0)
-        return ahead + (self.sent.prompt_tokens + route.prompt_tokens) / self.load.prefill_tokens_per_s
+        own = route.prompt_tokens - self.cached_tokens
+        return ahead + (self.sent.prompt_tokens + own) / self.load.prefill_tokens_per_s
 
     def fits(self, route: Route) -> bool:
         free = self.load.kv_free_tokens
@@ -162,8 +181,9 @@ class QoS(Router):
     PREFER = ("load", "slack")
 
     def __init__(self, *, comfort: float = COMFORT, prefer: str = "load", hold_s: float = 0.0, retry_s: float = 0.1,
-                 tie_s: float = TIE_S):
+                 tie_s: float = TIE_S, prefix_affinity: bool = True):
         super().__init__()
+        self.prefix_affinity = prefix_affinity
         if not 0 <= comfort < 1 or hold_s < 0 or retry_s <= 0 or tie_s < 0:
             raise ValueError("comfort must be in [0, 1), hold_s >= 0, retry_s > 0, tie_s >= 0")
         if prefer not in self.PREFER:
@@ -177,6 +197,8 @@ class QoS(Router):
         return route.first_token_s - route.age_s - first_s >= self.comfort * route.first_token_s
 
     def choose(self, views, route):
+        if not self.prefix_affinity:
+            views = [v._replace(affinity=False) for v in views]
         order = self._order(len(views), True)
         if self.prefer == "load":        # the least loaded comfortable replica: try them by work
             for k in by_work(views, order):
@@ -186,6 +208,8 @@ class QoS(Router):
         return None if ranked is None else ranked[0]
 
     def _rank(self, views, route, order):
+        if not self.prefix_affinity:
+            views = [v._replace(affinity=False) for v in views]
         first = {k: views[k].first_token_s(route) for k in order}
         good = {k for k in order if self.comfortable(views[k], route, first[k])}
         ok = [k for k in order if k in good]
@@ -206,9 +230,9 @@ class QoS(Router):
 
 
 def by_work(views: Sequence[View], ks: list[int]) -> list[int]:
-    """`ks`, least work first; stable: equal work keeps the turn order."""
-    work = [v.work_tokens for v in views]
-    return sorted(ks, key=work.__getitem__)
+    """`ks`, least work first, the request's cached prefix there taken off (prefix affinity: where it is cached
+    it adds less work); stable: equal work keeps the turn order."""
+    return sorted(ks, key=lambda k: views[k].work_with)
 
 
 # name -> class; each takes its options as keywords

@@ -17,7 +17,7 @@ def add_workload_options(p: argparse.ArgumentParser, admission: bool = True) -> 
     """`admission`: the verb's replica decides admission (--on-infeasible); not so for a load generator."""
     g = p.add_argument_group("workload")
     g.add_argument("--tiers", default=None,
-                   help="tier set: 'default', 'sharegpt', 'slo-variants' or a JSON file (default: the trace's)")
+                   help="tier set: 'default', 'sharegpt', 'slo-variants', 'long-context' or a JSON file (default: the trace's)")
     g.add_argument("--tier-mix", default=None, metavar="A,B,C", help="tier shares, e.g. 70,15,15 (default: equal)")
     g.add_argument("--low-priority", type=float, default=0.0, metavar="FRAC",
                    help="fraction of requests with the 'low' priority hint (default 0)")

@@ -67,6 +67,9 @@ class Node:
 
     def on_step(self, plan, result, end: float) -> None:
         self.queued_prefill_tokens -= plan.num_prefill_tokens
+        for c in plan.prefills:        # a prefill's first chunk: the cached prefix it skipped is done too
+            if c.start == c.request.num_cached_tokens:
+                self.queued_prefill_tokens -= c.start
         for req in plan.preempted:     # its KV is gone: prompt and tokens so far are prefilled again
             self.queued_prefill_tokens += req.num_prefill_target
         # every decode made a token, and so did every prefill that ended
@@ -93,8 +96,14 @@ class NodeLoad:
         return self.replica.scheduler.prefill_rate.tokens_per_s
 
     @cached_property
+    def cached_tokens(self) -> int:
+        """How much of `req`'s prompt this replica's prefix cache holds now."""
+        return self.replica.kv.cached_tokens(self.req)
+
+    @cached_property
     def ahead_s(self) -> dict:
         req = self.req
+        req.num_cached_tokens = self.cached_tokens      # its place in this replica's order depends on it
         first = self.replica.scheduler.predicted_first_token_s(self._at, req)
         return {req.tier.name: first - self.time - req.num_remaining_prefill / self.prefill_tokens_per_s}
 
@@ -276,4 +285,5 @@ def _result(workload: Workload, fleet: Fleet, nodes: list[Node], requests: list[
                                   record.num_preemptions, record.num_relegations, node.busy_s))
     return ClusterResult(workload, fleet.label, requests, ends, sum(s.num_iterations for s in stats),
                          sum(s.num_preemptions for s in stats), sum(s.num_relegations for s in stats),
+                         sum(n.replica.kv.num_query_tokens for n in nodes), sum(n.replica.kv.num_hit_tokens for n in nodes),
                          fleet=fleet, replica_of=replica_of, replicas=stats, num_held=num_held)

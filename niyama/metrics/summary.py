@@ -44,6 +44,7 @@ class RunSummary:
     num_iterations: int
     extra: dict = field(default_factory=dict)
     rejected: int = 0
+    prefix_hit_pct: float = 0.0      # prefill tokens found in the prefix cache, % of those looked up
 
     @property
     def worst_tier_violation_pct(self) -> float:
@@ -102,7 +103,8 @@ def summarize(result) -> tuple[RunSummary, dict[str, np.ndarray]]:
         _share(rec["violated"][served]), _share(rec["violated_strict"][served]),
         _share(rec["violated"][served & ~long]), _share(rec["violated"][served & long]),
         int(rec["relegated"].sum()), result.num_preemptions, result.backlog_s,
-        max(r.finish_s for r in result.requests), result.num_iterations, rejected=int((~served).sum()))
+        max(r.finish_s for r in result.requests), result.num_iterations, rejected=int((~served).sum()),
+        prefix_hit_pct=getattr(result, "prefix_hit_pct", 0.0))
     return summary, rec
 
 
@@ -134,7 +136,8 @@ def format_report(s: RunSummary) -> str:
               f"short {s.short_violation_pct:.2f}%, long {s.long_violation_pct:.2f}%; worst tier "
               f"{s.worst_tier_violation_pct:.2f}%" + (" (of the admitted requests)" if rej else ""),
               f"relegated {s.relegated}, KV preemptions {s.preemptions}"
-              + (f", rejected at arrival {s.rejected} ({s.rejected_pct:.2f}%)" if rej else ""),
+              + (f", rejected at arrival {s.rejected} ({s.rejected_pct:.2f}%)" if rej else "")
+              + (f"; prefix cache hits {s.prefix_hit_pct:.1f}% of prefill tokens" if s.prefix_hit_pct else ""),
               goodput_text(s),
               "tiers: " + "; ".join(t.target for t in s.tiers)]
     fast_gaps = [t for t in s.tiers if t.tbt_target_s and t.count and t.tbt_s[1] > t.tbt_target_s]

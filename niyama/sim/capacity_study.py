@@ -55,6 +55,7 @@ def evaluate_load(job: CapacityJob, qps: float, scale: float = 1.0) -> Point:
     return Point(qps, worst, ok, res.backlog_s,
                  {"tiers": per_tier, "requests": len(res.requests), "relegated": res.num_relegations,
                   "preemptions": res.num_preemptions, "span_s": max(r.arrival_s for r in res.requests),
+                  "prefix_hit_pct": round(res.prefix_hit_pct, 2),
                   "longest_deadline_s": longest})
 
 

@@ -25,6 +25,12 @@ class SimResult:
     num_iterations: int
     num_preemptions: int
     num_relegations: int
+    prefix_query_tokens: int = 0     # prefill tokens looked up in the prefix cache (every start, re-prefills too)
+    prefix_hit_tokens: int = 0       # of which cached
+
+    @property
+    def prefix_hit_pct(self) -> float:
+        return 100.0 * self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     @property
     def backlog_s(self) -> float:
@@ -59,5 +65,5 @@ def simulate(workload: Workload, policy: str = "niyama", *, profile: str = DEFAU
     kv.check(r for r in requests if r.block_ids)
     assert kv.num_free == kv.num_blocks, "blocks leaked"
     return SimResult(workload, policy, requests, record.iteration_end_s, replica.iteration,
-                     record.num_preemptions, record.num_relegations)
+                     record.num_preemptions, record.num_relegations, kv.num_query_tokens, kv.num_hit_tokens)
 

@@ -36,7 +36,7 @@ TRACES: dict[str, TraceInfo] = {
     "azure-code": TraceInfo("azure_code_2023.csv", 15, "default"),
     "azure-conv": TraceInfo("azure_conv_2023.csv", 150, "default"),
     "sharegpt": TraceInfo("sharegpt_8k.csv", 150, "sharegpt"),
-    "mooncake": TraceInfo("mooncake_conversation.jsonl.gz", 150, "default"),
+    "mooncake": TraceInfo("mooncake_conversation.jsonl.gz", 150, "long-context"),
 }
 
 # what "every trace" means to the capacity verbs: the paper's three (Mooncake's hour of 12K-token prompts takes
