@@ -20,6 +20,7 @@ import numpy as np
 from .request import Request
 from .sim.run import SimResult
 from .workload import Workload, clip_lengths
+from .workload.prompts import prompt_ids
 
 
 @dataclass
@@ -81,7 +82,7 @@ def request_bodies(workload: Workload, target: Target, qos: str, seed: int, voca
     for spec in workload.specs:
         prompt, out = clip_lengths(spec, limit, max_prompt_tokens, max_output_tokens)
         clipped += (out, prompt) != (spec.num_output_tokens, spec.num_prompt_tokens)
-        body = {"model": target.model, "prompt": rng.integers(vocab[0], vocab[1], prompt).tolist(),
+        body = {"model": target.model, "prompt": prompt_ids(spec, prompt, vocab, rng, workload.block_tokens, seed),
                 "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}, **(sampling or {})}
         tier = workload.tier_by_name[spec.tier]
