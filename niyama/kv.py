@@ -34,7 +34,7 @@ import hashlib
 import os
 from array import array
 from collections import Counter, OrderedDict
-from typing import Protocol
+from itertools import islice
 
 from .request import Request, blocks_for
 
@@ -43,19 +43,29 @@ class OutOfBlocks(RuntimeError):
     pass
 
 
-class BlockKeys(Protocol):
+class BlockKeys:
     """The prefix-cache keys of a request's blocks: key i stands for tokens [0, (i + 1) * block_size)."""
+
+    __slots__ = ()
 
     def __len__(self) -> int:
         """How many leading blocks have a key (their tokens are known)."""
+        raise NotImplementedError
 
-    def __getitem__(self, i: int) -> int: ...
+    def first(self, n: int) -> list[int]:
+        """A list whose first min(n, len) entries are the first keys (computed once, kept; not to be changed)."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.first(i + 1)[i]
 
 
 _SALT = os.urandom(16)    # per process: keys are never compared across processes
 
 
-class TokenKeys:
+class TokenKeys(BlockKeys):
     """Keys of a growing token list's full blocks (the engine's prompt and generated ids, the lists themselves,
     not copies): key i = BLAKE2b(key i-1, tokens of block i). Each key is computed once, when first asked for.
     The lists may only grow, or lose tokens past the last key asked for (a stop string's trim)."""
@@ -70,12 +80,10 @@ class TokenKeys:
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts) // self.block_size
 
-    def __getitem__(self, i: int) -> int:
+    def first(self, n: int) -> list[int]:
         keys = self._keys
-        if i < len(keys):
-            return keys[i]
-        if i >= len(self):
-            raise IndexError(i)
+        if n <= len(keys):
+            return keys
         bs, n = self.block_size, len(self)        # every known block at once: a lookup walks them in order
         lo = len(keys) * bs
         tokens = [t for p in self.parts for t in p][lo:n * bs] if len(self.parts) > 1 else self.parts[0][lo:n * bs]
@@ -85,16 +93,16 @@ class TokenKeys:
             h.update(array("q", tokens[k:k + bs]).tobytes())
             prev = int.from_bytes(h.digest(), "little")
             keys.append(prev)
-        return keys[i]
+        return keys
 
 
-class TraceKeys:
+class TraceKeys(BlockKeys):
     """Keys of a trace request's blocks from its prompt's block ids (Mooncake's `hash_ids`: one id per
     `trace_block` tokens, equal ids for equal content): block i is sub-block i mod r of trace block i // r,
     r = trace_block / block_size. Past the prompt, the tokens are this request's own generated ones, which no
     other request has: their keys can only be hit by the same request re-prefilling after a preemption."""
 
-    __slots__ = ("chain", "num_prompt_blocks", "num_blocks", "ratio", "owner")
+    __slots__ = ("chain", "num_prompt_blocks", "num_blocks", "ratio", "owner", "_keys")
 
     def __init__(self, hash_ids, num_prompt_tokens: int, num_tokens: int, owner: int, block_size: int = 16,
                  trace_block: int = 512):
@@ -109,16 +117,16 @@ class TraceKeys:
         self.num_prompt_blocks = min(num_prompt_tokens // block_size, len(chain) * self.ratio)
         self.num_blocks = num_tokens // block_size
         self.owner = owner
+        self._keys: list[int] = []
 
     def __len__(self) -> int:
         return self.num_blocks
 
-    def __getitem__(self, i: int) -> int:
-        if i < self.num_prompt_blocks:
-            return hash((self.chain[i // self.ratio], i % self.ratio))
-        if i >= self.num_blocks:
-            raise IndexError(i)
-        return hash((-1, self.owner, i))
+    def first(self, n: int) -> list[int]:
+        keys, chain, r, p = self._keys, self.chain, self.ratio, self.num_prompt_blocks
+        for i in range(len(keys), min(n, self.num_blocks)):
+            keys.append(hash((chain[i // r], i % r)) if i < p else hash((-1, self.owner, i)))
+        return keys
 
 
 class BlockAllocator:
@@ -134,6 +142,8 @@ class BlockAllocator:
         # without being preempted at once (vLLM's watermark).
         self.num_watermark_blocks = int(watermark * num_blocks)
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
+        self._version = 0                      # bumped whenever the index changes: a lookup is reused until then
+        self._last_lookup: tuple | None = None # (request, version, prefill target, blocks found)
         self._refs = [0] * num_blocks          # holders of each block
         self._key: list = [None] * num_blocks  # the key a block is indexed under, if any
         self._index: dict[int, int] = {}       # key -> block: every keyed block, held or idle
@@ -175,17 +185,22 @@ class BlockAllocator:
 
     # --- prefix lookup -----------------------------------------------------
     def _hits(self, req: Request) -> list[int]:
-        """The cached blocks of `req`'s prefill, from its first block on; never its last token's block."""
+        """The cached blocks of `req`'s prefill, from its first block on; never its last token's block. The
+        last answer is reused while the index is unchanged (the scheduler asks, then starts the request)."""
         keys = req.block_keys
         if keys is None or not self.prefix_caching:
             return []
+        last = self._last_lookup
+        if last is not None and last[0] is req and last[1] == self._version and last[2] == req.num_prefill_target:
+            return last[3]
         limit = min(len(keys), (req.num_prefill_target - 1) // self.block_size)
         index, found = self._index, []
-        for i in range(limit):
-            b = index.get(keys[i])
+        for k in islice(keys.first(limit), limit):
+            b = index.get(k)
             if b is None:
                 break
             found.append(b)
+        self._last_lookup = (req, self._version, req.num_prefill_target, found)
         return found
 
     def cached_tokens(self, req: Request) -> int:
@@ -208,7 +223,7 @@ class BlockAllocator:
             if refs[b] == 0:
                 del self._idle[b]
             refs[b] += 1
-        req.block_ids = hits                        # (grows by the new blocks below)
+        req.block_ids = list(hits)                  # (grows by the new blocks below)
         req.num_keyed_blocks = num_hits = len(hits)
         self.allocate(req, new)
         req.num_computed_tokens = req.num_cached_tokens = num_hits * self.block_size
@@ -223,15 +238,23 @@ class BlockAllocator:
         if num_blocks > self.num_free:
             raise OutOfBlocks(f"request {req.request_id} needs {num_blocks} blocks, {self.num_free} free")
         free, idle, refs = self._free, self._idle, self._refs
-        for _ in range(num_blocks):
-            if free:
-                b = free.pop()
-            else:
+        fresh = min(num_blocks, len(free))
+        if fresh:                                   # free blocks in bulk (C-speed slicing), lowest ids first
+            taken = free[-fresh:]
+            del free[-fresh:]
+            taken.reverse()
+            for b in taken:
+                refs[b] = 1
+            req.block_ids += taken
+        if fresh < num_blocks:                      # then evict idle ones, least recently used first
+            index, key_of, blocks = self._index, self._key, req.block_ids
+            for _ in range(num_blocks - fresh):
                 b = idle.popitem(last=False)[0]
-                del self._index[self._key[b]]
-                self._key[b] = None
-            refs[b] = 1
-            req.block_ids.append(b)
+                del index[key_of[b]]
+                key_of[b] = None
+                refs[b] = 1
+                blocks.append(b)
+            self._version += 1
 
     def commit(self, req: Request, num_tokens: int) -> None:
         """The KV of `req`'s first `num_tokens` tokens is computed: index its full blocks so that others can
@@ -241,14 +264,17 @@ class BlockAllocator:
         if keys is None or not self.prefix_caching:
             return
         full = min(num_tokens // self.block_size, len(keys), len(req.block_ids))
-        index, key_of, blocks = self._index, self._key, req.block_ids
+        if full <= req.num_keyed_blocks:
+            return
+        index, key_of, blocks, klist = self._index, self._key, req.block_ids, keys.first(full)
         for i in range(req.num_keyed_blocks, full):
-            k = keys[i]
+            k = klist[i]
             if k not in index:
                 b = blocks[i]
                 index[k] = b
                 key_of[b] = k
-        req.num_keyed_blocks = max(req.num_keyed_blocks, full)
+        req.num_keyed_blocks = full
+        self._version += 1
 
     def release(self, req: Request) -> None:
         """`req` gives its blocks back (finished, aborted, preempted; before its phase changes): the full blocks
