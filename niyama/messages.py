@@ -145,13 +145,14 @@ class StepOutputs(NamedTuple):
     def to_wire(self) -> tuple:
         s = self.stats
         return (self.rids, self.tokens, self.ends, (*s[:6], [tuple(r) for r in s.steps], s.degraded, s.admitted,
-                                                     None if s.load is None else tuple(s.load)), self.logprobs)
+                                                     None if s.load is None else tuple(s.load), s.kv_cached),
+                self.logprobs)
 
     @classmethod
     def from_wire(cls, wire: tuple) -> "StepOutputs":
         rids, tokens, ends, s, logprobs = wire
         load = None if s[9] is None else LoadReport._make(s[9])
-        stats = EngineStats(*s[:6], [StepRecord._make(r) for r in s[6]], s[7], s[8], load)
+        stats = EngineStats(*s[:6], [StepRecord._make(r) for r in s[6]], s[7], s[8], load, s[10])
         return cls(rids, tokens, ends, stats, logprobs)
 
 

@@ -372,6 +372,25 @@ def test_metrics_parse_and_move(server, client):
     assert after[("niyama:num_requests_running", ())] == 0
 
 
+def test_a_repeated_prompt_prefix_is_served_from_the_cache(server, client):
+    """The same 200-token prompt prefix twice over HTTP: the second request's prefill starts on cached blocks
+    (prefix_cache_hits per tier), the answers are the same, /health shows the cached blocks, none is held."""
+    prompt = [(17 * k) % 4000 + 100 for k in range(200)]
+    before = metrics(server)
+    answers = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                         extra_body={"tier": "Q2", "ignore_eos": True}).choices[0].text
+               for _ in range(2)]
+    after = metrics(server)
+    q2 = (("tier", "Q2"),)
+    queries = after[("niyama:prefix_cache_queries_total", q2)] - before.get(("niyama:prefix_cache_queries_total", q2), 0)
+    hits = after[("niyama:prefix_cache_hits_total", q2)] - before.get(("niyama:prefix_cache_hits_total", q2), 0)
+    assert queries == 400 and hits == 192           # the second: 12 of its 12.5 blocks (never the last token's)
+    assert answers[0] == answers[1]
+    health, _ = wait_all_blocks_free(server)
+    assert health["kv_blocks_cached"] >= 12 and health["kv_blocks_free"] == health["kv_blocks"]
+    assert after[("niyama:kv_cache_cached_blocks", ())] >= 12
+
+
 def test_client_disconnect_aborts_and_frees_the_kv_cache(server):
     body = {"prompt": "Tell me a very long story.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     before = metrics(server)
@@ -584,7 +603,8 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(server):
     for needed in ("niyama:time_to_first_token_seconds", "niyama:inter_token_latency_seconds",
                    "niyama:tier_target_seconds", "niyama:tier_violations_total", "niyama:relegations_total",
                    "niyama:chunk_size_tokens", "niyama:kv_cache_usage_perc", "niyama:num_requests_waiting",
-                   "niyama:iteration_duration_seconds"):
+                   "niyama:iteration_duration_seconds", "niyama:prefix_cache_hits_total",
+                   "niyama:prefix_cache_queries_total", "niyama:kv_cache_cached_blocks"):
         assert needed in families, needed
     targets = metrics(server)
     assert targets[("niyama:tier_target_seconds", (("kind", "tbt"), ("tier", "Q1")))] == 0.05
