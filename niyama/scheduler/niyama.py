@@ -15,7 +15,10 @@
   (predicted - pace) / (T - decodes); the smallest if none fits.
   `late_recovery=False`: the smallest candidate (the artifact's rule).
 - Queue order: `arrival + TTFT_eff + alpha * remaining_prefill_tokens`
-  (alpha = 0 is EDF; large alpha tends to shortest-remaining-first).
+  (alpha = 0 is EDF; large alpha tends to shortest-remaining-first). The
+  remaining work is what the prefix cache leaves (so among requests of
+  similar urgency one whose prefix is resident goes first);
+  `prefix_aware_order=False` counts the whole prompt.
 - Eager relegation: a request that has not started is relegated when
   `now + remaining_prefill / prefill_rate` is past its first-token deadline;
   relegated requests sort after all others and are still completed.
@@ -59,6 +62,7 @@ class NiyamaConfig(SchedulerConfig):
     low_memory_candidates: tuple[int, ...] = LOW_MEMORY_CANDIDATES
     low_memory_tokens: int = 32_000        # below this many free KV tokens, use the low-memory candidates
     late_recovery: bool = True             # late decodes ask for their pace, not for the smallest candidate
+    prefix_aware_order: bool = True        # the hybrid key counts the prefill work the prefix cache leaves
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,7 +83,11 @@ class NiyamaConfig(SchedulerConfig):
 class NiyamaScheduler(Scheduler):
     def __init__(self, config: NiyamaConfig, predictor: BatchTimePredictor, name: str = "niyama"):
         alpha = config.alpha_s
-        super().__init__(config, lambda r: r.arrival_s + r.ttft_s + alpha * r.num_remaining_prefill, predictor)
+        if config.prefix_aware_order:
+            order = lambda r: r.arrival_s + r.ttft_s + alpha * r.num_remaining_prefill
+        else:
+            order = lambda r: r.arrival_s + r.ttft_s + alpha * (r.num_prefill_target - r.num_computed_tokens)
+        super().__init__(config, order, predictor)
         self.config: NiyamaConfig = config
         self.name = name
 

@@ -42,16 +42,17 @@ def simulate(workload: Workload, policy: str = "niyama", *, profile: str = DEFAU
              kv_tokens: int = DEFAULT_KV_TOKENS, noise: float = 0.0, seed: int = 0,
              policy_options: dict | None = None, on_step=None, progress=None,
              executor_profile: str | None = None, online_correction: bool = False,
-             prefix_caching: bool = True) -> SimResult:
+             prefix_caching: bool = True, kv_options: dict | None = None) -> SimResult:
     """`profile`: what the scheduler plans with; `executor_profile`: how long batches really take (default:
     the same; another one simulates a scheduler planning with a wrong profile); `online_correction`: the
     scheduler's profile is rescaled by the step times it sees, as the engine does. `prefix_caching`: requests
-    whose workload spec carries prefix block ids share their cached blocks (kv.py)."""
+    whose workload spec carries prefix block ids share their cached blocks (kv.py); `kv_options`: more
+    BlockAllocator keywords (eviction)."""
     profile_model = load_profile(profile)
     truth = profile_model if executor_profile is None else load_profile(executor_profile)
     predictor = OnlineCorrection(profile_model) if online_correction else profile_model
     scheduler = make_scheduler(policy, predictor, **(policy_options or {}))
-    kv = BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching)
+    kv = BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching, **(kv_options or {}))
     record = Recorder()
     replica = Replica(scheduler, SimulatedExecutor(truth, noise, seed), kv, recorder=record)
     if online_correction:

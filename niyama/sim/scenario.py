@@ -31,6 +31,7 @@ class Scenario:
     executor_profile: str | None = None       # how long batches really take (default: `profile`)
     online_correction: bool = False           # the scheduler rescales its profile by the times it sees
     prefix_caching: bool = True               # cached prompt blocks are shared (workloads with block ids)
+    kv_options: dict = field(default_factory=dict)         # more BlockAllocator keywords (eviction)
 
     @property
     def label(self) -> str:
@@ -49,4 +50,4 @@ class Scenario:
         return simulate(self.workload(qps, scale), self.policy, profile=self.profile, kv_tokens=self.kv_tokens,
                         noise=self.noise, seed=self.seed, policy_options=self.policy_options, on_step=on_step,
                         executor_profile=self.executor_profile, online_correction=self.online_correction,
-                        prefix_caching=self.prefix_caching)
+                        prefix_caching=self.prefix_caching, kv_options=self.kv_options)

@@ -52,7 +52,7 @@ def a_blocks_of(kv: BlockAllocator, prompt: list[int]) -> list[int]:
 
 
 def idle(kv: BlockAllocator) -> set[int]:
-    return set(kv._idle)
+    return set(kv._idle) | set(kv._reused_idle)
 
 
 def free(kv: BlockAllocator) -> set[int]:
@@ -145,7 +145,7 @@ def test_the_last_prompt_token_is_never_cached(n, cached):
 # --- 4. the idle cache: room, LRU eviction ---------------------------------
 
 def test_idle_blocks_are_free_room_evicted_only_when_free_blocks_run_out_tail_first():
-    kv = BlockAllocator(10, BS, watermark=0)
+    kv = BlockAllocator(10, BS, watermark=0, eviction="lru")
     prompt = tokens(65, 4)                       # blocks 0..3 full, block 4 holds 1 token
     a = keyed(0, prompt)
     start(kv, a)
@@ -184,7 +184,7 @@ def test_hits_stop_at_the_first_missing_block_even_when_later_ones_are_cached():
     """x computes blocks 0, 1 of a prompt first; y computes the same prompt alongside (its 0, 1 stay unkeyed
     duplicates) and indexes blocks 2, 3. x releases before y, so x's block 1 is evicted before y's 2 and 3:
     block 2 and 3 stay indexed, but no request can reach them past the hole."""
-    kv = BlockAllocator(8, BS, watermark=0)
+    kv = BlockAllocator(8, BS, watermark=0, eviction="lru")
     prompt = tokens(65, 5)
     x = keyed(0, prompt[:33])
     y = keyed(1, list(prompt))
@@ -311,7 +311,7 @@ def test_a_duplicate_computed_alongside_stays_unkeyed_and_is_freed_not_cached():
     assert c.block_ids[:4] == ab[:4]
     kv.release(a)
     kv.release(c)
-    assert kv.num_idle_blocks == 4 and set(kv._idle) == set(ab[:4]) and kv.num_free == 16
+    assert kv.num_idle_blocks == 4 and idle(kv) == set(ab[:4]) and kv.num_free == 16
     kv.check([])
 
 
@@ -719,3 +719,30 @@ def test_replica_with_preemptions_and_caching_conserves_blocks_after_every_step(
     kv.check([])
     assert kv.num_hit_tokens > 0 and reattached > 0
     assert prefill_blocks[1] < 0.05 * prefill_blocks[0]
+
+
+def test_blocks_that_served_a_hit_are_evicted_after_those_that_never_did():
+    """reused-last (the default): a's head blocks were reused by b; a newer, never-reused prompt's idle blocks
+    go before them, though they are older; with plain LRU the older ones go first."""
+    for eviction, first_evicted in (("reused-last", "c"), ("lru", "a")):
+        kv = BlockAllocator(12, BS, watermark=0, eviction=eviction)
+        prompt = tokens(64, 7)
+        a = keyed(0, prompt + [1])
+        start(kv, a)
+        prefill(kv, a)
+        kv.release(a)
+        b = keyed(1, prompt + [2])
+        start(kv, b)                              # hits a's 4 blocks
+        assert b.num_cached_tokens == 64
+        prefill(kv, b)
+        kv.release(b)
+        c = keyed(2, tokens(64, 9) + [3])         # newer, never reused
+        start(kv, c)
+        prefill(kv, c)
+        kv.release(c)
+        kv.check([])
+        filler = req(3, 0.0, 100)
+        kv.allocate(filler, kv.num_free - 4)      # leaves exactly 4 idle blocks cached
+        kv.check([filler])
+        survivor = keyed(4, prompt + [4]) if first_evicted == "c" else keyed(4, tokens(64, 9) + [5])
+        assert kv.cached_tokens(survivor) == 64, eviction
