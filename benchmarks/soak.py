@@ -24,6 +24,10 @@ from pathlib import Path
 import httpx
 
 HERE = Path(__file__).parent
+# every prompt starts with the same preamble (several 16-token blocks), so requests share cached prefixes while
+# clients leave and requests are refused: the prefix cache's accounting is soaked too
+PREAMBLE = ("You are a concise assistant for a travel agency. Answer in plain sentences, avoid lists unless asked, "
+            "and say so when you do not know. ")
 PROMPTS = ("Tell me about the sea.", "Write a haiku about autumn.", "What is 17 times 23?",
            "Explain what a KV cache is in one paragraph.", "List three fruits.", "Describe a busy train station.")
 HOSTILE = (  # (body, content type): each must get a 4xx
@@ -59,7 +63,7 @@ async def one_request(c: httpx.AsyncClient, url: str, rng: random.Random, counts
                 notes.append(f"hostile body {body[:40]!r} got {r.status_code}")
             counts[key] += 1
             return
-        body = {"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(8, 48), "temperature": rng.choice((0, 0.8)),
+        body = {"prompt": PREAMBLE + rng.choice(PROMPTS), "max_tokens": rng.randint(8, 48), "temperature": rng.choice((0, 0.8)),
                 "tier": rng.choice(("Q1", "Q1", "Q2", "Q3"))}
         if roll < 0.15:        # a client that leaves after a few chunks
             async with c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
@@ -126,7 +130,7 @@ async def run_async(url: str, seconds: float, qps: float, seed: int, api_pid: in
         metrics = (await c.get(f"{url}/metrics")).text
     keep = ("niyama:tier_requests_total", "niyama:tier_violations_total", "niyama:relegations_total",
             "niyama:num_preemptions_total", "niyama:request_success_total", "niyama:iteration_duration_seconds_count",
-            "niyama:iteration_duration_seconds_sum")
+            "niyama:iteration_duration_seconds_sum", "niyama:prefix_cache_hits_total", "niyama:prefix_cache_queries_total")
     return {"url": url, "seconds": seconds, "qps": qps, "seed": seed, "sent": sent, "counts": counts,
             "drain_s": round(drain_s, 1), "rss_mib": rss, "health_at_end": health,
             "blocks_free_at_end": health["kv_blocks_free"] == health["kv_blocks"], "notes": notes[:20],

@@ -28,9 +28,9 @@ A released request's blocks go idle tail first, so its prompt's head, the
 part others share, is evicted last.
 
 Keys are 64-bit: two different contents could in principle share one
-(about 1 in 10^10 for a million cached blocks). Token keys are keyed BLAKE2b,
-so one tenant cannot aim a prompt at another's blocks without the per-process
-salt.
+(about 1 in 4 x 10^7 among a million cached blocks). Token keys are keyed
+BLAKE2b with a per-process salt, so a tenant cannot craft a prompt whose
+key matches another's blocks.
 """
 
 from __future__ import annotations

@@ -56,3 +56,6 @@ def test_a_short_overload_soak_loses_nothing(tmp_path_factory):
     assert c["completed"] + c["rejected"] + c["disconnected"] + c["hostile_4xx"] == report["sent"]
     assert c["completed"] > 0 and c["disconnected"] > 0 and c["hostile_4xx"] > 0
     assert report["blocks_free_at_end"], report["health_at_end"]
+    hits = sum(float(line.rsplit(" ", 1)[1]) for line in report["metrics"]
+               if line.startswith("niyama:prefix_cache_hits_total"))
+    assert hits > 0 and report["health_at_end"]["kv_blocks_cached"] > 0     # requests shared cached prefixes
