@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..metrics.throughput_bound import BUDGET, MAX_NUM_SEQS, NUM_REQUESTS, ThroughputBound, trace_bound
-from .common import add_seed_option, add_sim_profile_option, add_traces_option, trace_names
+from ..sim.run import DEFAULT_KV_TOKENS
+from .common import add_prefix_caching_option, add_seed_option, add_sim_profile_option, add_traces_option, trace_names
 
 EXAMPLES = """examples:
   niyama bound                                          # every shipped trace on a100-llama3-8b (~2 s)
@@ -33,6 +34,11 @@ def add_parser(sub) -> None:
                    help=f"requests drawn from each trace for the mean lengths (default {NUM_REQUESTS})")
     p.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS,
                    help=f"most decodes one step may hold (default {MAX_NUM_SEQS}, the schedulers')")
+    p.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
+                   help=f"the replica's KV cache, whose prefix cache serves at most what a cache of this size could "
+                        f"(default {DEFAULT_KV_TOKENS})")
+    add_prefix_caching_option(p, "where the trace says which prefixes are equal (mooncake): the bound counts "
+                                 "only the prefill the cache leaves")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the bounds, with every step shape, as JSON")
     add_sim_profile_option(p)
     add_seed_option(p)
@@ -40,7 +46,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    bounds = [trace_bound(t, args.profile, args.max_num_seqs, args.requests, args.seed) for t in trace_names(args)]
+    kv = args.kv_tokens if args.prefix_caching else None
+    bounds = [trace_bound(t, args.profile, args.max_num_seqs, args.requests, args.seed, kv_tokens=kv)
+              for t in trace_names(args)]
     print(f"profile {args.profile}, steps of at most {BUDGET} tokens and {args.max_num_seqs} decodes, "
           f"{args.requests} requests per trace (seed {args.seed})")
     print(format_table(bounds))
@@ -62,4 +70,8 @@ def format_table(bounds: list[ThroughputBound]) -> str:
         lines.append(f"{b.trace:<12} {b.mean_prompt_tokens:>7.1f} {b.mean_decode_tokens:>7.1f} "
                      f"{b.step.describe():>26} {b.qps:>9.3f} {b.absolute_qps:>12.3f} {paced:>9} {paced_step:>26}  "
                      f"{b.absolute_kind}: {b.absolute_shape}")
+    cached = [f"{b.trace} {b.cached_pct:.1f}%" for b in bounds if b.cached_pct]
+    if cached:
+        lines.append("mean P is the prefill computed: the prompt less the prefix the cache serves at most "
+                     "(Belady's eviction at --kv-tokens): " + ", ".join(cached) + " of prompt tokens")
     return "\n".join(lines)

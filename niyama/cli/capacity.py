@@ -95,9 +95,9 @@ def with_bounds(rows: list[dict], scenarios: list[Scenario]) -> list[dict]:
     bounds = {}
     for row, sc in zip(rows, scenarios):
         key = (sc.trace, sc.executor_profile or sc.profile, sc.policy_options.get("max_num_seqs", MAX_NUM_SEQS),
-               sc.seed, sc.workload_options.get("output_tokens"))
+               sc.seed, sc.workload_options.get("output_tokens"), sc.kv_tokens if sc.prefix_caching else None)
         if key not in bounds:
-            bounds[key] = trace_bound(*key[:3], seed=key[3], output_tokens=key[4]).qps
+            bounds[key] = trace_bound(*key[:3], seed=key[3], output_tokens=key[4], kv_tokens=key[5]).qps
         row["bound_qps"] = bounds[key]
         row["capacity_pct_of_bound"] = 100 * row["capacity_qps"] / bounds[key]
         row["sustainable_pct_of_bound"] = (None if row["sustainable_qps"] is None

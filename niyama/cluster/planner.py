@@ -262,7 +262,7 @@ def smallest_passing(evaluate: Callable[[int], Evaluation], start: int, max_n: i
 
 def load_over_bound(setup: PlanSetup, wl: Workload, pools: list[str]) -> dict[str, float]:
     """Per pool, its load over one replica's throughput bound at its largest step: the replicas it keeps busy."""
-    lengths = request_lengths(setup.trace, seed=setup.seed)
+    lengths = request_lengths(setup.trace, seed=setup.seed, kv_tokens=setup.kv_tokens if setup.prefix_caching else None)
     profile = load_profile(setup.executor_profile or setup.profile)
     max_num_seqs = setup.policy_options.get("max_num_seqs", 256)
     out = {}

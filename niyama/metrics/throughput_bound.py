@@ -5,14 +5,17 @@ features (`BatchPlan`: prefill tokens, decodes, the sum of the decodes' contexts
 
 The mean request, from a seeded sample of the trace drawn as the simulator draws it (`make_workload`: N
 requests, default 20,000, seed 0; rows shuffled, or drawn with replacement when N exceeds the trace):
-    P_r = prompt tokens; D_r = output tokens - 1 (the prefill's last chunk emits the first token; the request
-    then decodes in D_r steps, its k-th decode attending P_r + k tokens, as `RunningDecodes.context_sum` counts);
-    P = mean P_r, D = mean D_r;
+    P_r = prompt tokens; C_r = its prefix served from the prefix cache (0 without prefix block ids, or with
+    caching off: the most a cache of the replica's KV size could serve, evicting by Belady's rule, which knows
+    the future, so no cache of that size serves more: workload/reuse.py); U_r = P_r - C_r, the prefill computed;
+    D_r = output tokens - 1 (the prefill's last chunk emits the first token; the request then decodes in D_r
+    steps, its k-th decode attending P_r + k tokens, as `RunningDecodes.context_sum` counts);
+    P = mean U_r (the prefill work), D = mean D_r;
     Cd = sum_r (D_r P_r + D_r (D_r + 1) / 2) / sum_r D_r     the context of a mean decode token (0 if no decodes);
-    Cp(c) = c^2 * sum_r m_r (m_r - 1) / 2 / sum_r P_r,  m_r = ceil(P_r / c)
+    Cp(c) = (c^2 * sum_r m_r (m_r - 1) / 2 + c * sum_r m_r C_r) / sum_r U_r,  m_r = ceil(U_r / c)
         the mean prefill context of a step that carries c prefill tokens when every prompt is cut into c-token
-        chunks from its start: chunk j starts after j*c cached tokens, the step's feature is the sum of its
-        chunks' starts, and sum_r P_r / c such steps carry all of them.
+        chunks after its cached prefix: chunk j starts after C_r + j*c tokens in the KV, the step's feature is
+        the sum of its chunks' starts, and sum_r U_r / c such steps carry all of them.
 
 Step in the trace's mix, of T total tokens (T <= the budget B = 2552, niyama's largest chunk candidate):
     d = T * D / (P + D) decodes, p = T - d prefill tokens; if d > max_num_seqs: d = max_num_seqs and
@@ -62,6 +65,7 @@ from ..qos import load_tiers
 from ..scheduler.base import SchedulerConfig
 from ..scheduler.niyama import CHUNK_CANDIDATES
 from ..workload import load_trace, make_workload
+from ..workload.reuse import cached_prefixes
 
 BUDGET = CHUNK_CANDIDATES[-1]                      # 2552: niyama's largest step
 MAX_NUM_SEQS = SchedulerConfig.max_num_seqs        # 256
@@ -75,25 +79,40 @@ class Lengths:
 
     prompt_tokens: np.ndarray      # P_r
     decode_tokens: np.ndarray      # D_r: output tokens - 1
+    cached_tokens: np.ndarray | None = None    # C_r: its prefix served from the prefix cache (None: 0)
 
     def __post_init__(self):
         if len(self.prompt_tokens) == 0 or len(self.prompt_tokens) != len(self.decode_tokens):
             raise ValueError("need one prompt and one decode count per request, at least one request")
         if (self.prompt_tokens < 1).any() or (self.decode_tokens < 0).any():
             raise ValueError("prompts need >= 1 token and decodes >= 0")
+        if self.cached_tokens is not None and not (0 <= self.cached_tokens).all() & \
+                (self.cached_tokens < self.prompt_tokens).all():
+            raise ValueError("a cached prefix must be shorter than its prompt")
 
     @classmethod
-    def of(cls, prompts, outputs) -> "Lengths":
-        """From prompt and output token counts, as a trace has them."""
-        return cls(np.asarray(prompts, dtype=np.float64), np.asarray(outputs, dtype=np.float64) - 1)
+    def of(cls, prompts, outputs, cached=None) -> "Lengths":
+        """From prompt and output token counts, as a trace has them (and the prefix each finds cached)."""
+        return cls(np.asarray(prompts, dtype=np.float64), np.asarray(outputs, dtype=np.float64) - 1,
+                   None if cached is None or not np.any(cached) else np.asarray(cached, dtype=np.float64))
 
     @property
     def num_requests(self) -> int:
         return len(self.prompt_tokens)
 
     @cached_property
+    def computed_tokens(self) -> np.ndarray:
+        """U_r: prompt tokens each request's prefill computes."""
+        return self.prompt_tokens if self.cached_tokens is None else self.prompt_tokens - self.cached_tokens
+
+    @cached_property
     def mean_prompt(self) -> float:
-        return float(self.prompt_tokens.mean())
+        """P: the mean prefill work (prompt less its cached prefix)."""
+        return float(self.computed_tokens.mean())
+
+    @cached_property
+    def cached_pct(self) -> float:
+        return 0.0 if self.cached_tokens is None else 100 * float(self.cached_tokens.sum() / self.prompt_tokens.sum())
 
     @cached_property
     def mean_decode(self) -> float:
@@ -101,8 +120,8 @@ class Lengths:
 
     @cached_property
     def _num_prompts_up_to(self) -> np.ndarray:
-        """[x]: how many prompts have at most x tokens, x = 0..the longest."""
-        return np.cumsum(np.bincount(self.prompt_tokens.astype(np.int64)))
+        """[x]: how many prefills compute at most x tokens, x = 0..the longest."""
+        return np.cumsum(np.bincount(self.computed_tokens.astype(np.int64)))
 
     @cached_property
     def decode_context(self) -> float:
@@ -113,8 +132,8 @@ class Lengths:
 
     def prefill_context(self, chunk) -> np.ndarray | float:
         """Cp(chunk): the mean prefill context of a step of `chunk` prefill tokens (a number or an array).
-        sum_r m_r (m_r - 1) / 2 = sum_{j >= 1} j * #{r: P_r > j * chunk}: prompt r has a chunk starting at
-        j * chunk for every j < m_r."""
+        sum_r m_r (m_r - 1) / 2 = sum_{j >= 1} j * #{r: U_r > j * chunk}: prefill r has a chunk starting at
+        j * chunk past its cached prefix for every j < m_r."""
         up_to = self._num_prompts_up_to
         longest, n = len(up_to) - 1, up_to[-1]
         out = []
@@ -122,19 +141,24 @@ class Lengths:
             if not c > 0:
                 raise ValueError("chunks must be > 0 tokens")
             j = np.arange(1, int(longest // c) + 1)
-            out.append(c * c * float(j @ (n - up_to[np.floor(j * c).astype(np.int64)])))
-        out = np.array(out) / self.prompt_tokens.sum()
+            starts = c * c * float(j @ (n - up_to[np.floor(j * c).astype(np.int64)]))
+            if self.cached_tokens is not None:      # every chunk of request r also starts after C_r
+                starts += c * float(np.ceil(self.computed_tokens / c) @ self.cached_tokens)
+            out.append(starts)
+        out = np.array(out) / self.computed_tokens.sum()
         return out if np.ndim(chunk) else float(out[0])
 
 
 def request_lengths(trace: str, num_requests: int = NUM_REQUESTS, seed: int = 0,
-                    output_tokens: int | None = None) -> Lengths:
+                    output_tokens: int | None = None, kv_tokens: int | None = None) -> Lengths:
     """The lengths of `num_requests` requests of `trace` as `make_workload` draws them (`output_tokens`: the
-    workload option fixing every output length)."""
+    workload option fixing every output length); with `kv_tokens`, the prefixes a prefix cache of that size
+    could serve at most (traces with prefix block ids; None: caching off)."""
     if num_requests < 1:
         raise ValueError("the bound needs at least one request")
     wl = make_workload(trace, 1.0, num_requests=num_requests, seed=seed, output_tokens=output_tokens)
-    return Lengths.of([s.num_prompt_tokens for s in wl.specs], [s.num_output_tokens for s in wl.specs])
+    cached = cached_prefixes(wl.specs, wl.block_tokens, kv_tokens) if kv_tokens and wl.has_prefixes else None
+    return Lengths.of([s.num_prompt_tokens for s in wl.specs], [s.num_output_tokens for s in wl.specs], cached)
 
 
 @dataclass(frozen=True)
@@ -308,6 +332,7 @@ class ThroughputBound:
     shared: TimeShared             # option (c)
     pace_s: float | None = None    # the tightest interactive TBT (None: no interactive tier)
     paced: Step | None = None      # the paced bound's step (None: no pace, or no step fits it)
+    cached_pct: float = 0.0        # prompt tokens served from the prefix cache (P counts only the rest)
 
     @property
     def qps(self) -> float:
@@ -370,7 +395,7 @@ def throughput_bound(profile, lengths: Lengths, trace: str = "", budget: int = B
     paced = None if pace_s is None else best_mixed_step(profile, lengths, budget, max_num_seqs, pace_s)
     return ThroughputBound(trace, getattr(profile, "name", str(profile)), lengths.num_requests, max_num_seqs, budget,
                            lengths.mean_prompt, lengths.mean_decode, lengths.decode_context, fixed, mixed, sep, shared,
-                           pace_s, paced)
+                           pace_s, paced, lengths.cached_pct)
 
 
 def tightest_pace(trace: str) -> float | None:
@@ -380,7 +405,9 @@ def tightest_pace(trace: str) -> float | None:
 
 
 def trace_bound(trace: str, profile: str, max_num_seqs: int = MAX_NUM_SEQS, num_requests: int = NUM_REQUESTS,
-                seed: int = 0, output_tokens: int | None = None, budget: int = BUDGET) -> ThroughputBound:
-    """`throughput_bound` of a trace (name or CSV) under a profile name, from the simulator's sample."""
-    return throughput_bound(load_profile(profile), request_lengths(trace, num_requests, seed, output_tokens),
-                            trace, budget, max_num_seqs, tightest_pace(trace))
+                seed: int = 0, output_tokens: int | None = None, budget: int = BUDGET,
+                kv_tokens: int | None = None) -> ThroughputBound:
+    """`throughput_bound` of a trace (name or CSV) under a profile name, from the simulator's sample; `kv_tokens`:
+    the replica's KV cache, whose prefix cache serves what it could at most (None: no prefix caching)."""
+    lengths = request_lengths(trace, num_requests, seed, output_tokens, kv_tokens)
+    return throughput_bound(load_profile(profile), lengths, trace, budget, max_num_seqs, tightest_pace(trace))
