@@ -329,6 +329,8 @@ class BlockAllocator:
         free, idle = set(self._free), set(self._idle) | set(self._reused_idle)
         if len(free) != len(self._free):
             raise AssertionError("a block is free twice")
+        if len(idle) != len(self._idle) + len(self._reused_idle):
+            raise AssertionError("a block is idle twice")
         if free & idle or free & held.keys() or idle & held.keys():
             raise AssertionError("a block is in two states (free, idle, held)")
         if len(free) + len(idle) + len(held) != self.num_blocks:

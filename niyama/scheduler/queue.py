@@ -18,7 +18,7 @@ It is kept only once someone asks (`track_work`): no cost otherwise.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from typing import Callable
 
 from ..qos import Priority
