@@ -113,11 +113,7 @@ class TraceKeys(BlockKeys):
                  trace_block: int = 512):
         if trace_block % block_size:
             raise ValueError(f"trace blocks of {trace_block} tokens do not split into blocks of {block_size}")
-        chain, prev = [], 0
-        for h in hash_ids:             # chained, so that equal ids only match after equal prefixes
-            prev = hash((prev, h))
-            chain.append(prev)
-        self.chain = chain
+        chain = self.chain = chained(hash_ids)
         self.ratio = trace_block // block_size
         self.num_prompt_blocks = min(num_prompt_tokens // block_size, len(chain) * self.ratio)
         self.num_blocks = num_tokens // block_size
@@ -132,6 +128,16 @@ class TraceKeys(BlockKeys):
         for i in range(len(keys), min(n, self.num_blocks)):
             keys.append(hash((chain[i // r], i % r)) if i < p else hash((-1, self.owner, i)))
         return keys
+
+
+def chained(block_ids) -> list[int]:
+    """One key per trace block that stands for it and every block before it (equal ids match only after equal
+    prefixes)."""
+    prev, out = 0, []
+    for h in block_ids:
+        prev = hash((prev, h))
+        out.append(prev)
+    return out
 
 
 class BlockAllocator:

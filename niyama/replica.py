@@ -258,6 +258,7 @@ class Replica:
 
     def _finish(self, req: Request, end: float) -> None:
         self.kv.release(req)                 # (before DONE: what it computed depends on its phase)
+        req.block_keys = None                # its keys are not needed again (a long trace's run keeps its requests)
         req.move_to(Phase.DONE)
         req.finish_s = end
         self.executor.release(req)

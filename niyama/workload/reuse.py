@@ -19,18 +19,10 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..kv import chained
 from .build import RequestSpec
 
 NEVER = 1 << 62
-
-
-def chained(block_ids) -> list[int]:
-    """One key per block that stands for it and every block before it."""
-    prev, out = 0, []
-    for h in block_ids:
-        prev = hash((prev, h))
-        out.append(prev)
-    return out
 
 
 def cached_prefixes(specs: list[RequestSpec], block_tokens: int, kv_tokens: int | None = None,
