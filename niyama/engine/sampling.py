@@ -29,7 +29,8 @@ class SamplingParams:
     presence_penalty: float = 0.0       # OpenAI's: minus this once for each token already in the output
     frequency_penalty: float = 0.0      # OpenAI's: minus this times the token's count in the output
     seed: int | None = None         # per-request stream; None draws from the engine's seed
-    stop: tuple[str, ...] = ()      # stop strings (not included in the text)
+    stop: tuple[str, ...] = ()      # stop strings (not included in the text unless the next field says so)
+    include_stop_str_in_output: bool = False    # vLLM's: the text ends with the stop string that ended it
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False        # keep going past EOS (trace replay: outputs follow the trace)
     logprobs: int | None = None     # None = off; else report each token's logprob and this many top ones

@@ -39,7 +39,8 @@ class Sequence:
         self.logprobs: list[Logprobs] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None    # "stop" (EOS, stop string/token), "length", "abort"
         self._stop_ids = stop_token_ids(params, eos_token_ids)
-        self.output = TextOutput(tokenizer, params.stop, self._stop_ids) if tokenizer is not None else None
+        self.output = (TextOutput(tokenizer, params.stop, self._stop_ids, params.include_stop_str_in_output)
+                       if tokenizer is not None else None)
 
     @property
     def all_ids(self) -> list[int]:

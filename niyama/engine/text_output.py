@@ -12,9 +12,11 @@ from .tokenizer import Detokenizer, Tokenizer
 
 class TextOutput:
     def __init__(self, tokenizer: Tokenizer, stop: "tuple[str, ...] | list[str]" = (),
-                 stop_token_ids: "set[int] | frozenset[int]" = frozenset()):
+                 stop_token_ids: "set[int] | frozenset[int]" = frozenset(), include_stop: bool = False):
+        """`include_stop`: the text keeps the stop string that ended it (vLLM's include_stop_str_in_output)."""
         self._detok = Detokenizer(tokenizer)
         self._stop = tuple(stop)
+        self._include_stop = include_stop
         self._stop_ids = stop_token_ids       # a stop token ends generation and is no text
         self._text = ""
         self._visible = 0      # text[:_visible] may be shown (a possible stop-string prefix is held back)
@@ -56,9 +58,10 @@ class TextOutput:
             return False
         longest = max(len(s) for s in stops)
         start = max(0, self._taken - longest)
-        hits = [i for i in (self._text.find(s, start) for s in stops) if i >= 0]
+        hits = [(i, -len(s)) for i, s in ((self._text.find(s, start), s) for s in stops) if i >= 0]
         if hits:
-            self._text = self._text[:min(hits)]
+            at, minus_len = min(hits)         # the earliest stop string; of those starting there, the longest
+            self._text = self._text[:at - minus_len if self._include_stop else at]
             self._visible = len(self._text)
             self.stopped = True
             return True

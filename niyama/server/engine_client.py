@@ -177,7 +177,8 @@ class EngineClient:
         rid = next(self._ids)
         text = None
         if self.tokenizer is not None:
-            text = TextOutput(self.tokenizer, gen.params.stop, stop_token_ids(gen.params, self.info["eos_token_ids"]))
+            text = TextOutput(self.tokenizer, gen.params.stop, stop_token_ids(gen.params, self.info["eos_token_ids"]),
+                              gen.params.include_stop_str_in_output)
         stream = Stream(rid, gen, arrival, text)
         if gen.tier.rejects_infeasible:
             stream.verdict = asyncio.get_running_loop().create_future()

@@ -164,6 +164,7 @@ def _sampling(req: GenerationRequest, max_tokens: int, default: dict, logprobs: 
             max_tokens=max_tokens, temperature=float(pick("temperature")), top_p=float(pick("top_p")),
             top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=stop,   # vLLM: top_k -1 = off
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
             **{key: float(getattr(req, key)) for key in PENALTIES if getattr(req, key) is not None})
     except ValueError as e:           # its messages open with the field's name
         name = str(e).split()[0]

@@ -78,7 +78,7 @@ UNHONOURED = {
     "response_format": ({"type": "text"},), "length_penalty": (1,), "min_tokens": (0,),
     "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
     "guided_grammar": (), "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
-    "reasoning_effort": (), "web_search_options": (), "store": (False,), "include_stop_str_in_output": (False,),
+    "reasoning_effort": (), "web_search_options": (), "store": (False,),
     "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
     "chat_template": (), "chat_template_kwargs": ({},), "add_generation_prompt": (True,),
     "continue_final_message": (False,),
@@ -100,6 +100,8 @@ class GenerationRequest(Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63), expect("an integer in [0, 2^63)")] | None = Field(
         None, description="this request's own random stream (default: drawn from the server's seed)")
     stop: Stop | None = Field(None, description="stop strings, not included in the text")
+    include_stop_str_in_output: bool | None = Field(
+        None, description="vLLM's: the text keeps the stop string that ended it (default false)")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     stream: bool | None = None
@@ -153,7 +155,6 @@ class GenerationRequest(Strict):
     reasoning_effort: Any = unhonoured()
     web_search_options: Any = unhonoured()
     store: bool | None = unhonoured()
-    include_stop_str_in_output: bool | None = unhonoured()
     truncate_prompt_tokens: Any = unhonoured()
     allowed_token_ids: Any = unhonoured()
     bad_words: list | None = unhonoured()

@@ -106,6 +106,14 @@ def test_stop_string_streaming_and_max_tokens(engine, prompt):
         streamed += seq.take_text()
     assert seq.finish_reason == "stop" and seq.text == "The capital of France is "
     assert streamed == seq.text                                   # the stop string never leaked into the stream
+    kept = engine.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, stop=["Par", "Paris"],
+                                                     include_stop_str_in_output=True))
+    streamed = ""
+    while not kept.finished:
+        engine.step()
+        streamed += kept.take_text()
+    # the earliest stop string ends it; of the two starting there, the text keeps the longer one
+    assert kept.text == "The capital of France is Paris" and streamed == kept.text
     long = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert long.finish_reason == "length" and len(long.output_ids) == 5 and long.request.num_output_tokens == 5
     assert engine.allocator.num_free == engine.allocator.num_blocks

@@ -552,6 +552,9 @@ def test_a_stop_string_found_on_the_http_side_ends_the_request_in_the_engine(ser
     assert plain["usage"]["completion_tokens"] < 40
     assert "".join(e["choices"][0]["text"] for e in events) == expected
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    with httpx.Client(timeout=60) as c:
+        kept = c.post(f"{server}/v1/completions", json={**body, "stop": [stop], "include_stop_str_in_output": True})
+    assert kept.json()["choices"][0]["text"] == expected + stop
     health, _ = wait_all_blocks_free(server, 5)
     assert health["kv_blocks_free"] == health["kv_blocks"]
 
