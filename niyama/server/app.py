@@ -219,13 +219,16 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 runner.abort(stream)
         if last.error:
             raise APIError(last.error, last.status)
-        return writer.full("".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
+        return writer.full(gen.echo + "".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
                            stream.qos(), ids, logprobs)
 
     async def sse(stream: Stream, gen: Generation, writer: ResponseWriter):
         first = True
         in_flight[0] += 1
         try:
+            if gen.echo:                  # the prompt first, as its own chunk
+                yield data(writer.chunk(gen.echo, first=True))
+                first = False
             async for event in stream:
                 if event.error:
                     yield data(APIError(event.error, event.status).body())

@@ -46,6 +46,7 @@ class Generation:
     return_token_ids: bool    # put generated token ids in the response (always without a tokenizer)
     service_tier: str = "default"   # what the response reports, in OpenAI's values
     continuous_usage: bool = False  # every stream chunk carries the usage so far (vLLM's continuous_usage_stats)
+    echo: str = ""                  # completions' `echo`: the prompt's text, sent before the generated text
 
 
 def parse_body(raw: bytes) -> dict:
@@ -92,7 +93,27 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     tier, priority = qos.resolve(wanted)
     return_ids = model.tokenizer is None if req.return_token_ids is None else req.return_token_ids
     return Generation(kind, prompt_ids, params, tier, priority, bool(req.stream), bool(options.include_usage),
-                      model.name, return_ids, response_service_tier(wanted), bool(options.continuous_usage_stats))
+                      model.name, return_ids, response_service_tier(wanted), bool(options.continuous_usage_stats),
+                      _echo(req, kind, prompt_ids, params, model))
+
+
+def _echo(req: GenerationRequest, kind: str, prompt_ids: list[int], params: SamplingParams, model: ModelInfo) -> str:
+    """The prompt's text for completions' `echo` ("" without it): the prompt string as sent, or its token ids
+    decoded."""
+    if not req.echo:
+        return ""
+    if kind == "chat":
+        raise APIError("echo is a /v1/completions field", param="echo")
+    if params.logprobs is not None:
+        raise APIError("echo with logprobs would need the prompt's log-probabilities, which niyama does not "
+                       "compute; send one of them", param="echo")
+    prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if model.tokenizer is None:
+        raise APIError("echo needs a tokenizer to turn the prompt's token ids into text; this model has none",
+                       param="echo")
+    return model.tokenizer.decode(prompt_ids)
 
 
 HINTS = {"n": " (one choice per request: send several requests, each with its own seed)"}

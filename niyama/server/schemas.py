@@ -73,7 +73,7 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1), expect(MESSAGES, sh
 
 # field -> the values that mean "off": anything else is refused with a 400 naming the field (null is off)
 UNHONOURED = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "tools": ([],),
+    "n": (1,), "best_of": (1,), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},), "suffix": ("",),
     "response_format": ({"type": "text"},), "length_penalty": (1,), "min_tokens": (0,),
     "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
@@ -132,7 +132,8 @@ class GenerationRequest(Strict):
     # OpenAI and vLLM fields niyama does not honour: refused unless off
     n: int | None = unhonoured()
     best_of: int | None = unhonoured()
-    echo: bool | None = unhonoured()
+    echo: bool | None = Field(None, description="completions: the text starts with the prompt (not with "
+                                                "logprobs: niyama does not compute the prompt's)")
     logit_bias: dict | None = unhonoured()
     suffix: str | None = unhonoured()
     tools: list | None = unhonoured()

@@ -559,6 +559,26 @@ def test_a_stop_string_found_on_the_http_side_ends_the_request_in_the_engine(ser
     assert health["kv_blocks_free"] == health["kv_blocks"]
 
 
+def test_echo_puts_the_prompt_before_the_completion(server, client):
+    """Completions' `echo`: the text starts with the prompt (as sent, or its token ids decoded), streamed as a
+    first chunk; refused with logprobs (the prompt's are not computed) and on chat."""
+    base = dict(model=MODEL, prompt="Count: one, two,", max_tokens=6, temperature=0)
+    plain = client.completions.create(**base).choices[0].text
+    echoed = client.completions.create(**base, echo=True)
+    assert echoed.choices[0].text == "Count: one, two," + plain
+    assert echoed.usage.completion_tokens == 6
+    chunks = [c.choices[0].text for c in client.completions.create(**base, echo=True, stream=True) if c.choices]
+    assert chunks[0] == "Count: one, two," and "".join(chunks) == echoed.choices[0].text
+    with httpx.Client(timeout=30) as c:
+        prompt_text = c.post(f"{server}/detokenize", json={"tokens": [4093, 42]}).json()["prompt"]
+        from_ids = client.completions.create(**{**base, "prompt": [4093, 42]}, echo=True).choices[0].text
+        assert prompt_text and from_ids.startswith(prompt_text) and len(from_ids) > len(prompt_text)
+        r = c.post(f"{server}/v1/completions", json={**base, "echo": True, "logprobs": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+        r = c.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": chat("Hi"), "echo": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 def test_penalties_and_min_p_are_honoured(client):
     base = dict(model=MODEL, prompt="Monday, Tuesday, Wednesday, Monday, Tuesday, Wednesday, Monday,",
                 max_tokens=16, temperature=0)
