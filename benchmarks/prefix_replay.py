@@ -48,7 +48,11 @@ def run(args) -> dict:
     from niyama.engine import LLMEngine, EngineConfig
     from niyama.engine.trace_replay import replay
 
-    wl = make_workload("mooncake", args.qps, num_requests=args.requests, seed=args.seed)
+    from niyama.engine.sampling import SamplingMix
+
+    # trace arrivals: Mooncake's own times (its bursts), scaled to --qps
+    wl = make_workload("mooncake", args.qps, num_requests=args.requests, seed=args.seed, arrival=args.arrival)
+    sampling = SamplingMix.parse(args.sampling)
     engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, device=args.device,
                                     kv_tokens=args.kv_tokens, prefix_caching=not args.no_prefix_caching,
                                     profile=args.profile))
@@ -57,7 +61,7 @@ def run(args) -> dict:
     engine.add_step_hook(lambda plan, result, end: steps.append(
         (plan.predicted_s, result.duration_s, plan.num_prefill_tokens)))
     out = replay(engine, wl, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
-                 max_output_tokens=args.max_output_tokens)
+                 max_output_tokens=args.max_output_tokens, sampling=None if args.sampling == "greedy" else sampling)
     pred, meas, prefill = (np.array(c, dtype=float) for c in zip(*steps))
     err = np.abs(pred - meas) / meas
     computed = int(prefill.sum())
@@ -70,7 +74,8 @@ def run(args) -> dict:
                         if (prefill > 0).any() else None})
     # the simulator on the lengths the replay ran, with the engine's KV cache and profile
     ran = {r.request_id: (r.num_prompt_tokens, r.max_output_tokens) for r in out.result.requests}
-    specs = [replace(s, num_prompt_tokens=ran[i][0], num_output_tokens=ran[i][1]) for i, s in enumerate(wl.specs)]
+    specs = [replace(s, num_prompt_tokens=ran[i][0], num_output_tokens=ran[i][1], sampled=args.sampling != "greedy")
+             for i, s in enumerate(wl.specs)]
     kv = engine.allocator
     profile = args.sim_profile
     if profile is None:           # the profile the engine planned with, uncorrected
@@ -81,6 +86,7 @@ def run(args) -> dict:
                    kv_tokens=kv.num_blocks * kv.block_size, prefix_caching=not args.no_prefix_caching)
     sim_summary, _ = summarize(sim)
     return {"device": engine.describe().splitlines()[0], "requests": args.requests, "qps": args.qps,
+            "arrival": args.arrival, "sampling": args.sampling,
             "prefix_caching": not args.no_prefix_caching, "kv_tokens": kv.num_blocks * kv.block_size,
             "clipped": out.num_clipped, "prompt_tokens": sum(v[0] for v in ran.values()),
             "engine": engine_side, "simulator": side(sim, sim_summary)}
@@ -88,7 +94,8 @@ def run(args) -> dict:
 
 def compare(on_path: str, off_path: str) -> str:
     on, off = (json.loads(Path(p).read_text()) for p in (on_path, off_path))
-    lines = [f"{on['requests']} Mooncake requests at {on['qps']} QPS, {on['prompt_tokens']} prompt tokens; "
+    lines = [f"{on['requests']} Mooncake requests at {on['qps']} QPS ({on.get('arrival', 'poisson')} arrivals, "
+             f"{on.get('sampling', 'greedy')}), {on['prompt_tokens']} prompt tokens; "
              f"{on['device']}",
              f"{'':<28}{'engine on':>12}{'engine off':>12}{'sim on':>10}{'sim off':>10}"]
     rows = [("prefix hit % of prefill", "prefix_hit_pct"), ("prefill tokens computed", "prefill_tokens_computed")]
@@ -121,6 +128,10 @@ def main() -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--max-output-tokens", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--arrival", choices=("poisson", "trace"), default="poisson",
+                   help="poisson at --qps, or the trace's own arrival times scaled to --qps")
+    p.add_argument("--sampling", default="greedy",
+                   help="greedy, or a single setting of `niyama replay --sampling` such as chat (t 0.7, top_p 0.9)")
     p.add_argument("--tag", default="run")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--compare", nargs=2, metavar=("ON_JSON", "OFF_JSON"))

@@ -90,8 +90,12 @@ class TokenKeys(BlockKeys):
         if n <= len(keys):
             return keys
         bs, n = self.block_size, len(self)        # every known block at once: a lookup walks them in order
-        lo = len(keys) * bs
-        tokens = [t for p in self.parts for t in p][lo:n * bs] if len(self.parts) > 1 else self.parts[0][lo:n * bs]
+        lo, hi, tokens, offset = len(keys) * bs, n * bs, [], 0
+        for part in self.parts:                   # tokens [lo, hi) across the lists, copying nothing else
+            a, b = max(lo - offset, 0), min(hi - offset, len(part))
+            if a < b:
+                tokens += part[a:b]
+            offset += len(part)
         prev = keys[-1] if keys else 0
         for k in range(0, len(tokens), bs):
             h = hashlib.blake2b(prev.to_bytes(8, "little"), digest_size=8, key=_SALT)

@@ -167,10 +167,9 @@ def simulate_cluster(workload: Workload, fleet: Fleet, *, profile: str = DEFAULT
         members = []
         for _ in range(pool.num_replicas):
             k = len(nodes)
+            kv = BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching, **(kv_options or {}))
             replica = Replica(make_scheduler(pool.policy, planned, **pool.policy_options),
-                              SimulatedExecutor(truth, noise, seed + k), BlockAllocator.for_tokens(kv_tokens, prefix_caching=prefix_caching,
-                                                                                **(kv_options or {})),
-                              recorder=Recorder())
+                              SimulatedExecutor(truth, noise, seed + k), kv, recorder=Recorder())
             node = Node(k, pool, replica)
             replica.on_step.append(node.on_step)
             nodes.append(node)
