@@ -61,8 +61,8 @@ def test_feasible_requests_are_served_and_the_openai_client_sees_a_rate_limit_er
     parts = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, stream=True,
                                       extra_body={"tier": "Q1"})
     assert "".join(p.choices[0].text for p in parts if p.choices)
-    with pytest.raises(openai.RateLimitError) as caught:
-        client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, extra_body=HOPELESS)
+    with pytest.raises(openai.RateLimitError) as caught:   # ~300 prompt tokens: no prefill rate does them in 1 ms
+        client.completions.create(model=MODEL, prompt="Hello " * 300, max_tokens=4, extra_body=HOPELESS)
     assert caught.value.code == "deadline_infeasible"
 
 
