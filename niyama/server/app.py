@@ -142,6 +142,26 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         raw = await read_body(request)
         # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
         gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
+        stream = await submit(gen, arrival)
+        writer = ResponseWriter(gen, model.tokenizer)
+        if gen.stream:
+            return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
+        return await collect(request, stream, gen, writer)
+
+    async def respond(kind: str, body: dict, arrival: float | None = None) -> dict:
+        """One generation from a parsed body, answered in full without HTTP (the Batch API's lines): the
+        response body, or an APIError. Not counted against `max_queued`: that bound is for HTTP clients.
+        Cancelling the awaiting task aborts the request."""
+        arrival = time.monotonic() if arrival is None else arrival
+        gen = await asyncio.to_thread(parse_generation, body, kind, model, qos)
+        if gen.stream:
+            raise APIError("stream must be false here: the response is stored whole", param="stream")
+        stream = await submit(gen, arrival)
+        return await collect(None, stream, gen, ResponseWriter(gen, model.tokenizer))
+
+    app.state.respond = respond
+
+    async def submit(gen: Generation, arrival: float) -> Stream:
         try:
             stream = runner.submit(gen, arrival)
         except EngineStopped as e:
@@ -149,10 +169,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                            code="engine_stopped") from None
         if stream.verdict is not None:
             await admission_verdict(stream)
-        writer = ResponseWriter(gen, model.tokenizer)
-        if gen.stream:
-            return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
-        return await collect(request, stream, gen, writer)
+        return stream
 
     async def admission_verdict(stream: Stream) -> None:
         """A tier that rejects infeasible requests: wait for the engine's verdict (it comes before the next
@@ -201,20 +218,23 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 stream.end(Event("", 0, finish_reason="abort"))
                 return
 
-    async def collect(request: Request, stream: Stream, gen: Generation, writer: ResponseWriter):
+    async def collect(request: Request | None, stream: Stream, gen: Generation, writer: ResponseWriter):
+        """The whole response; `request`: the HTTP request whose client may leave (None: an internal one)."""
         parts, ids, logprobs, last = [], [], [], None
-        in_flight[0] += 1
-        watcher = asyncio.create_task(watch_disconnect(request, stream))
+        counted = request is not None
+        in_flight[0] += counted
+        watcher = asyncio.create_task(watch_disconnect(request, stream)) if counted else None
         try:
             async for last in stream:
                 parts.append(last.text)
                 ids.extend(last.token_ids)
                 logprobs.extend(last.logprobs or ())
-                if watcher.done():
+                if watcher is not None and watcher.done():
                     return Response(status_code=499)
         finally:
-            watcher.cancel()
-            in_flight[0] -= 1
+            if watcher is not None:
+                watcher.cancel()
+            in_flight[0] -= counted
             if not stream.finished:
                 runner.abort(stream)
         if last.error:
