@@ -35,6 +35,7 @@ from .backends import make_backend
 from . import profile_choice
 from .calibrate import calibrate
 from .config import ModelConfig
+from .grammar import Grammars
 from .cpu_threads import set_cpu_threads
 from .kv_cache import DEFAULT_CPU_KV_TOKENS, PagedKVCache
 from .memory import plan_kv_cache
@@ -164,7 +165,9 @@ class LLMEngine:
                                                    prefix_caching=cfg.prefix_caching)
         self.kv_cache = PagedKVCache(rank_config, self.allocator.num_blocks, self.allocator.block_size,
                                      self.dtype, self.device)
-        self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device)
+        grammars = Grammars(self.tokenizer.to_json() if self.tokenizer else None, model_config.vocab_size,
+                            self.eos_token_ids)
+        self.executor = ModelExecutor(self.model, self.kv_cache, backend, self.device, grammars)
         if self.tp:          # the workers build theirs alongside (graph captures meet in their all-reduces)
             self.tp.send(BuildCache(self.allocator.num_blocks, buckets, graphs, max_batch_tokens))
         if fast:
@@ -245,11 +248,13 @@ class LLMEngine:
             request_id = next(self._ids)
         elif request_id in self.sequences:
             raise ValueError(f"request id {request_id} is already in the engine")
+        matcher = self.executor.grammars.matcher(params.grammar) if params.grammar is not None else None
         req = Request(request_id, self.now() if arrival_s is None else arrival_s, len(ids), params.max_tokens,
                       tier, self.rule, Priority.parse(priority), sampled=not params.plain_greedy)
         self.replica.add(req)      # raises if the KV cache could never hold it
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         seq = Sequence(req, ids, params, self.tokenizer if detokenize else None, self.eos_token_ids, seed)
+        seq.matcher = matcher
         if self.allocator.prefix_caching:    # keyed by its own token lists: generated tokens' blocks cache too
             req.block_keys = TokenKeys((seq.prompt_ids, seq.output_ids), self.allocator.block_size)
         self.executor.add(seq)

@@ -29,6 +29,7 @@ from ..request import Request
 from ..running import RunningDecodes
 from ..scheduler import BatchPlan
 from .attention import AttentionBackend, SeqSlice
+from .grammar import Grammars
 from .kv_cache import PagedKVCache
 from .model import LlamaModel
 from .sampler import Sampler
@@ -57,13 +58,15 @@ class StepInputs:
 class ModelExecutor:
     ends_requests = True       # each sequence decides its end (replica.py)
 
-    def __init__(self, model: LlamaModel, kv: PagedKVCache, backend: AttentionBackend, device: torch.device):
+    def __init__(self, model: LlamaModel, kv: PagedKVCache, backend: AttentionBackend, device: torch.device,
+                 grammars: Grammars | None = None):
         self.model = model
         self.kv = kv
         self.backend = backend
         self.device = device
         self.sequences: dict[int, Sequence] = {}   # live, by request id: add() puts, release() takes (read-only elsewhere)
         self.sampler = Sampler(model.config.vocab_size, device)
+        self.grammars = grammars or Grammars(None, model.config.vocab_size, ())
         self._released: list[Sequence] = []
         self.num_steps = 0
         # A backend that packs steps (triton) gets fixed bucket layouts for steps of up to the largest
@@ -131,10 +134,11 @@ class ModelExecutor:
         finished = []
         t2 = t3 = time.perf_counter()
         if step.sampled:
+            masks = self.grammars.masks(step.sampled)     # on the host while the GPU runs the forward pass
             logits = self.model.logits(hidden.index_select(0, sample_rows[:len(step.sampled)]))
             if self.logits_hook is not None:
                 self.logits_hook(step.sampled, logits)
-            draws = self.sampler.sample(logits, step.sampled)
+            draws = self.sampler.sample(logits, step.sampled, masks)
             self._mark(1)
             t2 = time.perf_counter()
             if self.tp is not None and self.device.type == "cuda":
@@ -142,6 +146,8 @@ class ModelExecutor:
             tokens, logprobs = draws.to_host()
             t3 = time.perf_counter()
             for i, (seq, token) in enumerate(zip(step.sampled, tokens)):
+                if seq.matcher is not None:
+                    self.grammars.advance(seq, token)
                 seq.append(token, logprobs.get(i))
                 if seq.finished:            # the sequence decides (stop token, max_tokens): replica.py
                     finished.append(seq.request)

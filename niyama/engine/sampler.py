@@ -236,13 +236,17 @@ class Sampler:
             self.penalties.release(seq.penalty_slot)
             seq.penalty_slot = None
 
-    def sample(self, logits: torch.Tensor, seqs: list) -> Draws:
-        """Tokens for `logits` `[n, vocab]` (float32; penalized in place), row i for `seqs[i]`."""
+    def sample(self, logits: torch.Tensor, seqs: list, masks: "tuple[list[int], np.ndarray] | None" = None) -> Draws:
+        """Tokens for `logits` `[n, vocab]` (float32; penalized and masked in place), row i for `seqs[i]`.
+        `masks`: structured outputs' (rows, bitmasks `[rows, words]` int32, grammar.py): tokens whose bit is
+        clear cannot be drawn."""
         params = [s.params for s in seqs]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if logprob_rows:                 # raw log-probabilities, before the penalties change the logits
             lp_index = _upload(logprob_rows, self.device)
             raw = torch.log_softmax(logits[lp_index], dim=1)
+        if masks is not None:
+            apply_bitmask(logits, _upload(masks[0], self.device), _to_device(masks[1], self.device))
         if all(p.plain_greedy for p in params):
             tokens = logits.argmax(dim=1)
         else:
@@ -298,6 +302,14 @@ class Sampler:
             from .triton_sampler import draw
             return draw(logits, temperature, top_p, min_p, floor, seed, position, MAX_ROUNDS)
         return draw_reference(logits, temperature, top_p, min_p, floor, seed, position)
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set `logits[rows]` to -inf where the row's bit is clear (bit i of word w: token 32 w + i)."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
 def _upload(ids: list[int], device: torch.device) -> torch.Tensor:

@@ -34,6 +34,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False        # keep going past EOS (trace replay: outputs follow the trace)
     logprobs: int | None = None     # None = off; else report each token's logprob and this many top ones
+    grammar: str | None = None      # structured outputs: llguidance grammar text (grammar.py compiles it)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

@@ -35,6 +35,7 @@ class Sequence:
         self.params = params
         self.seed = seed
         self.penalty_slot: int | None = None     # the sampler's, while the request is in the engine
+        self.matcher = None                      # llguidance's LLMatcher when params.grammar is set (grammar.py)
         # per output token, with params.logprobs set (None otherwise)
         self.logprobs: list[Logprobs] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None    # "stop" (EOS, stop string/token), "length", "abort"

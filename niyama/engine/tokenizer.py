@@ -43,6 +43,10 @@ class Tokenizer:
             eos.add(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids = tuple(sorted(eos))
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (llguidance builds its token table from it)."""
+        return self._tok.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

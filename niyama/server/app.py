@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
+from .choices import Choices, choice_generations
+from .batch_api import BatchConfig, add_batch_routes
 from .engine_client import EngineClient, EngineStopped, Event, Stream
 from .errors import APIError, add_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (Generation, ModelInfo, ResponseWriter, check_model, detokenize_ids, parse_body, parse_generation,
-                       prompt_ids, usage)
+from .protocol import (Answer, Generation, ModelInfo, ResponseWriter, check_model, detokenize_ids, parse_body,
+                       parse_generation, prompt_ids, usage)
 from .request_qos import QoSPolicy
 from .schemas import (GENERATION_ERRORS, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionChunk, CompletionRequest, DetokenizeRequest, DetokenizeResponse, Health, ModelCard,
@@ -50,9 +52,11 @@ class Limits:
             raise ValueError("--max-model-len must be >= 2")
 
 
-def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Limits | None = None) -> FastAPI:
+def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Limits | None = None,
+              batches: BatchConfig | None = None) -> FastAPI:
     """`runner`: a started-up engine (its model loaded), owned by the app from now on: the app starts
-    talking to it when it starts serving and shuts it down when it stops."""
+    talking to it when it starts serving and shuts it down when it stops. `batches`: serve the Batch API
+    (/v1/files, /v1/batches) with its state there."""
     limits = limits or Limits()
     in_flight = [0]                      # requests submitted and not yet finished (event loop only)
     runner.metrics = ServerMetrics(served_name, tuple(qos.tiers.values()))
@@ -142,11 +146,11 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         raw = await read_body(request)
         # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
         gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
-        stream = await submit(gen, arrival)
+        choices = await start(gen, arrival)
         writer = ResponseWriter(gen, model.tokenizer)
         if gen.stream:
-            return StreamingResponse(sse(stream, gen, writer), media_type="text/event-stream")
-        return await collect(request, stream, gen, writer)
+            return StreamingResponse(sse(choices, gen, writer), media_type="text/event-stream")
+        return await collect(request, choices, gen, writer)
 
     async def respond(kind: str, body: dict, arrival: float | None = None) -> dict:
         """One generation from a parsed body, answered in full without HTTP (the Batch API's lines): the
@@ -156,10 +160,15 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         gen = await asyncio.to_thread(parse_generation, body, kind, model, qos)
         if gen.stream:
             raise APIError("stream must be false here: the response is stored whole", param="stream")
-        stream = await submit(gen, arrival)
-        return await collect(None, stream, gen, ResponseWriter(gen, model.tokenizer))
+        return await collect(None, await start(gen, arrival), gen, ResponseWriter(gen, model.tokenizer))
 
     app.state.respond = respond
+
+    async def start(gen: Generation, arrival: float) -> Choices:
+        """Submit the request's first choice (choices.py submits the others)."""
+        choices = Choices(lambda g: submit(g, arrival), runner.abort, choice_generations(gen))
+        await choices.start()
+        return choices
 
     async def submit(gen: Generation, arrival: float) -> Stream:
         try:
@@ -209,67 +218,76 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 raise APIError(f"the request body is over the limit of {limits.max_body_bytes} bytes", 413)
         return bytes(body)
 
-    async def watch_disconnect(request: Request, stream: Stream) -> None:
+    async def watch_disconnect(request: Request, choices: Choices) -> None:
         """The body is read, so the next ASGI message is the client leaving: abort at once, and end the
         handler's wait (an aborted request gets no more events from the engine)."""
         while True:
             if (await request.receive())["type"] == "http.disconnect":
-                runner.abort(stream)
-                stream.end(Event("", 0, finish_reason="abort"))
+                choices.close()
+                choices.end(Event("", 0, finish_reason="abort"))
                 return
 
-    async def collect(request: Request | None, stream: Stream, gen: Generation, writer: ResponseWriter):
+    async def collect(request: Request | None, choices: Choices, gen: Generation, writer: ResponseWriter):
         """The whole response; `request`: the HTTP request whose client may leave (None: an internal one)."""
-        parts, ids, logprobs, last = [], [], [], None
-        counted = request is not None
+        answers = [Answer(gen.echo) for _ in range(gen.n)]
+        failed = None
+        counted = gen.n if request is not None else 0
         in_flight[0] += counted
-        watcher = asyncio.create_task(watch_disconnect(request, stream)) if counted else None
+        watcher = asyncio.create_task(watch_disconnect(request, choices)) if counted else None
         try:
-            async for last in stream:
-                parts.append(last.text)
-                ids.extend(last.token_ids)
-                logprobs.extend(last.logprobs or ())
+            async for i, event in choices:
+                if event.error:
+                    failed = event
+                    break
+                a = answers[i]
+                a.text += event.text
+                a.token_ids += event.token_ids
+                a.logprobs += event.logprobs or ()
+                a.finish_reason, a.num_tokens = event.finish_reason, event.num_tokens
                 if watcher is not None and watcher.done():
                     return Response(status_code=499)
         finally:
             if watcher is not None:
                 watcher.cancel()
             in_flight[0] -= counted
-            if not stream.finished:
-                runner.abort(stream)
-        if last.error:
-            raise APIError(last.error, last.status)
-        return writer.full(gen.echo + "".join(parts), last.finish_reason, usage(len(gen.prompt_ids), last.num_tokens),
-                           stream.qos(), ids, logprobs)
+            choices.close()
+        if failed is not None:
+            raise APIError(failed.error, failed.status)
+        return writer.full(answers, usage(len(gen.prompt_ids), sum(a.num_tokens for a in answers)), choices.qos())
 
-    async def sse(stream: Stream, gen: Generation, writer: ResponseWriter):
-        first = True
-        in_flight[0] += 1
+    async def sse(choices: Choices, gen: Generation, writer: ResponseWriter):
+        first = [True] * gen.n
+        made = [0] * gen.n                # tokens per choice, for the usage chunk
+        in_flight[0] += gen.n
         try:
             if gen.echo:                  # the prompt first, as its own chunk
-                yield data(writer.chunk(gen.echo, first=True))
-                first = False
-            async for event in stream:
+                for i in range(gen.n):
+                    yield data(writer.chunk(gen.echo, first=True, index=i))
+                    first[i] = False
+            async for i, event in choices:
                 if event.error:
                     yield data(APIError(event.error, event.status).body())
                     break
                 told = event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids)
                 if told:
-                    yield data(writer.chunk(event.text, first=first, token_ids=event.token_ids,
-                                            num_tokens=event.num_tokens, logprobs=event.logprobs))
-                    first = False
+                    yield data(writer.chunk(event.text, first=first[i], token_ids=event.token_ids,
+                                            num_tokens=event.num_tokens, logprobs=event.logprobs, index=i))
+                    first[i] = False
                 if event.finish_reason is not None:     # a last token without text (EOS) has its logprobs here
-                    yield data(writer.chunk("", event.finish_reason, qos=stream.qos(), num_tokens=event.num_tokens,
-                                            **({} if told else {"token_ids": event.token_ids,
-                                                                "logprobs": event.logprobs})))
-                    if gen.include_usage:
-                        yield data(writer.usage_chunk(usage(len(gen.prompt_ids), event.num_tokens)))
+                    made[i] = event.num_tokens
+                    yield data(writer.chunk("", event.finish_reason, qos=choices.qos(), num_tokens=event.num_tokens,
+                                            index=i, **({} if told else {"token_ids": event.token_ids,
+                                                                         "logprobs": event.logprobs})))
+            else:
+                if gen.include_usage:
+                    yield data(writer.usage_chunk(usage(len(gen.prompt_ids), sum(made))))
             yield "data: [DONE]\n\n"
         finally:                          # the client went away (cancelled) or the stream ended
-            in_flight[0] -= 1
-            if not stream.finished:
-                runner.abort(stream)
+            in_flight[0] -= gen.n
+            choices.close()
 
+    if batches is not None:          # its lines run through `respond`
+        add_batch_routes(app, batches, check_key, served_name)
     return app
 
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..engine import grammar
 from ..engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..qos import Priority, Tier
 from .errors import APIError
@@ -47,6 +48,7 @@ class Generation:
     service_tier: str = "default"   # what the response reports, in OpenAI's values
     continuous_usage: bool = False  # every stream chunk carries the usage so far (vLLM's continuous_usage_stats)
     echo: str = ""                  # completions' `echo`: the prompt's text, sent before the generated text
+    n: int = 1                      # choices (choices.py runs each as its own engine request)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -87,14 +89,14 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
                        f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to "
                        f"generate); shorten the prompt or lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
-    params = _sampling(req, max_tokens, model.sampling, _logprobs(req, kind))
+    params = _sampling(req, max_tokens, model.sampling, _logprobs(req, kind), _constraint(req, model))
     options = req.stream_options or StreamOptions()
     wanted = {key: getattr(req, key) for key in QOS_FIELDS}
     tier, priority = qos.resolve(wanted)
     return_ids = model.tokenizer is None if req.return_token_ids is None else req.return_token_ids
     return Generation(kind, prompt_ids, params, tier, priority, bool(req.stream), bool(options.include_usage),
                       model.name, return_ids, response_service_tier(wanted), bool(options.continuous_usage_stats),
-                      _echo(req, kind, prompt_ids, params, model))
+                      _echo(req, kind, prompt_ids, params, model), req.n or 1)
 
 
 def _echo(req: GenerationRequest, kind: str, prompt_ids: list[int], params: SamplingParams, model: ModelInfo) -> str:
@@ -116,7 +118,7 @@ def _echo(req: GenerationRequest, kind: str, prompt_ids: list[int], params: Samp
     return model.tokenizer.decode(prompt_ids)
 
 
-HINTS = {"n": " (one choice per request: send several requests, each with its own seed)"}
+HINTS = {"best_of": " (send n: N for N choices)"}
 
 
 def refuse_unhonoured(req: GenerationRequest) -> None:
@@ -171,7 +173,55 @@ def detokenize_ids(body: dict, model: ModelInfo) -> str:
 PENALTIES = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
-def _sampling(req: GenerationRequest, max_tokens: int, default: dict, logprobs: int | None) -> SamplingParams:
+GUIDED = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
+def _constraint(req: GenerationRequest, model: ModelInfo) -> str | None:
+    """The grammar text of the request's structured-output field (at most one), or None."""
+    given = [key for key in GUIDED if getattr(req, key) is not None]
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type") == "text":
+        given.remove("response_format")
+    if not given:
+        return None
+    key = given[0]
+    if len(given) > 1:
+        raise APIError(f"send one output constraint; got {' and '.join(given)}", param=given[1])
+    if model.tokenizer is None:
+        raise APIError(f"{key} needs the model's tokenizer; this model has none (dummy weights)", param=key)
+    try:
+        if key == "response_format":
+            return grammar.compile_json_schema(_format_schema(fmt))
+        if key == "guided_json":
+            value = req.guided_json
+            return grammar.compile_json_schema(json.loads(value) if isinstance(value, str) else value)
+        if key == "guided_regex":
+            return grammar.compile_regex(req.guided_regex)
+        return grammar.compile_choice(req.guided_choice)
+    except ValueError as e:             # the library's own words on what it cannot compile
+        raise APIError(str(e), param=key) from None
+
+
+def _format_schema(fmt: dict) -> "dict | None":
+    """OpenAI's response_format -> the JSON schema the output must follow (None: any JSON object)."""
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return None
+    if kind != "json_schema":
+        raise APIError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                       param="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError("response_format.json_schema must be an object with the schema under 'schema'",
+                       param="response_format")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise APIError("response_format.json_schema.schema must be a JSON schema object", param="response_format")
+    return schema
+
+
+def _sampling(req: GenerationRequest, max_tokens: int, default: dict, logprobs: int | None,
+              constraint: str | None = None) -> SamplingParams:
     """The request's sampling parameters (the model's defaults where it gives none); SamplingParams checks
     the ranges."""
     def pick(key):
@@ -185,7 +235,7 @@ def _sampling(req: GenerationRequest, max_tokens: int, default: dict, logprobs: 
             max_tokens=max_tokens, temperature=float(pick("temperature")), top_p=float(pick("top_p")),
             top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=stop,   # vLLM: top_k -1 = off
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            include_stop_str_in_output=bool(req.include_stop_str_in_output), grammar=constraint,
             **{key: float(getattr(req, key)) for key in PENALTIES if getattr(req, key) is not None})
     except ValueError as e:           # its messages open with the field's name
         name = str(e).split()[0]
@@ -237,6 +287,16 @@ def _chat_prompt(messages: list[ChatMessage], model: ModelInfo) -> list[int]:
 
 # --- responses ---------------------------------------------------------------
 
+@dataclass
+class Answer:
+    """One choice's whole output, as a non-streamed response reports it."""
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    num_tokens: int = 0
+
+
 class ResponseWriter:
     """Builds the JSON bodies of one request's response or stream chunks."""
 
@@ -249,29 +309,35 @@ class ResponseWriter:
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
         self.tokenizer = tokenizer
-        self.text_offset = 0            # completions' logprobs: where the next token's text starts
+        self.text_offset = [0] * gen.n  # per choice, completions' logprobs: where the next token's text starts
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.gen.model,
                 "service_tier": self.gen.service_tier}
 
-    def full(self, text: str, finish_reason: str, usage: dict, qos: dict, token_ids: list[int],
-             logprobs: list | None = None) -> dict:
-        choice = {"index": 0, "logprobs": self.logprobs(token_ids, logprobs), "finish_reason": finish_reason}
+    def full(self, choices: "list[Answer]", usage: dict, qos: dict) -> dict:
+        return {**self._base(self.object), "choices": [self._choice(i, a) for i, a in enumerate(choices)],
+                "usage": usage, "niyama": qos}
+
+    def _choice(self, index: int, a: "Answer") -> dict:
+        choice = {"index": index, "logprobs": self.logprobs(a.token_ids, a.logprobs, index),
+                  "finish_reason": a.finish_reason}
         if self.gen.return_token_ids:
-            choice["token_ids"] = token_ids
+            choice["token_ids"] = a.token_ids
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": a.text}
         else:
-            choice["text"] = text
-        return {**self._base(self.object), "choices": [choice], "usage": usage, "niyama": qos}
+            choice["text"] = a.text
+        return choice
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None,
-              token_ids: list[int] | None = None, num_tokens: int | None = None, logprobs: list | None = None) -> dict:
+              token_ids: list[int] | None = None, num_tokens: int | None = None, logprobs: list | None = None,
+              index: int = 0) -> dict:
         """A dict matching schemas.CompletionChunk / ChatCompletionChunk (no model here: this is per token).
         `num_tokens`: tokens generated so far, reported with continuous usage stats; `logprobs`: the engine's
-        entries for `token_ids`."""
-        choice = {"index": 0, "logprobs": self.logprobs(token_ids or [], logprobs), "finish_reason": finish_reason}
+        entries for `token_ids`; `index`: the choice."""
+        choice = {"index": index, "logprobs": self.logprobs(token_ids or [], logprobs, index),
+                  "finish_reason": finish_reason}
         if self.gen.return_token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
         if self.chat:
@@ -289,7 +355,7 @@ class ResponseWriter:
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._base(self.object + ".chunk" if self.chat else self.object), "choices": [], "usage": usage}
 
-    def logprobs(self, token_ids: list[int], entries: list | None) -> dict | None:
+    def logprobs(self, token_ids: list[int], entries: list | None, index: int = 0) -> dict | None:
         """OpenAI's `logprobs` object for these tokens from the engine's entries ((logprob, [(token id,
         logprob), ...]) per token), or None when the request asked for none."""
         if self.gen.params.logprobs is None or entries is None:
@@ -301,8 +367,8 @@ class ResponseWriter:
         for t, (lp, top) in zip(token_ids, entries):
             text = self.token_text(t)
             tokens.append(text)
-            offsets.append(self.text_offset)
-            self.text_offset += len(text)
+            offsets.append(self.text_offset[index])
+            self.text_offset[index] += len(text)
             # OpenAI's legacy shape: the N most likely tokens and the sampled one, by their text
             tops.append({**{self.token_text(i): x for i, x in top}, text: lp})
         return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries], "top_logprobs": tops,

@@ -49,6 +49,9 @@ Prompt = Annotated[str | TokenIds | non_empty(list[str]) | non_empty(list[TokenI
 Stop = Annotated[non_empty(str) | list[non_empty(str)], expect("a non-empty string or a list of them")]
 
 
+MAX_CHOICES = 16         # `n`: a request's choices each hold their own KV blocks and queue slot
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -73,10 +76,10 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1), expect(MESSAGES, sh
 
 # field -> the values that mean "off": anything else is refused with a 400 naming the field (null is off)
 UNHONOURED = {
-    "n": (1,), "best_of": (1,), "tools": ([],),
+    "best_of": (1,), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},), "suffix": ("",),
-    "response_format": ({"type": "text"},), "length_penalty": (1,), "min_tokens": (0,),
-    "use_beam_search": (False,), "prompt_logprobs": (0,), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "length_penalty": (1,), "min_tokens": (0,),
+    "use_beam_search": (False,), "prompt_logprobs": (0,),
     "guided_grammar": (), "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
     "reasoning_effort": (), "web_search_options": (), "store": (False,),
     "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
@@ -130,7 +133,8 @@ class GenerationRequest(Strict):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
         None, description="chat, with logprobs true: the N most likely tokens at each position, N in [0, 20]")
     # OpenAI and vLLM fields niyama does not honour: refused unless off
-    n: int | None = unhonoured()
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=f"choices to generate, 1 to {MAX_CHOICES} "
+                          "(each its own draw; with a seed, choice i uses seed + i)")
     best_of: int | None = unhonoured()
     echo: bool | None = Field(None, description="completions: the text starts with the prompt (not with "
                                                 "logprobs: niyama does not compute the prompt's)")
@@ -140,14 +144,16 @@ class GenerationRequest(Strict):
     functions: list | None = unhonoured()
     tool_choice: Any = unhonoured()
     function_call: Any = unhonoured()
-    response_format: dict | None = unhonoured()
+    response_format: dict | None = Field(None, description="{'type': 'json_object'} or {'type': 'json_schema', "
+                                         "'json_schema': {'name': ..., 'schema': {...}}}: the output is JSON (valid "
+                                         "against the schema), enforced token by token")
     length_penalty: Number | None = unhonoured()
     min_tokens: int | None = unhonoured()
     use_beam_search: bool | None = unhonoured()
     prompt_logprobs: int | None = unhonoured()
-    guided_json: Any = unhonoured()
-    guided_regex: Any = unhonoured()
-    guided_choice: Any = unhonoured()
+    guided_json: Any = Field(None, description="vLLM's: a JSON schema the output follows")
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression the output matches")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: the output is one of these strings")
     guided_grammar: Any = unhonoured()
     structured_outputs: Any = unhonoured()
     modalities: list | None = unhonoured()
