@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from ..routing import ROUTERS
 from .common import (add_admission_option, add_engine_options, add_profile_option, check_policy, engine_config_from_args,
@@ -74,6 +75,7 @@ def add_parser(sub) -> None:
                         "HTTP work then slows the engine's steps)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info)")
+    add_batch_options(p)
     r = p.add_argument_group("several replicas on Ray Serve (needs the cluster extra: pip install 'niyama[cluster]')")
     r.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="serve N engine replicas as a Ray Serve deployment behind this one endpoint (default: one "
@@ -88,6 +90,49 @@ def add_parser(sub) -> None:
     r.add_argument("--replica-gpus", type=float, default=None,
                    help="GPUs per replica (default 1 when the device is CUDA, else 0)")
     p.set_defaults(run=run)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "niyama"
+
+
+def add_batch_options(p, serving: bool = True) -> None:
+    """The Batch API's options; `serving`: all of them (`niyama serve`), else those of `niyama run-batch`."""
+    b = p.add_argument_group("Batch API (/v1/files, /v1/batches: docs/batches.md)")
+    if serving:
+        b.add_argument("--data-dir", default=None,
+                       help="where the Batch API keeps its state (SQLite) and files; a batch in progress resumes "
+                            f"from there after a restart (default $XDG_DATA_HOME/niyama, else "
+                            f"~/.local/share/niyama: here {default_data_dir()}); created on first use")
+        b.add_argument("--batch-max-file-bytes", type=int, default=200_000_000,
+                       help="largest uploaded file; larger ones get 413 (default 200000000, OpenAI's 200 MB)")
+        b.add_argument("--batch-max-lines", type=int, default=50_000,
+                       help="most requests in a batch; more: 400 (default 50000, OpenAI's)")
+        b.add_argument("--batch-max-active", type=int, default=100,
+                       help="most batches in progress at once; beyond, 429 (default 100)")
+        b.add_argument("--batch-max-storage-bytes", type=int, default=10 ** 10,
+                       help="most bytes of uploaded files kept (at most 10000 files); beyond, 400 until files are "
+                            "deleted (default 10000000000)")
+    b.add_argument("--batch-concurrency", type=int, default=256,
+                   help="most batch lines in flight at once, over all batches (default 256)")
+    b.add_argument("--batch-min-window", default="1m", metavar="DURATION",
+                   help="shortest completion_window a batch may ask for, e.g. 1m or 30s (default 1m; OpenAI's "
+                        "only window is 24h, the longest here; short ones are for tests)")
+
+
+def batch_config(args, data_dir: Path | None = None):
+    """A BatchConfig from the options of add_batch_options (`data_dir`: instead of --data-dir)."""
+    from ..server.batch_api import BatchConfig
+    from ..server.batch_input import parse_duration
+
+    min_window = parse_duration(args.batch_min_window)
+    if min_window is None:
+        raise ValueError(f"--batch-min-window: expected e.g. 1m, 30s or 2h, got {args.batch_min_window!r}")
+    given = {} if data_dir is not None else dict(
+        max_file_bytes=args.batch_max_file_bytes, max_lines=args.batch_max_lines, max_active=args.batch_max_active,
+        max_storage_bytes=args.batch_max_storage_bytes)
+    return BatchConfig(data_dir=data_dir or Path(args.data_dir or default_data_dir()).expanduser(),
+                       concurrency=args.batch_concurrency, min_window_s=min_window, **given)
 
 
 SERVER_CPU_RESERVE = 1      # cores a CPU engine leaves to the HTTP process (engine/cpu_threads.py)
@@ -148,6 +193,7 @@ def run(args) -> int:
     if args.address is None:                   # (on a Ray cluster the port is its proxies', not this machine's)
         check_port_free(args.host, args.port)  # before a model load that can take minutes
     limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None, args.max_model_len)
+    batches = batch_config(args)
     if not limits.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use "
               f"the model; set --api-key or NIYAMA_API_KEY", file=sys.stderr)
@@ -167,6 +213,9 @@ def run(args) -> int:
             raise ValueError("--replicas must be >= 1 and --replica-cpus / --replica-gpus >= 0")
         from ..server import ray_serve     # Ray only on this path (ImportError: the CLI names the extra)
 
+        if args.data_dir is not None:
+            print("warning: the Batch API is not served with --replicas; --data-dir is ignored", file=sys.stderr)
+
         return ray_serve.run(args, config, tiers, qos, limits)
     # the HTTP side (event loop, the engine client's reader and sender threads) keeps a core from a CPU engine
     os.environ.setdefault(RESERVE_ENV, str(SERVER_CPU_RESERVE))
@@ -184,7 +233,7 @@ def run(args) -> int:
     # uvicorn shuts down gracefully on SIGTERM / SIGINT and then re-raises the signal with the handler that was
     # there before it; this one turns that into a clean exit (0, not 143) once the shutdown is done
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(build_app(runner, name, qos, limits), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(build_app(runner, name, qos, limits, batches), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
 
