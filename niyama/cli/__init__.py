@@ -7,10 +7,10 @@ import argparse
 import importlib.metadata
 import sys
 
-from . import bench, bound, capacity, experiment, generate, plan, policies, profile, replay, serve, simulate
+from . import bench, bound, capacity, experiment, generate, plan, policies, profile, replay, run_batch, serve, simulate
 from .common import check_files
 
-VERBS = (simulate, capacity, bound, plan, experiment, policies, generate, replay, serve, bench, profile)
+VERBS = (simulate, capacity, bound, plan, experiment, policies, generate, replay, serve, run_batch, bench, profile)
 EXTRAS = {"torch": "engine", "tokenizers": "engine", "safetensors": "engine", "jinja2": "engine", "gguf": "engine",
           "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
           "ray": "cluster"}

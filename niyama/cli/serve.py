@@ -113,26 +113,29 @@ def add_batch_options(p, serving: bool = True) -> None:
         b.add_argument("--batch-max-storage-bytes", type=int, default=10 ** 10,
                        help="most bytes of uploaded files kept (at most 10000 files); beyond, 400 until files are "
                             "deleted (default 10000000000)")
+        b.add_argument("--batch-min-window", default="1m", metavar="DURATION",
+                       help="shortest completion_window a batch may ask for, e.g. 1m or 30s (default 1m; OpenAI's "
+                            "only window is 24h, the longest here; windows of seconds are for tests)")
     b.add_argument("--batch-concurrency", type=int, default=256,
                    help="most batch lines in flight at once, over all batches (default 256)")
-    b.add_argument("--batch-min-window", default="1m", metavar="DURATION",
-                   help="shortest completion_window a batch may ask for, e.g. 1m or 30s (default 1m; OpenAI's "
-                        "only window is 24h, the longest here; short ones are for tests)")
 
 
 def batch_config(args, data_dir: Path | None = None):
-    """A BatchConfig from the options of add_batch_options (`data_dir`: instead of --data-dir)."""
+    """A BatchConfig from the options of add_batch_options; `data_dir` (`niyama run-batch`): a directory of
+    its own instead of --data-dir, no limits but --batch-concurrency, windows from 1 s."""
     from ..server.batch_api import BatchConfig
     from ..server.batch_input import parse_duration
 
+    if data_dir is not None:
+        return BatchConfig(data_dir=data_dir, max_file_bytes=2 ** 62, max_lines=2 ** 62, max_storage_bytes=2 ** 62,
+                           concurrency=args.batch_concurrency, min_window_s=1)
     min_window = parse_duration(args.batch_min_window)
-    if min_window is None:
+    if not min_window:
         raise ValueError(f"--batch-min-window: expected e.g. 1m, 30s or 2h, got {args.batch_min_window!r}")
-    given = {} if data_dir is not None else dict(
-        max_file_bytes=args.batch_max_file_bytes, max_lines=args.batch_max_lines, max_active=args.batch_max_active,
-        max_storage_bytes=args.batch_max_storage_bytes)
-    return BatchConfig(data_dir=data_dir or Path(args.data_dir or default_data_dir()).expanduser(),
-                       concurrency=args.batch_concurrency, min_window_s=min_window, **given)
+    return BatchConfig(data_dir=Path(args.data_dir or default_data_dir()).expanduser(),
+                       max_file_bytes=args.batch_max_file_bytes, max_lines=args.batch_max_lines,
+                       max_active=args.batch_max_active, max_storage_bytes=args.batch_max_storage_bytes,
+                       concurrency=args.batch_concurrency, min_window_s=min_window)
 
 
 SERVER_CPU_RESERVE = 1      # cores a CPU engine leaves to the HTTP process (engine/cpu_threads.py)

@@ -198,6 +198,11 @@ class BatchStore:
                           "AND state = 'pending' ORDER BY line LIMIT ?", batch_id, after, limit)
         return [(r["line"], r["custom_id"], r["body"]) for r in rows]
 
+    def custom_ids(self, batch_id: str) -> list[str]:
+        """The batch's custom_ids in input order."""
+        return [r["custom_id"] for r in self._rows("SELECT custom_id FROM lines WHERE batch_id = ? ORDER BY line",
+                                                   batch_id)]
+
     def count_attempt(self, batch_id: str, line: int) -> None:
         """The line goes to the engine now (a count kept across restarts: a line answered is never run again)."""
         with self._tx() as db:
