@@ -268,14 +268,20 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 if event.error:
                     yield data(APIError(event.error, event.status).body())
                     break
-                told = event.token_ids and (event.text or event.finish_reason is None or gen.return_token_ids)
+                text = writer.content(i, event.text)
+                told = event.token_ids and (text or gen.return_token_ids or
+                                            (event.finish_reason is None and gen.tools is None))
                 if told:
-                    yield data(writer.chunk(event.text, first=first[i], token_ids=event.token_ids,
+                    yield data(writer.chunk(text, first=first[i], token_ids=event.token_ids,
                                             num_tokens=event.num_tokens, logprobs=event.logprobs, index=i))
                     first[i] = False
                 if event.finish_reason is not None:     # a last token without text (EOS) has its logprobs here
                     made[i] = event.num_tokens
-                    yield data(writer.chunk("", event.finish_reason, qos=choices.qos(), num_tokens=event.num_tokens,
+                    ends, reason = writer.tool_call_end(i, event.finish_reason, first[i])
+                    for body in ends:
+                        yield data(body)
+                        first[i] = False
+                    yield data(writer.chunk("", reason, qos=choices.qos(), num_tokens=event.num_tokens,
                                             index=i, **({} if told else {"token_ids": event.token_ids,
                                                                          "logprobs": event.logprobs})))
             else:

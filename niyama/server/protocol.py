@@ -17,6 +17,7 @@ from ..engine import grammar
 from ..engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..qos import Priority, Tier
 from .errors import APIError
+from . import tool_calls
 from .request_qos import TARGET_FIELDS, QoSPolicy, response_service_tier
 from .schemas import (PROMPT, UNHONOURED, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                       GenerationRequest, StreamOptions, TokenizeRequest, validate)
@@ -49,6 +50,8 @@ class Generation:
     continuous_usage: bool = False  # every stream chunk carries the usage so far (vLLM's continuous_usage_stats)
     echo: str = ""                  # completions' `echo`: the prompt's text, sent before the generated text
     n: int = 1                      # choices (choices.py runs each as its own engine request)
+    tools: "tool_calls.ToolSpec | None" = None   # chat with tools: the answer is parsed into tool calls
+    tool_family: str = "hermes"     # the model's tool-call format (tool_calls.py)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -81,7 +84,10 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     check_model(body, model)
     req = validate(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
     refuse_unhonoured(req)
-    prompt_ids = _chat_prompt(req.messages, model) if kind == "chat" else _completion_prompt(req.prompt, model)
+    tools = _tools(req, kind)
+    family = tool_calls.family_of(model.tokenizer.chat_template) if tools and model.tokenizer else "hermes"
+    prompt_ids = (_chat_prompt(req.messages, model, tools) if kind == "chat" else
+                  _completion_prompt(req.prompt, model))
     room = model.context - len(prompt_ids)
     max_tokens = _max_tokens(req, kind, min(room, model.kv_tokens - len(prompt_ids)))
     if max_tokens > room:
@@ -89,14 +95,14 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
                        f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to "
                        f"generate); shorten the prompt or lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
-    params = _sampling(req, max_tokens, model.sampling, _logprobs(req, kind), _constraint(req, model))
+    params = _sampling(req, max_tokens, model.sampling, _logprobs(req, kind), _constraint(req, model, tools, family))
     options = req.stream_options or StreamOptions()
     wanted = {key: getattr(req, key) for key in QOS_FIELDS}
     tier, priority = qos.resolve(wanted)
     return_ids = model.tokenizer is None if req.return_token_ids is None else req.return_token_ids
     return Generation(kind, prompt_ids, params, tier, priority, bool(req.stream), bool(options.include_usage),
                       model.name, return_ids, response_service_tier(wanted), bool(options.continuous_usage_stats),
-                      _echo(req, kind, prompt_ids, params, model), req.n or 1)
+                      _echo(req, kind, prompt_ids, params, model), req.n or 1, tools, family)
 
 
 def _echo(req: GenerationRequest, kind: str, prompt_ids: list[int], params: SamplingParams, model: ModelInfo) -> str:
@@ -176,12 +182,29 @@ PENALTIES = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penal
 GUIDED = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
 
-def _constraint(req: GenerationRequest, model: ModelInfo) -> str | None:
-    """The grammar text of the request's structured-output field (at most one), or None."""
+def _tools(req: GenerationRequest, kind: str) -> "tool_calls.ToolSpec | None":
+    if kind != "chat":
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            if getattr(req, key) is not None:
+                raise APIError(f"{key} is a /v1/chat/completions field", param=key)
+        return None
+    return tool_calls.parse_tool_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+
+
+def _constraint(req: GenerationRequest, model: ModelInfo, tools: "tool_calls.ToolSpec | None",
+                family: str) -> str | None:
+    """The grammar text of the request's structured-output field (at most one), or of a forced tool call, or
+    None."""
     given = [key for key in GUIDED if getattr(req, key) is not None]
     fmt = req.response_format
     if fmt is not None and fmt.get("type") == "text":
         given.remove("response_format")
+    forced = tool_calls.tool_grammar(tools, family) if tools is not None else None
+    if forced is not None:
+        if given:
+            raise APIError(f"tool_choice {tools.choice!r} forces a tool call's format; {given[0]} asks for another: "
+                           "send one of them", param=given[0])
+        return forced
     if not given:
         return None
     key = given[0]
@@ -271,18 +294,38 @@ def _completion_prompt(prompt: "str | list", model: ModelInfo) -> list[int]:
     return ids
 
 
-def _chat_prompt(messages: list[ChatMessage], model: ModelInfo) -> list[int]:
+def _chat_prompt(messages: list[ChatMessage], model: ModelInfo,
+                 tools: "tool_calls.ToolSpec | None" = None) -> list[int]:
     if model.tokenizer is None:
         raise APIError("this model has no tokenizer or chat template (dummy weights): use /v1/completions with "
                        "token ids", param="messages")
-    clean = [{"role": "system" if m.role == "developer" else m.role,
-              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-             for m in messages]
+    for i, m in enumerate(messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise APIError(f"messages[{i}].content is required (null only for an assistant message with "
+                           "tool_calls)", param=f"messages[{i}].content")
+        if m.role == "tool" and not m.tool_call_id:
+            raise APIError(f"messages[{i}].tool_call_id is required in a tool message: the id of the call it "
+                           "answers", param=f"messages[{i}].tool_call_id")
+    template, tools_arg = model.tokenizer.chat_template, None
+    if tools is None and not any(m.role == "tool" or m.tool_calls for m in messages):
+        clean = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+                 for m in messages]
+    else:       # tools or a tool exchange in the history: the template renders them, or tool_calls.py does
+        family = tool_calls.family_of(template)
+        dicts = [m.model_dump(exclude_none=True) for m in messages]
+        if tool_calls.template_renders_tools(template):
+            clean, tools_arg = tool_calls.messages_for_template(dicts), tools and tools.template_tools()
+        else:
+            clean = tool_calls.render_without_template_support(dicts, tools.tools if tools else (), family, template)
     try:
-        text = model.tokenizer.apply_chat_template(clean)
+        text = model.tokenizer.apply_chat_template(clean, tools=tools_arg)
     except Exception as e:                      # the template's own raise_exception (e.g. role order)
         raise APIError(f"the chat template rejected the messages: {e}", param="messages") from None
     return model.tokenizer.encode(text)
+
+
+def _text(content) -> str:
+    return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
 # --- responses ---------------------------------------------------------------
@@ -310,6 +353,9 @@ class ResponseWriter:
         self.object = "chat.completion" if self.chat else "text_completion"
         self.tokenizer = tokenizer
         self.text_offset = [0] * gen.n  # per choice, completions' logprobs: where the next token's text starts
+        # per choice, with tools: what of the streamed text is content, what is held back as a call
+        self.tool_streams = ([tool_calls.ToolCallStream(gen.tool_family, gen.tools.names) for _ in range(gen.n)]
+                             if gen.tools is not None else None)
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.gen.model,
@@ -324,15 +370,40 @@ class ResponseWriter:
                   "finish_reason": a.finish_reason}
         if self.gen.return_token_ids:
             choice["token_ids"] = a.token_ids
-        if self.chat:
+        if not self.chat:
+            choice["text"] = a.text
+        elif self.gen.tools is None:
             choice["message"] = {"role": "assistant", "content": a.text}
         else:
-            choice["text"] = a.text
+            content, calls = tool_calls.parse(a.text, self.gen.tool_family, self.gen.tools.names)
+            choice["message"] = {"role": "assistant", "content": content}
+            if calls:
+                choice["message"]["tool_calls"] = tool_calls.message_tool_calls(calls)
+                choice["finish_reason"] = tool_calls.finish_reason(a.finish_reason, calls)
         return choice
+
+    def content(self, index: int, text: str) -> str:
+        """Streaming: the part of a choice's new `text` that can go out now (with tools, text that may begin a
+        tool call is held back until it is known)."""
+        return text if self.tool_streams is None else self.tool_streams[index].feed(text)
+
+    def tool_call_end(self, index: int, finish_reason: str, first: bool) -> tuple[list[dict], str]:
+        """Streaming, at a choice's end: the chunks of its held-back content and of its tool calls (each whole),
+        and its finish reason (OpenAI's "tool_calls" when it ended in calls)."""
+        if self.tool_streams is None:
+            return [], finish_reason
+        rest, calls = self.tool_streams[index].finish()
+        chunks = []
+        if rest:
+            chunks.append(self.chunk(rest, first=first, index=index))
+        if calls:
+            chunks.append(self.chunk("", first=first and not rest, index=index,
+                                     tool_calls=tool_calls.tool_call_deltas(calls)))
+        return chunks, tool_calls.finish_reason(finish_reason, calls)
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None,
               token_ids: list[int] | None = None, num_tokens: int | None = None, logprobs: list | None = None,
-              index: int = 0) -> dict:
+              index: int = 0, tool_calls: list[dict] | None = None) -> dict:
         """A dict matching schemas.CompletionChunk / ChatCompletionChunk (no model here: this is per token).
         `num_tokens`: tokens generated so far, reported with continuous usage stats; `logprobs`: the engine's
         entries for `token_ids`; `index`: the choice."""
@@ -340,7 +411,9 @@ class ResponseWriter:
                   "finish_reason": finish_reason}
         if self.gen.return_token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
-        if self.chat:
+        if tool_calls:
+            choice["delta"] = {"role": "assistant", "tool_calls": tool_calls} if first else {"tool_calls": tool_calls}
+        elif self.chat:
             choice["delta"] = ({"role": "assistant", "content": text} if first else
                                {"content": text} if text or finish_reason is None else {})
         else:

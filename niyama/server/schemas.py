@@ -67,8 +67,12 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | list[TextPart], expect(CONTENT)] = Field(description=CONTENT)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str | list[TextPart], expect(CONTENT)] | None = Field(
+        None, description=CONTENT + " (null only for an assistant message with tool_calls)")
+    tool_calls: list[dict] | None = Field(None, description="assistant: the tool calls it made, as OpenAI returns them")
+    tool_call_id: str | None = Field(None, description="tool: the id of the call this message answers")
+    name: str | None = Field(None, description="tool: the function's name (optional)")
 
 
 Messages = Annotated[list[ChatMessage], Field(min_length=1), expect(MESSAGES, shallow=True)]
@@ -76,8 +80,8 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1), expect(MESSAGES, sh
 
 # field -> the values that mean "off": anything else is refused with a 400 naming the field (null is off)
 UNHONOURED = {
-    "best_of": (1,), "tools": ([],),
-    "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "logit_bias": ({},), "suffix": ("",),
+    "best_of": (1,),
+    "functions": ([],), "function_call": ("none",), "logit_bias": ({},), "suffix": ("",),
     "length_penalty": (1,), "min_tokens": (0,),
     "use_beam_search": (False,), "prompt_logprobs": (0,),
     "guided_grammar": (), "structured_outputs": (), "modalities": (["text"],), "audio": (), "prediction": (),
@@ -140,9 +144,13 @@ class GenerationRequest(Strict):
                                                 "logprobs: niyama does not compute the prompt's)")
     logit_bias: dict | None = unhonoured()
     suffix: str | None = unhonoured()
-    tools: list | None = unhonoured()
+    tools: list | None = Field(None, description="chat: functions the model may call ({'type': 'function', "
+                               "'function': {'name', 'description', 'parameters'}})")
+    tool_choice: Any = Field(None, description="chat: 'auto' (default with tools), 'none', 'required', or "
+                             "{'type': 'function', 'function': {'name': ...}}; required and named are enforced by "
+                             "a grammar")
+    parallel_tool_calls: bool | None = Field(None, description="chat: several calls in one answer (default true)")
     functions: list | None = unhonoured()
-    tool_choice: Any = unhonoured()
     function_call: Any = unhonoured()
     response_format: dict | None = Field(None, description="{'type': 'json_object'} or {'type': 'json_schema', "
                                          "'json_schema': {'name': ..., 'schema': {...}}}: the output is JSON (valid "
@@ -275,9 +283,25 @@ class CompletionChunk(Completion):
     niyama: QoS | None = Field(None, description=CHUNK_QOS)
 
 
+class ToolCallFunction(Body):
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class ToolCallBody(Body):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
+class ToolCallDelta(ToolCallBody):
+    index: int
+
+
 class AssistantMessage(Body):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class ChatChoice(Body):
@@ -302,6 +326,7 @@ class ChatCompletion(Body):
 class Delta(Body):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(None, description="each call whole, in the choice's last chunks")
 
 
 class ChatChunkChoice(Body):

@@ -1,5 +1,6 @@
-"""Structured outputs over real HTTP: a real server on 127.0.0.1 with the default model (SmolLM2-135M, CPU) and
-the official `openai` client. Every output is parsed and validated with `jsonschema`."""
+"""Structured outputs, tool calls and n choices over real HTTP: a real server on 127.0.0.1 with the default model
+(SmolLM2-135M, CPU) and the official `openai` client. Every JSON output is parsed and validated with
+`jsonschema`."""
 
 from __future__ import annotations
 
@@ -147,3 +148,91 @@ def test_n_choices_share_the_prompts_cached_blocks(server):
     n_prompt = r.json()["usage"]["prompt_tokens"]
     cached = (n_prompt - 1) // 16 * 16          # full blocks, less the last token (its logits are needed)
     assert q1 - q0 == 4 * n_prompt and h1 - h0 == 3 * cached, (q1 - q0, h1 - h0, n_prompt)
+
+
+# --- tool calls -----------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30}}}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+
+
+def check_calls(calls, names=("get_weather", "get_time")):
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_tool_choice_required_and_named_always_give_valid_calls(client):
+    ask = chat("What is the weather in Paris, and what time is it there?")
+    for seed in range(2):
+        r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME], tool_choice="required",
+                                           max_tokens=150, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls"
+        check_calls(r.choices[0].message.tool_calls)
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME], max_tokens=150,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                       parallel_tool_calls=False)
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) == 1 and r.choices[0].message.content is None
+    check_calls(calls, names=("get_time",))
+
+
+def test_streamed_tool_calls_come_as_openai_deltas(client):
+    calls, reasons, roles = {}, [], []
+    for c in client.chat.completions.create(model=MODEL, messages=chat("Weather in Oslo?"), tools=[WEATHER],
+                                            tool_choice="required", max_tokens=150, stream=True):
+        for ch in c.choices:
+            roles.append(ch.delta.role)
+            for d in ch.delta.tool_calls or ():
+                entry = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+                entry["arguments"] += d.function.arguments or ""
+            reasons.append(ch.finish_reason)
+    assert reasons[-1] == "tool_calls" and roles[0] == "assistant" and calls
+    for call in calls.values():
+        assert call["name"] == "get_weather" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS["get_weather"])
+
+
+def test_a_multi_turn_exchange_with_a_tool_result(client, server):
+    """The assistant's tool call and the tool's answer go back in; the model answers in text (tool_choice
+    none), and the prompt holds both the call and the result."""
+    messages = chat("What is the weather in Paris?")
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+                                       max_tokens=150, temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21, "sky": "sunny"})}]
+    r2 = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none",
+                                        max_tokens=40, temperature=0)
+    assert r2.choices[0].message.content and not r2.choices[0].message.tool_calls
+    assert r2.choices[0].finish_reason in ("stop", "length")
+    ids = httpx.post(f"{server}/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+    assert len(ids) == r2.usage.prompt_tokens
+    prompt = httpx.post(f"{server}/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    assert '"name": "get_weather"' in prompt and "sunny" in prompt and call.function.arguments in prompt
+    r3 = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=40)  # auto
+    assert r3.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "send one of them"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+])
+def test_bad_tool_requests_are_400s(server, body, words):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": chat("hi"), "max_tokens": 4, **body},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"] + str(r.json()["error"]["param"]), r.text
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", "max_tokens": 4, "tools": [WEATHER]}, timeout=60)
+    assert r.status_code == 400 and "chat" in r.json()["error"]["message"]

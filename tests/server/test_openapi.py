@@ -55,7 +55,7 @@ def test_openapi_has_request_and_response_schemas_for_every_endpoint(server):
         assert set(resolve(spec, error["properties"]["error"])["properties"]) == {"message", "type", "param", "code"}
     messages = body_of(spec, "/v1/chat/completions")["properties"]["messages"]
     assert resolve(spec, messages["items"])["properties"]["role"]["enum"] == ["system", "developer", "user",
-                                                                               "assistant"]
+                                                                               "assistant", "tool"]
     assert body_of(spec, "/v1/completions")["properties"]["max_tokens"]["anyOf"][0] == {"minimum": 1,
                                                                                        "type": "integer"}
     assert set(body_of(spec, "/tokenize")["properties"]) >= {"prompt", "messages"}
@@ -145,8 +145,10 @@ BAD_TYPES = [   # (path, body, param, words the message must contain)
      "include_stop_str_in_output must be true or false"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content", "messages[0].content must be a string or a list of text parts"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role",
-     "messages[0].role 'tool' is not supported; use 'system'"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role",
+     "messages[0].role 'wizard' is not supported; use 'system'"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id",
+     "messages[0].tool_call_id is required"),
     ("/v1/chat/completions", {"messages": [CHAT[0], "hi"]}, "messages[1]", "messages[1] must be an object"),
     ("/v1/chat/completions", {"messages": []}, "messages", "messages must be a non-empty list of {role, content}"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens",
