@@ -158,7 +158,7 @@ class BatchService:
         batch = await self.batch(batch_id)
         if batch["status"] in ("in_progress", "cancelling"):
             if await self.call(self._store.move, batch_id, "in_progress", "cancelling"):
-                self.runner.cancel(batch_id)
+                self.runner.cancel(await self.batch(batch_id))
             return await self.batch(batch_id)
         raise APIError(f"batch {batch_id!r} is {batch['status']}; only a batch in progress can be cancelled", 409,
                        param="batch_id", code="batch_not_cancellable")

@@ -45,12 +45,14 @@ class BatchRunner:
         self.tasks[batch["id"]] = task
         task.add_done_callback(lambda t, key=batch["id"]: self.tasks.pop(key, None))
 
-    def cancel(self, batch_id: str) -> None:
+    def cancel(self, batch: dict) -> None:
         """The store has marked it `cancelling`: abort its lines in flight and finalize it."""
-        self.cancelling.add(batch_id)
-        window = self.windows.get(batch_id)
+        self.cancelling.add(batch["id"])
+        window = self.windows.get(batch["id"])
         if window is not None:
             window.reschedule(asyncio.get_running_loop().time())
+        elif batch["id"] not in self.tasks:        # not running (stopped by an error): finalize it now
+            self.launch(batch)
 
     async def stop(self) -> None:
         tasks = list(self.tasks.values())
@@ -62,7 +64,7 @@ class BatchRunner:
         try:
             if status == "in_progress":
                 status = await self._run_window(batch_id, endpoint)
-            else:     # found finalizing or cancelling at start-up: its lines are settled
+            else:     # cancelled while not running, or found finalizing / cancelling at start-up
                 status = "completed" if status == "finalizing" else "cancelled"
             unanswered = {"expired": EXPIRED, "cancelled": CANCELLED}.get(status)
             await self.call(self.store.finalize, batch_id, status, unanswered)
@@ -113,16 +115,25 @@ class BatchRunner:
             for key in QOS_FIELDS:
                 body.pop(key, None)
             await self.call(self.store.count_attempt, batch_id, number)
-            body["ttlt_ms"] = max(1.0, (deadline - time.time()) * 1000)
-            try:
-                status, answer = 200, await self.respond(kind, body)
-            except APIError as e:
-                if e.status == 503:        # only a stopped engine answers 503
-                    raise EngineGone() from None
-                status, answer = e.status, e.body()
-            except Exception:
-                log.exception("batch %s line %d (custom_id %r) failed", batch_id, number, custom_id)
-                status, answer = 500, APIError("internal error; the server log has the details", 500).body()
+            status, answer = await self._answer(kind, body, deadline, batch_id, number, custom_id)
             await self.call(self.store.finish_line, batch_id, number, custom_id, status, answer)
         finally:
             self.slots.release()
+
+    async def _answer(self, kind: str, body: dict, deadline: float, *where) -> tuple[int, dict]:
+        """(status, response body) of one line."""
+        while True:
+            body["ttlt_ms"] = max(1.0, (deadline - time.time()) * 1000)
+            try:
+                return 200, await self.respond(kind, body)
+            except APIError as e:
+                if e.status == 503:        # only a stopped engine answers 503
+                    raise EngineGone() from None
+                if e.code != "deadline_infeasible":
+                    return e.status, e.body()
+                # admission control (--on-infeasible reject) predicts a miss now: the window may still allow
+                # it later, when the queue is shorter; the window's end stops the retries
+                await asyncio.sleep(float(e.headers.get("Retry-After", 1)))
+            except Exception:
+                log.exception("batch %s line %d (custom_id %r) failed", *where)
+                return 500, APIError("internal error; the server log has the details", 500).body()
