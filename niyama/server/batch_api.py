@@ -107,11 +107,11 @@ class BatchService:
         await asyncio.to_thread(shutil.copyfile, source, part)
         return await self.call(store.add_file, file_id, part, filename, "batch")
 
-    async def file(self, file_id: str) -> dict:
+    async def file(self, file_id: str, param: str = "file_id") -> dict:
         store = await self.store()
         found = await self.call(store.get_file, file_id)
         if found is None:
-            raise APIError(f"no file with id {file_id!r}", 404, param="file_id", code="file_not_found",
+            raise APIError(f"no file with id {file_id!r}", 404, param=param, code="file_not_found",
                            type="not_found_error")
         return found
 
@@ -130,7 +130,7 @@ class BatchService:
                            code="invalid_endpoint")
         window_s = parse_window(completion_window, self.config.min_window_s)
         store = await self.store()
-        file = await self.file(input_file_id)
+        file = await self.file(input_file_id, "input_file_id")
         if file["purpose"] != "batch":
             raise APIError(f"file {input_file_id!r} has purpose {file['purpose']!r}; a batch's input must be uploaded "
                            "with purpose 'batch'", param="input_file_id", code="invalid_file_purpose")
@@ -141,7 +141,7 @@ class BatchService:
                            headers={"Retry-After": "60"})
         created = time.time()
         row = {"id": new_id("batch_"), "endpoint": endpoint, "model": self.model, "input_file_id": input_file_id,
-               "completion_window": completion_window, "deadline": created + window_s, "created_at": int(created),
+               "completion_window": format_duration(window_s), "deadline": created + window_s, "created_at": int(created),
                "metadata": json.dumps(metadata) if metadata else None}
         lines = input_lines(store.file_path(input_file_id), endpoint, self.config.max_lines)
         try:
@@ -308,8 +308,9 @@ def add_batch_routes(app: FastAPI, config: BatchConfig, check_key, model: str) -
             if file is None or isinstance(file, str):
                 raise APIError("file is required: the JSONL of requests, as a file field", param="file")
             if purpose != "batch":
-                raise APIError(f"purpose {purpose!r} is not supported: this server keeps files for the Batch API "
-                               "only; use 'batch'", param="purpose", code="invalid_purpose")
+                given = "is required" if purpose is None else f"{purpose!r} is not supported"
+                raise APIError(f"purpose {given}: this server keeps files for the Batch API only; use 'batch'",
+                               param="purpose", code="invalid_purpose")
             file_id, part = store.new_upload()
             size = await asyncio.to_thread(save_upload, file.file, part, cap)
             if size > cap or size == 0 or used + size > config.max_storage_bytes:
@@ -462,4 +463,4 @@ def check_metadata(metadata: dict | None) -> None:
             raise APIError(f"metadata {key[:64]!r}: keys are at most 64 characters and values 512", param="metadata")
 
 
-__all__ = ["BatchConfig", "BatchService", "add_batch_routes", "format_duration"]
+__all__ = ["BatchConfig", "BatchService", "add_batch_routes"]

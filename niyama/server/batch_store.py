@@ -185,7 +185,7 @@ class BatchStore:
             args.append(where[1])
         if after is not None:
             cond.append(f"seq {'<' if order == 'desc' else '>'} COALESCE((SELECT seq FROM {table} WHERE id = ?), ?)")
-            args += [after, 0 if order == "desc" else -1]      # an unknown cursor: an empty page, not the first
+            args += [after, 0 if order == "desc" else 2 ** 62]     # an unknown cursor: an empty page, not the first
         sql = (f"SELECT * FROM {table}{' WHERE ' + ' AND '.join(cond) if cond else ''} ORDER BY seq "
                f"{'DESC' if order == 'desc' else 'ASC'} LIMIT ?")
         rows = self._rows(sql, *args, limit + 1)

@@ -250,6 +250,17 @@ def wait_gone(pid: int, limit_s: float = 30) -> None:
     pytest.fail(f"the killed server's engine process {pid} was still running after {limit_s} s")
 
 
+def test_a_data_dir_has_one_owner(tmp_path):
+    from niyama.server.batch_store import BatchStore, DataDirBusy
+
+    owner = BatchStore(tmp_path)
+    with pytest.raises(DataDirBusy) as busy:
+        BatchStore(tmp_path)
+    assert f"in use by another niyama process (pid {os.getpid()}); give this one its own --data-dir" in str(busy.value)
+    owner.close()
+    BatchStore(tmp_path).close()           # free again
+
+
 def test_run_batch_offline(tmp_path):
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_bytes(jsonl([line("first", max_tokens=3), line("broken", max_tokens=-1), line("last", max_tokens=3)]))
