@@ -11,6 +11,8 @@ nothing: its batches resume from their pending lines when the data directory is 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import logging
 import time
@@ -27,13 +29,44 @@ class EngineGone(Exception):
     """The engine stopped: the batch waits for a restart instead of failing its lines."""
 
 
+class Slots:
+    """At most `n` lines in flight; a freed slot goes to the waiting batch whose window ends first, so a short
+    window is not stuck behind a big batch due tomorrow (the scheduler then orders what is in flight)."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self.waiting: list[tuple[float, int, asyncio.Future]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, deadline: float) -> None:
+        if self.free and not self.waiting:
+            self.free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, (deadline, next(self._order), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():      # handed a slot just as it was cancelled: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self.waiting:
+            turn = heapq.heappop(self.waiting)[2]
+            if not turn.done():                            # (a cancelled waiter's turn is done)
+                turn.set_result(None)
+                return
+        self.free += 1
+
+
 class BatchRunner:
     def __init__(self, store, respond, concurrency: int, call):
         """`respond(kind, body)`: app.py's; `call(fn, *args)`: awaits a store method on the store's thread."""
         self.store = store
         self.respond = respond
         self.call = call
-        self.slots = asyncio.Semaphore(concurrency)
+        self.slots = Slots(concurrency)
         self.tasks: dict[str, asyncio.Task] = {}
         self.windows: dict[str, asyncio.Timeout] = {}     # a running batch's window (a cancel ends it early)
         self.cancelling: set[str] = set()
@@ -102,7 +135,7 @@ class BatchRunner:
                 after = -1
                 while chunk := await self.call(self.store.pending_lines, batch_id, after, CHUNK):
                     for number, custom_id, body in chunk:
-                        await self.slots.acquire()
+                        await self.slots.acquire(deadline)
                         lines.create_task(self._run_line(batch_id, kind, deadline, number, custom_id, body))
                     after = chunk[-1][0]
         except* EngineGone:

@@ -250,6 +250,32 @@ def wait_gone(pid: int, limit_s: float = 30) -> None:
     pytest.fail(f"the killed server's engine process {pid} was still running after {limit_s} s")
 
 
+def test_freed_slots_go_to_the_batch_whose_window_ends_first():
+    import asyncio
+
+    from niyama.server.batch_runner import Slots
+
+    async def run() -> tuple[list[str], Slots]:
+        slots, order = Slots(2), []
+
+        async def line(name: str, deadline: float):
+            await slots.acquire(deadline)
+            order.append(name)
+            await asyncio.sleep(0.01)
+            slots.release()
+
+        lines = [asyncio.create_task(line(n, d)) for n, d in (("a", 9), ("b", 9), ("due late", 9), ("due soon", 1))]
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(line("cancelled while waiting", 0))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.gather(*lines, gone, return_exceptions=True)
+        return order, slots
+
+    order, slots = asyncio.run(run())
+    assert order == ["a", "b", "due soon", "due late"] and slots.free == 2 and not slots.waiting
+
+
 def test_a_data_dir_has_one_owner(tmp_path):
     from niyama.server.batch_store import BatchStore, DataDirBusy
 
