@@ -49,7 +49,8 @@ class BatchConfig:
     def __post_init__(self):
         if min(self.max_file_bytes, self.max_lines, self.max_active, self.max_storage_bytes, self.max_files,
                self.concurrency) < 1 or not 0 < self.min_window_s <= 24 * 3600:
-            raise ValueError("the Batch API's limits must be >= 1 and its shortest window within 1s..24h")
+            raise ValueError("the Batch API's limits (--batch-max-*, --batch-concurrency) must be >= 1 and "
+                             "--batch-min-window within 1s..24h")
 
 
 class BatchService:
