@@ -11,7 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import add_engine_options, add_profile_option, check_policy, engine_config_from_args, parse_policy_options
+from . import serve
+from .common import add_engine_options, check_policy, engine_config_from_args, parse_policy_options
 
 EXAMPLES = """examples:
   niyama run-batch requests.jsonl -o results.jsonl          # the default model on CPU
@@ -22,7 +23,6 @@ each input line (OpenAI's batch format; every line the same url, /v1/chat/comple
    "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}}
 each output line, in input order: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
 """
-SERVE_OPTIONS = ("served_model_name", "max_model_len", "policy", "opt", "max_num_seqs", "seed")
 
 
 def add_parser(sub) -> None:
@@ -37,24 +37,12 @@ def add_parser(sub) -> None:
                    help="the lines' deadline, as a batch's completion_window: 24h, 2h, 10m, 30s; lines not answered "
                         "by then are written as batch_expired errors (default 24h)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    copy_serve_options(p.add_argument_group("serving (as `niyama serve` takes them)"), SERVE_OPTIONS)
-    add_profile_option(p)
+    g = p.add_argument_group("serving (as `niyama serve` takes them)")
+    for add in (serve.add_name_option, serve.add_length_option, serve.add_scheduling_options, serve.add_seed_option):
+        add(g)
     add_engine_options(p, chat=True)
-    from .serve import add_batch_options
-
-    add_batch_options(p, serving=False)
+    serve.add_batch_options(p, serving=False)
     p.set_defaults(run=run, model_arg=None)
-
-
-def copy_serve_options(group, dests: tuple[str, ...]) -> None:
-    """`niyama serve`'s own options (flags, defaults, help) on another verb, defined once in serve.py."""
-    from . import serve
-
-    sub = argparse.ArgumentParser(add_help=False).add_subparsers()
-    serve.add_parser(sub)
-    for action in sub.choices["serve"]._actions:
-        if action.dest in dests:
-            group._add_action(action)
 
 
 def run(args) -> int:

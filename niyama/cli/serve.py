@@ -41,16 +41,14 @@ def add_parser(sub) -> None:
                    help="the model, as `vllm serve MODEL` takes it: the same as --model (see there)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: the model as given, or smollm2-135m-instruct)")
+    add_name_option(p)
     g = p.add_argument_group("access and limits")
     g.add_argument("--api-key", default=os.environ.get("NIYAMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open) "
                         "(default: $NIYAMA_API_KEY, else none)")
     g.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
                    help="largest request body; larger ones get 413 (default 16 MiB)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="most prompt + output tokens per request (default: the model's context)")
+    add_length_option(g)
     g.add_argument("--max-queued", type=int, default=1024,
                    help="most requests in flight (waiting + running); beyond, 429 with Retry-After (default 1024)")
     q = p.add_argument_group("QoS")
@@ -62,14 +60,9 @@ def add_parser(sub) -> None:
     q.add_argument("--service-tier-map", default=None, metavar="NAME=TIER,...",
                    help="map OpenAI service_tier values to tiers (default auto,default=the default tier, "
                         "priority,scale=the first interactive tier, flex=the last tier)")
-    s = p.add_argument_group("scheduling")
-    s.add_argument("--policy", default="niyama", help="scheduling policy, see `niyama policies` (default niyama)")
-    add_profile_option(s)
-    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
-    s.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
+    add_scheduling_options(p.add_argument_group("scheduling"))
     add_engine_options(p, chat=True)
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random streams of requests that give no seed (default 0)")
+    add_seed_option(p)
     p.add_argument("--in-process-engine", action="store_true",
                    help="run the engine on a thread of the HTTP process instead of its own process (debugging; "
                         "HTTP work then slows the engine's steps)")
@@ -90,6 +83,29 @@ def add_parser(sub) -> None:
     r.add_argument("--replica-gpus", type=float, default=None,
                    help="GPUs per replica (default 1 when the device is CUDA, else 0)")
     p.set_defaults(run=run)
+
+
+# --- options `niyama run-batch` takes too (it answers requests as this server does) ---
+def add_name_option(p) -> None:
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the model as given, or smollm2-135m-instruct)")
+
+
+def add_length_option(p) -> None:
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="most prompt + output tokens per request (default: the model's context)")
+
+
+def add_scheduling_options(p) -> None:
+    p.add_argument("--policy", default="niyama", help="scheduling policy, see `niyama policies` (default niyama)")
+    add_profile_option(p)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override a policy knob")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests holding KV at once (default 256)")
+
+
+def add_seed_option(p) -> None:
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random streams of requests that give no seed (default 0)")
 
 
 def default_data_dir() -> Path:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
-from .choices import Choices, choice_generations
 from .batch_api import BatchConfig, add_batch_routes
+from .choices import Choices, choice_generations
 from .engine_client import EngineClient, EngineStopped, Event, Stream
 from .errors import APIError, add_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
