@@ -234,18 +234,24 @@ class BlockAllocator:
         """Tokens of `req`'s prefill that are cached now (a hint until it starts: blocks may still go)."""
         return len(self._hits(req)) * self.block_size
 
+    def shortfall(self, req: Request) -> int:
+        """Blocks `req` lacks to start now, the watermark kept free (<= 0: it would start)."""
+        hits = self._hits(req)
+        idle = sum(self._refs[b] == 0 for b in hits)    # attaching an idle block takes it out of the free room
+        new = self.blocks_for(req.num_prefill_target) - len(hits)
+        return self.num_watermark_blocks - (self.num_free - idle - new)
+
     def start(self, req: Request) -> bool:
         """Take `req`'s prefill blocks if there is room, keeping the watermark free: its cached prefix shared,
         the rest new. Its prefill then begins after the prefix (`num_computed_tokens`). False, and nothing
         taken, without room."""
         if req.block_ids:
             raise RuntimeError(f"request {req.request_id} starts while holding KV blocks")
+        if self.shortfall(req) > 0:
+            return False
         hits = self._hits(req)
         refs = self._refs
-        idle = sum(refs[b] == 0 for b in hits)      # attaching an idle block takes it out of the free room
         new = self.blocks_for(req.num_prefill_target) - len(hits)
-        if self.num_free - idle - new < self.num_watermark_blocks:
-            return False
         reused = self._reused
         for b in hits:
             if refs[b] == 0:

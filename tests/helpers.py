@@ -14,8 +14,9 @@ RULE = DeadlineRule(output_len_pred=15)
 PREDICTOR = PROFILES["a100-llama3-8b"]
 
 
-def req(rid: int, arrival: float, prompt: int, output: int = 10, tier: str = "Q1", **kw) -> Request:
-    return Request(rid, arrival, prompt, output, TIERS[tier], RULE, **kw)
+def req(rid: int, arrival: float, prompt: int, output: int = 10, tier="Q1", **kw) -> Request:
+    """`tier`: a default tier's name, or a Tier."""
+    return Request(rid, arrival, prompt, output, TIERS[tier] if isinstance(tier, str) else tier, RULE, **kw)
 
 
 def scheduler(name: str, **overrides):

@@ -41,12 +41,18 @@ class SchedulerConfig:
     prefill_rate_init: float = 8500.0      # tokens/s, before anything is observed
     prefill_rate_decay: float = 0.995      # EMA weight on the old value
     foresee_arrivals: bool = False         # admission also counts tighter tiers' work still to arrive (rejects more)
+    # a waiting request that cannot start (no max_num_seqs slot, no KV room) preempts running decodes whose next
+    # token is due at least this much later than its first token (a batch line hours from its window's end
+    # makes way for a chat request); 0 = never (Sarathi's behaviour: it waits for a decode to finish)
+    preempt_for_urgent_s: float = 0.0
 
     def __post_init__(self):
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.preempt_for_urgent_s < 0:
+            raise ValueError("preempt_for_urgent_s must be >= 0 (0 = off)")
 
     @property
     def max_batch_tokens(self) -> int:
@@ -117,6 +123,8 @@ class Scheduler:
     # --- the iteration ---------------------------------------------------
     def schedule(self, now: float, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> BatchPlan:
         preempted = self._make_room_for_decodes(decodes, kv, iteration)
+        if self.config.preempt_for_urgent_s and self.waiting:
+            preempted += self._make_room_for_urgent(now, decodes, kv, iteration)
         num_decodes = len(decodes)
         decode_context = decodes.context_sum(iteration)
         min_slack = decodes.min_deadline(iteration) - now
@@ -145,6 +153,27 @@ class Scheduler:
                 needing.remove(victim)
         for req in needing:
             kv.allocate(req, 1)
+        return preempted
+
+    def _make_room_for_urgent(self, now: float, decodes: RunningDecodes, kv: BlockAllocator,
+                              iteration: int) -> list[Request]:
+        """The first waiting request, if it has not started, is not late, and lacks a slot or KV room: preempt
+        the decodes due last while each is due `preempt_for_urgent_s` after its first token and it still
+        lacks room. Without this a long-deadline backlog (a batch job's lines) holding every slot makes a chat
+        request wait until it is late, and then be relegated behind that very backlog."""
+        req = self.waiting.peek()
+        if req is None or req.started or req.relegated or req.first_token_deadline_s <= now:
+            return []
+        req.num_cached_tokens = kv.cached_tokens(req)
+        due = req.first_token_deadline_s + self.config.preempt_for_urgent_s
+        preempted = []
+        while decodes and (len(decodes) + self.waiting.num_started >= self.config.max_num_seqs
+                           or kv.shortfall(req) > 0):
+            victim = decodes.latest_deadline(iteration)
+            if decodes.next_deadline(victim, iteration) < due:
+                break
+            self._preempt(victim, decodes, kv, iteration)
+            preempted.append(victim)
         return preempted
 
     def _preempt(self, req: Request, decodes: RunningDecodes, kv: BlockAllocator, iteration: int) -> None:

@@ -63,6 +63,7 @@ class NiyamaConfig(SchedulerConfig):
     low_memory_tokens: int = 32_000        # below this many free KV tokens, use the low-memory candidates
     late_recovery: bool = True             # late decodes ask for their pace, not for the smallest candidate
     prefix_aware_order: bool = True        # the hybrid key counts the prefill work the prefix cache leaves
+    preempt_for_urgent_s: float = 3600.0   # base.py: a blocked request preempts decodes due an hour later (batch)
 
     def __post_init__(self):
         super().__post_init__()

@@ -199,3 +199,59 @@ def test_kv_exhaustion_preempts_the_latest_deadline_decode():
     # much later, the preempted decode waits to recompute; it has started before, so it is never relegated
     later = s.schedule(1000.0, decodes, allocator, 2)
     assert later.relegated == [] and d2.relegated is False
+
+
+def batch_decodes(n: int, allocator, ttlt_s: float = 86_400.0):
+    """`n` running decodes of a batch job: their own TTLT tier of `ttlt_s`, so their next tokens are due late."""
+    from niyama.qos import Tier
+    tier = Tier("batch-window", ttlt_s=ttlt_s)
+    decodes = RunningDecodes()
+    lines = [start_decode(decodes, allocator, req(200 + k, 0.0, 32, output=400, tier=tier), first_token_s=1.0)
+             for k in range(n)]
+    return decodes, lines
+
+
+def test_a_chat_request_without_a_slot_preempts_a_batch_line_due_hours_later():
+    allocator = kv()
+    decodes, lines = batch_decodes(4, allocator)
+    chat = req(0, 1.5, 100, tier="Q1")
+    plan, s = plan_for("niyama", [chat], now=2.0, decodes=decodes, allocator=allocator, max_num_seqs=4)
+    assert len(plan.preempted) == 1 and plan.preempted[0] in lines
+    assert [c.request for c in plan.prefills][:1] == [chat] and len(decodes) == 3
+    victim = plan.preempted[0]
+    assert victim.phase == Phase.WAITING and victim in list(s.waiting)
+    allocator.check(list(decodes) + [chat])
+
+
+def test_no_preemption_among_peers_when_off_or_when_the_blocked_request_is_late():
+    # a batch line waiting behind other lines of its window: they are due as late as it is, nobody is preempted
+    allocator = kv()
+    decodes, _ = batch_decodes(4, allocator)
+    from niyama.qos import Tier
+    peer = req(9, 1.5, 100, tier=Tier("batch-window", ttlt_s=86_400.0))
+    plan, _ = plan_for("niyama", [peer], now=2.0, decodes=decodes, allocator=allocator, max_num_seqs=4)
+    assert plan.preempted == [] and plan.prefills == []
+    # switched off (Sarathi's behaviour): the chat request waits for a slot
+    allocator = kv()
+    decodes, _ = batch_decodes(4, allocator)
+    plan, _ = plan_for("niyama", [req(0, 1.5, 100, tier="Q1")], now=2.0, decodes=decodes, allocator=allocator,
+                       max_num_seqs=4, preempt_for_urgent_s=0.0)
+    assert plan.preempted == [] and plan.prefills == []
+    # a chat request already past its first-token deadline is relegated, not served by preempting
+    allocator = kv()
+    decodes, _ = batch_decodes(4, allocator)
+    plan, _ = plan_for("niyama", [req(0, 1.0, 100, tier="Q1")], now=30.0, decodes=decodes, allocator=allocator,
+                       max_num_seqs=4)
+    assert plan.preempted == []
+
+
+def test_a_chat_request_without_kv_room_preempts_until_it_fits():
+    allocator = kv(tokens=16 * 16, watermark=0.0)            # 16 blocks
+    decodes, lines = batch_decodes(5, allocator)             # 2 blocks each, a third as the step writes token 33
+    chat = req(0, 1.5, 16 * 8, tier="Q1")                    # 8 blocks
+    assert allocator.shortfall(chat) > 0
+    plan, _ = plan_for("niyama", [chat], now=2.0, decodes=decodes, allocator=allocator)
+    assert plan.preempted and set(plan.preempted) <= set(lines)
+    assert chat.phase == Phase.PREFILL and len(chat.block_ids) == 8
+    assert allocator.num_free < 3                            # no more preempted than it needed (3 blocks each)
+    allocator.check(list(decodes) + [chat])
