@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from ..engine import grammar
 from ..engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..qos import Priority, Tier
-from .errors import APIError
 from . import tool_calls
+from .errors import APIError
 from .request_qos import TARGET_FIELDS, QoSPolicy, response_service_tier
 from .schemas import (PROMPT, UNHONOURED, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                       GenerationRequest, StreamOptions, TokenizeRequest, validate)
@@ -85,8 +85,8 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
     req = validate(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
     refuse_unhonoured(req)
     tools = _tools(req, kind)
-    family = tool_calls.family_of(model.tokenizer.chat_template) if tools and model.tokenizer else "hermes"
-    prompt_ids = (_chat_prompt(req.messages, model, tools) if kind == "chat" else
+    family = tool_calls.family_of(model.tokenizer.chat_template) if model.tokenizer else "hermes"
+    prompt_ids = (_chat_prompt(req.messages, model, tools, family) if kind == "chat" else
                   _completion_prompt(req.prompt, model))
     room = model.context - len(prompt_ids)
     max_tokens = _max_tokens(req, kind, min(room, model.kv_tokens - len(prompt_ids)))
@@ -294,8 +294,9 @@ def _completion_prompt(prompt: "str | list", model: ModelInfo) -> list[int]:
     return ids
 
 
-def _chat_prompt(messages: list[ChatMessage], model: ModelInfo,
-                 tools: "tool_calls.ToolSpec | None" = None) -> list[int]:
+def _chat_prompt(messages: list[ChatMessage], model: ModelInfo, tools: "tool_calls.ToolSpec | None" = None,
+                 family: str = "hermes") -> list[int]:
+    """The prompt's token ids; with `tools` (or tool messages in the history) in the model `family`'s format."""
     if model.tokenizer is None:
         raise APIError("this model has no tokenizer or chat template (dummy weights): use /v1/completions with "
                        "token ids", param="messages")
@@ -311,7 +312,6 @@ def _chat_prompt(messages: list[ChatMessage], model: ModelInfo,
         clean = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
                  for m in messages]
     else:       # tools or a tool exchange in the history: the template renders them, or tool_calls.py does
-        family = tool_calls.family_of(template)
         dicts = [m.model_dump(exclude_none=True) for m in messages]
         if tool_calls.template_renders_tools(template):
             clean, tools_arg = tool_calls.messages_for_template(dicts), tools and tools.template_tools()
@@ -398,21 +398,21 @@ class ResponseWriter:
             chunks.append(self.chunk(rest, first=first, index=index))
         if calls:
             chunks.append(self.chunk("", first=first and not rest, index=index,
-                                     tool_calls=tool_calls.tool_call_deltas(calls)))
+                                     calls=tool_calls.tool_call_deltas(calls)))
         return chunks, tool_calls.finish_reason(finish_reason, calls)
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False, qos: dict | None = None,
               token_ids: list[int] | None = None, num_tokens: int | None = None, logprobs: list | None = None,
-              index: int = 0, tool_calls: list[dict] | None = None) -> dict:
+              index: int = 0, calls: list[dict] | None = None) -> dict:
         """A dict matching schemas.CompletionChunk / ChatCompletionChunk (no model here: this is per token).
         `num_tokens`: tokens generated so far, reported with continuous usage stats; `logprobs`: the engine's
-        entries for `token_ids`; `index`: the choice."""
+        entries for `token_ids`; `index`: the choice; `calls`: tool-call deltas (the delta holds only them)."""
         choice = {"index": index, "logprobs": self.logprobs(token_ids or [], logprobs, index),
                   "finish_reason": finish_reason}
         if self.gen.return_token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
-        if tool_calls:
-            choice["delta"] = {"role": "assistant", "tool_calls": tool_calls} if first else {"tool_calls": tool_calls}
+        if calls:
+            choice["delta"] = {"role": "assistant", "tool_calls": calls} if first else {"tool_calls": calls}
         elif self.chat:
             choice["delta"] = ({"role": "assistant", "content": text} if first else
                                {"content": text} if text or finish_reason is None else {})
