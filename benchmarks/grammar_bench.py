@@ -4,8 +4,9 @@ Three sections, in one run:
 - mask: the host time to fill a step's bitmasks for B constrained rows (`Grammars.masks`, llguidance's thread
   pool), rows walking through JSON documents of a schema (an order with 40 items: objects with a patterned
   string, a bounded integer, an enum array), each row its own random valid walk. Median, p90 and max per step.
-- apply: the sampler's `apply_bitmask` on [B, vocab] float32 logits, on the device; floor: the bytes it must
-  move (logits read and written, the mask read) over the card's copy bandwidth measured in the same run.
+- apply: the sampler's `apply_bitmask` on [B, vocab] float32 logits, on the device (on a CPU its host path,
+  `apply_bitmask_host`); floor: the bytes it must move (logits read and written, the mask read) over the card's
+  copy bandwidth measured in the same run.
 - engine: steady decode steps of batch B through the engine, every row sampled (temperature 0.7, top_p 0.9),
   all rows constrained against none; the step's wall time and its floor (weights and KV read once over the
   copy bandwidth, engine_bench.py's floor). The mask fill runs on the host while the GPU runs the forward pass,
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
 from niyama.engine.grammar import Grammars, compile_json_schema  # noqa: E402
-from niyama.engine.sampler import apply_bitmask  # noqa: E402
+from niyama.engine.sampler import apply_bitmask, apply_bitmask_host  # noqa: E402
 
 from engine_bench import FULL, decode_cost, device_seconds, floor, measure_ceilings, median_run  # noqa: E402
 
@@ -91,7 +92,12 @@ def measure_apply(batch: int, vocab: int, device: torch.device, ceilings: dict |
     logits = torch.randn(batch, vocab, device=device)
     bitmask = torch.randint(-2**31, 2**31 - 1, (batch, words), dtype=torch.int32, device=device)
     rows = torch.arange(batch, device=device)
-    run = median_run(lambda: device_seconds(lambda: apply_bitmask(logits, rows, bitmask), device)[0], 5, 30)
+    if device.type == "cuda":
+        apply = lambda: apply_bitmask(logits, rows, bitmask)
+    else:                                        # the sampler's CPU path: bits unpacked on the host
+        host, listed = bitmask.numpy(), list(range(batch))
+        apply = lambda: apply_bitmask_host(logits, listed, host)
+    run = median_run(lambda: device_seconds(apply, device)[0], 5, 30)
     out = {"batch": batch, "vocab": vocab, "seconds": run["seconds"]}
     if ceilings:
         moved = batch * vocab * 4 * 2 + batch * words * 4

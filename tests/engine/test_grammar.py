@@ -14,7 +14,7 @@ pytest.importorskip("llguidance")
 
 from niyama.engine import LLMEngine, SamplingParams  # noqa: E402
 from niyama.engine.grammar import compile_choice, compile_json_schema, compile_regex  # noqa: E402
-from niyama.engine.sampler import apply_bitmask  # noqa: E402
+from niyama.engine.sampler import apply_bitmask, apply_bitmask_host  # noqa: E402
 from niyama.engine.weights import resolve  # noqa: E402
 
 ITEM = {"type": "object", "additionalProperties": False, "required": ["sku", "qty", "tags"],
@@ -35,13 +35,19 @@ def test_apply_bitmask_keeps_exactly_the_set_bits():
     for r in range(2):
         for t in torch.nonzero(allowed[r]).flatten().tolist():
             words[r, t // 32] |= 1 << (t % 32)
-    bitmask = words.to(torch.int32) if words.max() < 2**31 else (words - (words >= 2**31) * 2**32).to(torch.int32)
+    bitmask = (words - (words >= 2**31) * 2**32).to(torch.int32)     # the same 32 bits, as int32
+    host = before.clone()
     apply_bitmask(logits, torch.tensor([1, 3]), bitmask)
+    apply_bitmask_host(host, [1, 3], bitmask.numpy())
     for row, r in ((1, 0), (3, 1)):
         assert torch.equal(torch.isfinite(logits[row]), allowed[r])
         assert torch.equal(logits[row][allowed[r]], before[row][allowed[r]])
     for row in (0, 2, 4):                           # rows without a grammar: untouched
         assert torch.equal(logits[row], before[row])
+    assert torch.equal(host, logits)
+    every = before[:2].clone()                      # every row constrained: the in-place path
+    apply_bitmask_host(every, [0, 1], bitmask.numpy())
+    assert torch.equal(torch.isfinite(every), allowed)
 
 
 @pytest.fixture(scope="module")
