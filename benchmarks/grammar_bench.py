@@ -120,7 +120,7 @@ def measure_engine(engine: LLMEngine, grammar: str | None, batch: int, steps: in
         mask_s.append(time.perf_counter() - t0)
         return out
     engine.executor.grammars.masks = timed
-    times = []
+    times, finished = [], 0
     try:
         for _ in range(steps):
             if engine.replica.decodes.__len__() < batch:
@@ -128,6 +128,7 @@ def measure_engine(engine: LLMEngine, grammar: str | None, batch: int, steps: in
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
+        finished = sum(s.finished for s in seqs)    # before the abort below ends them all
     finally:
         engine.executor.grammars.masks = masks
         engine.abort_all()
@@ -136,7 +137,7 @@ def measure_engine(engine: LLMEngine, grammar: str | None, batch: int, steps: in
     return {"constrained": grammar is not None, "batch": batch, "steps": len(times),
             "step_s": statistics.mean(times), "median_step_s": statistics.median(times),
             "mask_fill_s": statistics.mean(mask_s) if grammar is not None else 0.0,
-            "finished_early": sum(s.finished for s in seqs)}
+            "finished_early": finished}
 
 
 def main() -> int:
@@ -179,7 +180,7 @@ def main() -> int:
         fl = ""
         if ceilings:
             context = len(prompt) + 50
-            r["floor_s"] = floor(decode_cost(engine.model_config, args.batch, context, 2), ceilings)["seconds"]
+            r["floor_s"] = floor(decode_cost(engine.model_config, args.batch, context, 2), ceilings)["floor_s"]
             fl = f"  ({r['step_s'] / r['floor_s']:.2f}x its floor)"
         print(f"engine decode batch {r['batch']}, {'constrained  ' if r['constrained'] else 'unconstrained'}: "
               f"{1e3 * r['step_s']:7.2f} ms/step, mask fill {1e3 * r['mask_fill_s']:6.2f} ms{fl}")
