@@ -179,12 +179,16 @@ class FileObject(Body):
     status_details: str | None = None
 
 
-class FileList(Body):
+class Page(Body):
+    """OpenAI's cursor-paged list (`after`, `limit`)."""
     object: Literal["list"]
-    data: list[FileObject]
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class FileList(Page):
+    data: list[FileObject]
 
 
 class FileDeleted(Body):
@@ -237,12 +241,8 @@ class BatchObject(Body):
     usage: dict | None = Field(None, description="tokens of the answered lines (OpenAI's BatchUsage)")
 
 
-class BatchList(Body):
-    object: Literal["list"]
+class BatchList(Page):
     data: list[BatchObject]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
 
 
 class BatchCreateRequest(Strict):
