@@ -50,7 +50,17 @@ def add_parser(sub) -> None:
                    help="largest request body; larger ones get 413 (default 16 MiB)")
     add_length_option(g)
     g.add_argument("--max-queued", type=int, default=1024,
-                   help="most requests in flight (waiting + running); beyond, 429 with Retry-After (default 1024)")
+                   help="most requests in flight (being read, waiting or running; n choices count n); beyond, "
+                        "429 with Retry-After (default 1024)")
+    g.add_argument("--max-connections", type=int, default=2048,
+                   help="most open HTTP connections and requests at once; beyond, 503 (default 2048; the open-file "
+                        "limit is raised to its hard limit at start-up)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                   help="close a connection idle this long after a response, or one that sends no request this "
+                        "long after connecting (default 5)")
+    g.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, stop accepting and give requests in flight this long to finish; then streams "
+                        "end with an error event and [DONE], other requests get 503 (default 30)")
     q = p.add_argument_group("QoS")
     q.add_argument("--tiers", default="default",
                    help="tier set: 'default' (Q1 TTFT 6 s + TBT 50 ms, Q2 TTLT 600 s, Q3 TTLT 1800 s), "
@@ -196,13 +206,13 @@ def model_from_args(args) -> str | None:
 
 
 def run(args) -> int:
-    import uvicorn    # a missing server dependency: the CLI says which extra to install
+    import uvicorn    # noqa: F401 (a missing server dependency: the CLI says which extra to install)
 
     from ..engine.cpu_threads import RESERVE_ENV
     from ..qos import ON_INFEASIBLE, load_tiers, with_admission
     from ..server.app import Limits, build_app
     from ..server.request_qos import QoSPolicy
-    from ..server.start import start_engine
+    from ..server.start import serve_http, start_engine
 
     args.model = model_from_args(args)
     check_policy(args.policy)
@@ -211,7 +221,10 @@ def run(args) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.address is None:                   # (on a Ray cluster the port is its proxies', not this machine's)
         check_port_free(args.host, args.port)  # before a model load that can take minutes
-    limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None, args.max_model_len)
+    if args.max_connections < 1 or args.keep_alive_timeout <= 0 or args.shutdown_grace < 0:
+        raise ValueError("--max-connections must be >= 1, --keep-alive-timeout > 0 and --shutdown-grace >= 0")
+    limits = Limits(args.max_request_bytes, args.max_queued, args.api_key or None, args.max_model_len,
+                    loopback_only=is_loopback(args.host))
     batches = batch_config(args)
     if not limits.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use "
@@ -252,9 +265,26 @@ def run(args) -> int:
     # uvicorn shuts down gracefully on SIGTERM / SIGINT and then re-raises the signal with the handler that was
     # there before it; this one turns that into a clean exit (0, not 143) once the shutdown is done
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(build_app(runner, name, qos, limits, batches), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    raise_open_file_limit()
+    serve_http(build_app(runner, name, qos, limits, batches), args.host, args.port, args.log_level,
+               args.keep_alive_timeout, args.max_connections, args.shutdown_grace)
     return 0
+
+
+def raise_open_file_limit() -> None:
+    """The soft limit on open files up to the hard one: each connection holds a descriptor, and a soft limit
+    of 1024 would refuse connections long before --max-connections."""
+    try:
+        import resource
+    except ImportError:        # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 2**20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def check_tokenizer(config) -> None:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.metadata
+import ipaddress
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from .batch_api import BatchConfig, add_batch_routes
 from .choices import Choices, choice_generations
@@ -37,6 +41,11 @@ try:
 except importlib.metadata.PackageNotFoundError:      # run from a checkout that is not installed
     VERSION = "unknown"
 
+# most request bodies parsed and tokenized at once (each on a thread, holding its text and ids): a flood of
+# large bodies queues here instead of running hundreds of tokenizations together
+TOKENIZE_CONCURRENCY = max(2, min(8, os.cpu_count() or 2))
+SHUTDOWN = "the server is shutting down; retry on another replica or shortly"
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -44,6 +53,7 @@ class Limits:
     max_queued: int = 1024              # requests in flight (waiting + running); beyond: 429 + Retry-After
     api_key: str | None = None          # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)
     max_model_len: int | None = None    # prompt + output tokens per request (default: the model's context)
+    loopback_only: bool = False         # bound to loopback: answer only Host values that name loopback (421)
 
     def __post_init__(self):
         if self.max_body_bytes < 1024 or self.max_queued < 1:
@@ -58,7 +68,10 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
     talking to it when it starts serving and shuts it down when it stops. `batches`: serve the Batch API
     (/v1/files, /v1/batches) with its state there."""
     limits = limits or Limits()
-    in_flight = [0]                      # requests submitted and not yet finished (event loop only)
+    in_flight = [0]                      # HTTP generations being read, parsed or served, n each (event loop only)
+    tokenizing = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
+    live: set[Choices] = set()           # the HTTP generations being answered, to end at shutdown
+    draining = [False]                   # SIGTERM came: the grace period runs
     runner.metrics = ServerMetrics(served_name, tuple(qos.tiers.values()))
     info = runner.info
     context = info["max_position"]
@@ -78,10 +91,12 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
 
     app = FastAPI(title="niyama", version=VERSION, lifespan=lifespan)
     app.state.engine = runner
+    if limits.loopback_only:
+        app.add_middleware(LoopbackHosts)
     add_handlers(app)
     app.openapi = lambda: openapi(app)      # adds the request bodies the handlers read themselves
 
-    @app.get("/health", **route(Health, errors=(503,)))
+    @app.api_route("/health", methods=["GET", "HEAD"], **route(Health, errors=(503,)))
     async def health():
         if not runner.alive:
             raise APIError(runner.stopped, 503, type="server_error", code="engine_stopped")
@@ -97,11 +112,13 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
             "tiers": [t.describe() for t in qos.tiers.values()], "default_tier": qos.default_tier}
 
     @app.get("/v1/models", **route(ModelList))
-    async def models():
+    async def models(request: Request):
+        check_key(request)
         return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}", **route(ModelCard, errors=(404,)))
-    async def model_card(model_id: str):
+    async def model_card(model_id: str, request: Request):
+        check_key(request)
         check_model({"model": model_id}, model)
         return card
 
@@ -114,7 +131,8 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         check_key(request)
         body = parse_body(await read_body(request))
         check_model(body, model)
-        ids = await asyncio.to_thread(prompt_ids, body, model)
+        async with tokenizing:
+            ids = await asyncio.to_thread(prompt_ids, body, model)
         return {"count": len(ids), "max_model_len": model.context, "tokens": ids}
 
     @app.post("/detokenize", **route(DetokenizeResponse, DetokenizeRequest, errors=(400, 401, 404, 413, 415)))
@@ -137,27 +155,49 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
     async def chat_completions(request: Request):
         return await generate(request, "chat")
 
+    def check_room(more: int) -> None:
+        if in_flight[0] + more > limits.max_queued:
+            raise APIError(f"the server holds {in_flight[0]} requests, its limit is {limits.max_queued}; retry "
+                           "shortly", 429, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
     async def generate(request: Request, kind: str):
         arrival = time.monotonic()          # the request's deadlines count from here
         check_key(request)
-        if in_flight[0] >= limits.max_queued:       # before reading and tokenizing: overload costs nothing more
-            raise APIError(f"the server holds {in_flight[0]} requests, its limit; retry shortly", 429,
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        raw = await read_body(request)
-        # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
-        gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
-        choices = await start(gen, arrival)
-        writer = ResponseWriter(gen, model.tokenizer)
-        if gen.stream:
-            return StreamingResponse(sse(choices, gen, writer), media_type="text/event-stream")
-        return await collect(request, choices, gen, writer)
+        # counted from here, before reading and tokenizing (overload costs nothing more), so that a burst
+        # cannot pass the check before any of it is counted; released once, in `finally` (a stream: by sse)
+        check_room(1)
+        in_flight[0] += 1
+        held = [1]
+        try:
+            raw = await read_body(request)
+            # parsing and tokenizing a large body takes seconds: off the event loop, so other clients are served
+            async with tokenizing:
+                gen = await asyncio.to_thread(lambda: parse_generation(parse_body(raw), kind, model, qos))
+            if gen.n > 1:                       # each choice is a request in the engine
+                check_room(gen.n - 1)
+                in_flight[0] += gen.n - 1
+                held[0] = gen.n
+            if draining[0]:
+                raise APIError(SHUTDOWN, 503, code="server_shutdown")
+            choices = await start(gen, arrival)
+            writer = ResponseWriter(gen, model.tokenizer)
+            if gen.stream:
+                live.add(choices)
+                counted, held = held, None      # released when the stream ends, or if it never starts
+                return StreamingResponse(sse(choices, gen, writer, counted), media_type="text/event-stream",
+                                         background=BackgroundTask(release, counted, choices))
+            return await collect(request, choices, gen, writer)
+        finally:
+            if held is not None:
+                in_flight[0] -= held[0]
 
     async def respond(kind: str, body: dict, arrival: float | None = None) -> dict:
         """One generation from a parsed body, answered in full without HTTP (the Batch API's lines): the
         response body, or an APIError. Not counted against `max_queued`: that bound is for HTTP clients.
         Cancelling the awaiting task aborts the request."""
         arrival = time.monotonic() if arrival is None else arrival
-        gen = await asyncio.to_thread(parse_generation, body, kind, model, qos)
+        async with tokenizing:
+            gen = await asyncio.to_thread(parse_generation, body, kind, model, qos)
         if gen.stream:
             raise APIError("stream must be false here: the response is stored whole", param="stream")
         return await collect(None, await start(gen, arrival), gen, ResponseWriter(gen, model.tokenizer))
@@ -204,25 +244,38 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                            code="invalid_api_key")
 
     async def read_body(request: Request) -> bytes:
-        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        # a page in any browser may POST without asking first if the type is text/plain or absent: neither is
+        # served (a missing Content-Type is not taken for JSON)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json" and not kind.endswith("+json"):
-            raise APIError(f"Content-Type must be application/json, got {kind!r} (curl: add "
+            got = repr(kind) if kind else "none"
+            raise APIError(f"Content-Type must be application/json, got {got} (curl: add "
                            "-H 'Content-Type: application/json')", 415)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise APIError(f"the request body is {declared} bytes; the limit is {limits.max_body_bytes}", 413)
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limits.max_body_bytes:
-                raise APIError(f"the request body is over the limit of {limits.max_body_bytes} bytes", 413)
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > limits.max_body_bytes:
+                    raise APIError(f"the request body is over the limit of {limits.max_body_bytes} bytes", 413)
+        except ClientDisconnect:            # the client left mid-body: nothing to answer, nothing to report
+            client_left("before its request body was read")
+            raise APIError("the client closed the connection", 499) from None
         return bytes(body)
+
+    def client_left(when: str) -> None:
+        log.debug("a client disconnected %s", when)
+        if runner.metrics is not None:
+            runner.metrics.client_left()
 
     async def watch_disconnect(request: Request, choices: Choices) -> None:
         """The body is read, so the next ASGI message is the client leaving: abort at once, and end the
         handler's wait (an aborted request gets no more events from the engine)."""
         while True:
             if (await request.receive())["type"] == "http.disconnect":
+                client_left("before its response was complete")
                 choices.close()
                 choices.end(Event("", 0, finish_reason="abort"))
                 return
@@ -231,9 +284,9 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         """The whole response; `request`: the HTTP request whose client may leave (None: an internal one)."""
         answers = [Answer(gen.echo) for _ in range(gen.n)]
         failed = None
-        counted = gen.n if request is not None else 0
-        in_flight[0] += counted
-        watcher = asyncio.create_task(watch_disconnect(request, choices)) if counted else None
+        watcher = asyncio.create_task(watch_disconnect(request, choices)) if request is not None else None
+        if request is not None:
+            live.add(choices)
         try:
             async for i, event in choices:
                 if event.error:
@@ -249,16 +302,17 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         finally:
             if watcher is not None:
                 watcher.cancel()
-            in_flight[0] -= counted
+            live.discard(choices)
             choices.close()
         if failed is not None:
-            raise APIError(failed.error, failed.status)
+            raise APIError(failed.error, failed.status, code="server_shutdown" if failed.error == SHUTDOWN else None)
         return writer.full(answers, usage(len(gen.prompt_ids), sum(a.num_tokens for a in answers)), choices.qos())
 
-    async def sse(choices: Choices, gen: Generation, writer: ResponseWriter):
+    async def sse(choices: Choices, gen: Generation, writer: ResponseWriter, held: list[int]):
+        """`held`: what this request counts in `in_flight`, released when the stream ends."""
         first = [True] * gen.n
         made = [0] * gen.n                # tokens per choice, for the usage chunk
-        in_flight[0] += gen.n
+        ended = False
         try:
             if gen.echo:                  # the prompt first, as its own chunk
                 for i in range(gen.n):
@@ -266,7 +320,8 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                     first[i] = False
             async for i, event in choices:
                 if event.error:
-                    yield data(APIError(event.error, event.status).body())
+                    yield data(APIError(event.error, event.status,
+                                        code="server_shutdown" if event.error == SHUTDOWN else None).body())
                     break
                 text = writer.content(i, event.text)
                 told = event.token_ids and (text or gen.return_token_ids or
@@ -288,13 +343,71 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
                 if gen.include_usage:
                     yield data(writer.usage_chunk(usage(len(gen.prompt_ids), sum(made))))
             yield "data: [DONE]\n\n"
+            ended = True
         finally:                          # the client went away (cancelled) or the stream ended
-            in_flight[0] -= gen.n
+            if not ended and not draining[0]:
+                client_left("before its stream ended")
+            release(held, choices)
+
+    def release(held: list[int], choices: Choices) -> None:
+        """A stream's end: its count in `in_flight` returns and its requests stop (once; the response's
+        background task calls it too, for a stream that was never started)."""
+        if held[0]:
+            in_flight[0] -= held[0]
+            held[0] = 0
+            live.discard(choices)
             choices.close()
+
+    def drain(grace_s: float) -> None:
+        """SIGTERM: requests in flight get `grace_s` seconds to finish; then each still running ends with a
+        503 error (a stream: an error event and [DONE]); requests that finish parsing meanwhile get 503."""
+        def expire():
+            for choices in list(live):
+                for stream in choices.streams:      # the engine stops them; the handlers see the error
+                    if stream is not None and not stream.finished:
+                        runner.abort(stream)
+                choices.end(Event("", 0, error=SHUTDOWN, status=503))
+        draining[0] = True
+        asyncio.get_running_loop().call_later(grace_s, expire)
+
+    app.state.drain = drain
 
     if batches is not None:          # its lines run through `respond`
         add_batch_routes(app, batches, check_key, served_name)
     return app
+
+
+class LoopbackHosts:
+    """A server bound to loopback answers only requests whose Host names loopback (localhost, 127.0.0.1,
+    [::1], any port): a web page that rebinds its own DNS name to 127.0.0.1 reaches the port but sends its own
+    name, and gets 421 instead of the model's answers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if host is not None and not loopback_host(host):
+                err = APIError(f"this server answers on loopback only, not for Host {host[:100]!r}; use "
+                               "localhost or 127.0.0.1", 421, code="invalid_host")
+                return await JSONResponse(err.body(), status_code=421)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def loopback_host(host: str) -> bool:
+    """A Host header's value (host[:port]) names a loopback address."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def data(body: dict) -> str:

@@ -62,6 +62,9 @@ class ServerMetrics:
                                       "when their prefill started", mt, registry=r)
         self.prefix_hits = Counter("niyama:prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
                                    "prefill skipped)", mt, registry=r)
+        self.client_disconnects = Counter("niyama:client_disconnects", "HTTP clients that left before their "
+                                          "answer was complete (while sending the body, waiting or streaming)",
+                                          m, registry=r)
         self.kv_cached = Gauge("niyama:kv_cache_cached_blocks", "KV blocks holding reusable prompt prefixes, held "
                                "by a request or idle (idle ones are evicted, least recently used first, when "
                                "blocks run out)", m, registry=r)
@@ -99,7 +102,7 @@ class ServerMetrics:
                     self.tier_target.labels(model_name, t.name, kind).set(getattr(t, f"{kind}_s"))
         for metric in (self.step_time, self.step_ratio, self.iteration_tokens, self.chunk_size, self.prompt_len, self.output_len,
                        self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-                       self.preemptions, self.kv_cached):
+                       self.preemptions, self.kv_cached, self.client_disconnects):
             metric.labels(model_name)          # every series exists from the start (at 0), for dashboards
         for tier in (t.name for t in tiers):      # every configured tier shows up from the start, at 0
             for metric in (self.tier_requests, self.tier_violations, self.relegations, self.rejections, self.ttft,
@@ -108,6 +111,10 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def client_left(self) -> None:
+        """Event loop: an HTTP client disconnected before its answer was complete."""
+        self.client_disconnects.labels(self.model).inc()
 
     # --- the engine client's reader thread ----------------------------------
     def request_added(self, num_prompt_tokens: int) -> None:
