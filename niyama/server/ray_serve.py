@@ -18,15 +18,26 @@ it works; a dict, as Ray wants). The rules are `niyama.routing`'s, the simulated
 cancels the ingress's request; the relay's cancellation reaches the replica's `generate`, which aborts the
 request in its engine (its KV blocks return).
 
+Requests that give no `seed` draw one from their replica's own stream (the server's `--seed` mixed with the
+replica's rank), so replicas do not repeat each other's draws.
+
+A local Ray instance (no `--address`) is bound to 127.0.0.1: its node address is loopback, so its GCS, raylet,
+agents and workers listen there, and each replica's Serve gRPC server too (`_serve_grpc_on_loopback`); only
+the HTTP proxy listens where `--host` says. Ray has no authentication to speak of: whoever reaches its ports
+runs code.
+
 Imported only on this path: single-replica `niyama serve` needs no Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -91,6 +102,7 @@ class ReplicaBoard:
     its own so that Serve starts, restarts and removes it with the app."""
 
     def __init__(self):
+        _serve_grpc_on_loopback()
         self.reports: dict[str, tuple[float, ReplicaReport]] = {}
 
     async def report(self, replica: str, report: ReplicaReport) -> None:
@@ -110,7 +122,13 @@ class EngineReplica:
     """One engine: `niyama serve`'s EngineClient and engine process, fed over a Ray Serve handle."""
 
     async def __init__(self, config, tiers, in_process: bool, served_name: str | None, board):
-        self.id = serve.get_replica_context().replica_id.unique_id
+        _serve_grpc_on_loopback()
+        context = serve.get_replica_context()
+        self.id = context.replica_id.unique_id
+        rank = getattr(context, "rank", None)
+        rank = getattr(rank, "rank", rank)
+        # the seeds of requests that give none: this replica's own stream (one shared would repeat its draws)
+        self.seeds = random.Random(f"niyama {getattr(config, 'seed', 0)} {self.id if rank is None else rank}")
         self.client = await asyncio.to_thread(start_engine, config, tiers, in_process)
         self.client.metrics = ServerMetrics(served_name or self.client.info["model_name"], tuple(tiers))
         self.client.start(asyncio.get_running_loop())
@@ -126,6 +144,8 @@ class EngineReplica:
     async def generate(self, gen, route: Route):
         """Stream one request's events, in `EventBatch`es."""
         transit = max(0.0, time.time() - route.sent_at)
+        if gen.params.seed is None:
+            gen = dataclasses.replace(gen, params=dataclasses.replace(gen.params, seed=self.seeds.getrandbits(62)))
         try:
             stream = self.client.submit(gen, time.monotonic() - route.age_s - transit)
         except EngineStopped as e:
@@ -165,7 +185,8 @@ class EngineReplica:
     async def _report_loop(self) -> None:
         while True:
             try:
-                await self.board.report.remote(self.id, self.report())
+                if self.client.alive:       # a dead engine's replica goes silent (the ingress counts it missing)
+                    await self.board.report.remote(self.id, self.report())
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -185,15 +206,16 @@ class EngineReplica:
 class Ingress:
     """The HTTP side: `app.build_app` over a RemoteEngine, plus /replicas."""
 
-    async def __init__(self, engine, board, chat_template, qos, limits, served_name: str | None):
+    async def __init__(self, engine, board, chat_template, qos, limits, served_name: str | None, replicas: int):
         from ..engine.tokenizer import Tokenizer
 
+        _serve_grpc_on_loopback()
         info = await engine.info.remote()
         tokenizer = None
         if info["tokenizer_path"]:
             tokenizer = await asyncio.to_thread(Tokenizer, info["tokenizer_path"], info["eos_token_ids"],
                                                 chat_template)
-        self.runner = RemoteEngine(engine, board, info, tokenizer)
+        self.runner = RemoteEngine(engine, board, info, tokenizer, replicas=replicas)
         self.name = served_name or info["model_name"]
         self.qos = qos
         self.limits = limits
@@ -229,7 +251,7 @@ def build(config, tiers, qos, limits, *, replicas: int, router: str, served_name
     ).bind(config, tiers, in_process, served_name, board)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=limits.max_queued + 64)
-    return ingress.bind(engine, board, config.chat_template, qos, limits, served_name)
+    return ingress.bind(engine, board, config.chat_template, qos, limits, served_name, replicas)
 
 
 def run(args, config, tiers, qos, limits) -> int:
@@ -241,8 +263,9 @@ def run(args, config, tiers, qos, limits) -> int:
         gpus = 1 if (config.device or ("cuda" if _local_cuda() else "cpu")).startswith("cuda") else 0
     started = time.monotonic()
     if local:       # a local instance's CPU count is bookkeeping: let N replicas fit whatever the core count
+        _loopback_node()
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(args.replicas * args.replica_cpus)),
-                 include_dashboard=False, logging_level=logging.WARNING)
+                 include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     else:
         ray.init(address=args.address, logging_level=logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port},
@@ -267,6 +290,40 @@ def run(args, config, tiers, qos, limits) -> int:
         finally:
             ray.shutdown()              # a local instance goes whole (its engine processes exit with their replicas)
     return 0
+
+
+def _loopback_node() -> None:
+    """Make the local Ray instance's node address 127.0.0.1, so that its processes listen there rather than on
+    every interface. Ray (2.60) swaps a loopback `_node_ip_address` for the host's routable address unless
+    clusters are off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read at import: set for the processes Ray starts,
+    and in this one's constants)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _serve_grpc_on_loopback() -> None:
+    """In a Serve replica's process, before Serve starts the replica's inter-deployment gRPC server (after the
+    constructor): Ray Serve (2.60) binds it to [::]:0 whatever the node's address; on a loopback node (a local
+    instance) bind it to 127.0.0.1 instead. Nothing changes on a cluster's nodes or if Ray's internals moved."""
+    try:
+        if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+            return
+        from ray.serve._private import replica
+    except Exception:
+        return
+    add = getattr(replica, "add_port_to_grpc_server", None)
+    if add is None or getattr(add, "niyama_loopback", False):
+        return
+
+    def add_on_loopback(server, address, *args, **kwargs):
+        if isinstance(address, str) and address.startswith("[::]:"):
+            address = "127.0.0.1:" + address[len("[::]:"):]
+        return add(server, address, *args, **kwargs)
+
+    add_on_loopback.niyama_loopback = True
+    replica.add_port_to_grpc_server = add_on_loopback
 
 
 def _local_cuda() -> bool:

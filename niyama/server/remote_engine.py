@@ -9,7 +9,9 @@ blocks return). A replica that dies mid-request ends its streams with a 503 erro
 
 What `/health` and `/metrics` show comes from the replicas' reports on the board (`ray_serve.ReplicaBoard`),
 read every `poll_s`: KV blocks summed over live replicas, and each replica's Prometheus series with a
-`replica` label (`merge_metrics`).
+`replica` label (`merge_metrics`). `/health` is "degraded", naming them, while fewer replicas report than were
+deployed (a replica silent `stale_s` is missing; one whose engine died stops reporting) or a replica's engine is
+degraded, and answers 503 once none has reported for `stale_s`.
 
 Replica -> ingress, one `messages.EventBatch` per batch of news; replica -> board -> ingress, `ReplicaReport`s.
 """
@@ -31,9 +33,9 @@ log = logging.getLogger("niyama.server")
 
 class RemoteEngine:
     def __init__(self, handle, board, info: dict, tokenizer, rule: DeadlineRule | None = None,
-                 poll_s: float = 0.5, stale_s: float = 3.0):
+                 poll_s: float = 0.5, stale_s: float = 3.0, replicas: int | None = None):
         """`handle`: the engine deployment's handle; `board`: the ReplicaBoard's; `info`: one replica's
-        `EngineClient.info` (the replicas serve one model alike)."""
+        `EngineClient.info` (the replicas serve one model alike); `replicas`: how many were deployed."""
         self.handle = handle
         self.board = board
         self.info = {**info, "mode": "ray-serve", "pid": None}
@@ -41,6 +43,7 @@ class RemoteEngine:
         self.rule = rule or DeadlineRule()
         self.poll_s = poll_s
         self.stale_s = stale_s              # a replica silent this long is gone
+        self.expected = replicas
         self.metrics = None                 # set by build_app; unused: /metrics merges the replicas' own
         self.replicas: dict[str, ReplicaReport] = {}     # replica id -> its last report
         self.stats = EngineStats(0.0, 0, 0, 0, 0, None)
@@ -135,7 +138,7 @@ class RemoteEngine:
         """snapshot: replica id -> BoardEntry."""
         live = {rid: entry.report for rid, entry in snapshot.items() if entry.age_s < self.stale_s}
         self.replicas = dict(sorted(live.items()))
-        degraded = [f"replica {rid}: {r.status.degraded}" for rid, r in live.items() if r.status.degraded]
+        degraded = health_reasons(snapshot, self.stale_s, self.expected)
         statuses = [r.status for r in live.values()]
         self.stats = EngineStats(time.monotonic(), sum(s.kv_free for s in statuses), sum(s.kv_blocks for s in statuses),
                                  sum(s.running for s in statuses), sum(s.waiting for s in statuses), None,
@@ -156,6 +159,20 @@ class RemoteEngine:
                  "kv_blocks_free": r.status.kv_free, "kv_blocks": r.status.kv_blocks, "running": r.status.running,
                  "waiting": r.status.waiting, "degraded": r.status.degraded,
                  "load": r.load._asdict() if r.load is not None else None} for rid, r in self.replicas.items()]
+
+
+def health_reasons(snapshot: dict, stale_s: float, expected: int | None) -> list[str]:
+    """Why /health is degraded (none: "ok"), from the board's snapshot (replica id -> BoardEntry): fewer live
+    replicas (reported within `stale_s`) than `expected`, with the silent ones still on the board; each live
+    replica's own degraded reason."""
+    live = {rid: e.report for rid, e in snapshot.items() if e.age_s < stale_s}
+    reasons = []
+    if expected is not None and len(live) < expected or expected is None and len(live) < len(snapshot):
+        reasons.append(f"{len(live)} of {expected or len(snapshot)} engine replicas reporting")
+        reasons += [f"replica {rid}: no report for {e.age_s:.0f} s" for rid, e in sorted(snapshot.items())
+                    if rid not in live]
+    reasons += [f"replica {rid}: {r.status.degraded}" for rid, r in sorted(live.items()) if r.status.degraded]
+    return reasons
 
 
 def merge_metrics(texts: dict[str, bytes]) -> bytes:

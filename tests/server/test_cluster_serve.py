@@ -55,6 +55,35 @@ def test_without_ray_the_error_names_the_extra():
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
+def entry(age_s: float, degraded: str | None = None):
+    from niyama.messages import BoardEntry, ReplicaReport, ReplicaStatus
+
+    return BoardEntry(age_s, ReplicaReport(1, 2, "127.0.0.1", ReplicaStatus(10, 16, degraded, 0, 0), None, b""))
+
+
+def test_health_degrades_while_a_replica_is_missing_and_stops_when_none_reports():
+    from niyama.server.remote_engine import RemoteEngine
+
+    engine = RemoteEngine(None, None, {}, None, replicas=2, stale_s=0.05)
+    engine._take({"a": entry(0.01), "b": entry(0.02)})
+    assert engine.alive and engine.stats.degraded is None and engine.stats.kv_blocks == 32
+    engine._take({"a": entry(0.01), "b": entry(5.0)})             # b silent: still on the board, not live
+    assert engine.alive and engine.stats.kv_blocks == 16
+    assert "1 of 2 engine replicas" in engine.stats.degraded and "replica b: no report for 5 s" in engine.stats.degraded
+    engine._take({"a": entry(0.01)})                              # b forgotten by the board
+    assert engine.alive and "1 of 2 engine replicas" in engine.stats.degraded
+    engine._take({"a": entry(0.01, "2 KV blocks lost"), "b": entry(0.01)})
+    assert engine.stats.degraded == "replica a: 2 KV blocks lost"
+    engine._take({"a": entry(0.01), "b": entry(0.01)})
+    assert engine.stats.degraded is None
+    engine._take({"a": entry(5.0), "b": entry(5.0)})              # none healthy: /health answers 503
+    time.sleep(0.1)
+    engine._take({"a": entry(5.1), "b": entry(5.1)})
+    assert not engine.alive and "no engine replica" in engine.stopped
+    engine._take({"a": entry(0.01), "b": entry(0.01)})
+    assert engine.alive and engine.stats.degraded is None
+
+
 # --- the cluster over HTTP -------------------------------------------------------------------------------------
 def free_port() -> int:
     import socket
@@ -133,6 +162,54 @@ def all_blocks_free(url: str) -> bool:
 
 def finished(url: str) -> float:
     return sum(per_replica(url, "niyama:request_success_total").values())
+
+
+def test_replicas_draw_from_different_random_streams(cluster):
+    """Identical unseeded requests at temperature 1 sent to both replicas at once: each replica draws the seeds
+    of requests that give none from a stream of its own, so the pairs differ. (Runs first on fresh replicas: with
+    one stream shared, each pair would be the same text.)"""
+    url, _ = cluster
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "ignore_eos": True}
+    before = per_replica(url, "niyama:request_success_total")
+
+    def one(_):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    texts: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            texts += pool.map(one, range(2))
+    wait_for(lambda: finished(url) - sum(before.values()) >= 6, 10, "metrics of the 6 requests")
+    after = per_replica(url, "niyama:request_success_total")
+    assert len(after) == 2 and all(after[r] > before.get(r, 0) for r in after), (before, after)   # both served
+    assert len(set(texts)) >= 5, texts
+
+
+def test_a_local_ray_instance_listens_on_loopback_only(cluster):
+    """Ray has no authentication worth the name: every socket the server's processes (Ray's GCS, raylet, agents,
+    workers, Serve's proxy and replicas, the engines) listen on is a loopback one."""
+    import ipaddress
+
+    psutil = pytest.importorskip("psutil")
+    _, proc = cluster
+    server = psutil.Process(proc.pid)
+    listening = []
+    for p in [server, *server.children(recursive=True)]:
+        try:
+            listening += [(p.pid, p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:         # gone meanwhile
+            pass
+
+    def loopback(ip: str) -> bool:
+        a = ipaddress.ip_address(ip.split("%")[0])
+        return (a.ipv4_mapped or a).is_loopback if a.version == 6 else a.is_loopback
+
+    assert any(port for *_, port in listening)          # the HTTP proxy at least
+    exposed = [s for s in listening if not loopback(s[2])]
+    assert not exposed, exposed
 
 
 def test_requests_spread_over_both_replicas_with_per_replica_metrics(cluster):
@@ -239,6 +316,10 @@ def test_a_killed_replica_fails_its_streams_and_is_replaced(cluster):
         victim = replicas(url)[0]
         t0 = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
+        # /health: degraded (still 200) while one of the two replicas is gone, naming it
+        wait_for(lambda: (h := httpx.get(f"{url}/health", timeout=10).json())["status"] == "degraded"
+                 and "1 of 2 engine replicas" in h["reason"] and victim["replica"] in h["reason"],
+                 15, "/health degraded after the kill")
         results = [f.result(timeout=120) for f in futures]
     failed = [r for r in results if r["error"] or r["transport"]]
     ok = [r for r in results if r["finish"] == "length" and r["chunks"] == 81 and r["done"]]    # + the last
@@ -248,6 +329,7 @@ def test_a_killed_replica_fails_its_streams_and_is_replaced(cluster):
     assert failed_s < 15          # told at once (Ray reports the actor's death), not left hanging
     wait_for(lambda: len(reps := replicas(url)) == 2 and victim["replica"] not in {r["replica"] for r in reps},
              120, "a replacement replica")
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok", 10, "/health ok again")
     wait_for(lambda: all_blocks_free(url), 15, "every KV block free")
     print(f"the killed replica's stream ended {failed_s:.1f} s after the kill, the other "
           f"{ok[0]['ended'] - t0:.1f} s after; replaced after {time.monotonic() - t0:.1f} s")
