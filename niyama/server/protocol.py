@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +34,64 @@ class ModelInfo:
     vocab_size: int
     tokenizer: object | None  # niyama.engine.tokenizer.Tokenizer; None for dummy weights (token-id prompts only)
     sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "top_k": 0})   # defaults
+    max_chars: int | None = None   # the most characters one token covers (None: no bound known); set from the tokenizer
+
+    def __post_init__(self):
+        if self.max_chars is None and self.tokenizer is not None:
+            self.max_chars = max_token_chars(self.tokenizer)
+
+
+NORMALIZER_MARGIN = 4     # a normalizer (NFC, say) may merge a few characters into one before tokenizing
+WHITESPACE_DROPPING = ("Whitespace", "WhitespaceSplit", "BertPreTokenizer")   # no bound: runs of spaces vanish
+
+
+def max_token_chars(tokenizer) -> int | None:
+    """The most characters of text one token can cover, from the vocabulary (once, at start-up): the longest
+    token string (a byte-level token's string has a character per byte, so at least as many characters as
+    the text it stands for; an added token is its text), times a margin when the tokenizer normalizes the
+    text first. None when it cannot be bounded (no vocabulary to read, or a pre-tokenizer that drops text).
+    A text longer than context x this cannot fit, so it is refused before it is tokenized (the tokenizer
+    holds the GIL: a 16 MB prompt froze the HTTP process for 15 s and kept 3 GB)."""
+    try:
+        hf = tokenizer._tok
+        longest = max(map(len, hf.get_vocab(with_added_tokens=True)), default=1)
+        normalizer, pre = getattr(hf, "normalizer", None), getattr(hf, "pre_tokenizer", None)
+    except Exception:          # not a tokenizers.Tokenizer underneath
+        return None
+    if pre is not None and type(pre).__name__ in WHITESPACE_DROPPING:
+        return None
+    return max(1, longest) * (1 if normalizer is None else NORMALIZER_MARGIN)
+
+
+def precheck_text(body: dict, model: ModelInfo) -> None:
+    """`check_text_fits` on the raw body's prompt or messages, before the schema validates them (pydantic
+    copies a 16 MB string: 140 ms with the GIL held); a value of the wrong type is left to the schema."""
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        check_text_fits(len(prompt), model, "prompt")
+    if isinstance(messages, list):
+        chars = 0
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        check_text_fits(chars, model, "messages")
+
+
+def check_text_fits(chars: int, model: ModelInfo, param: str) -> None:
+    """400 (context length) for a text of `chars` characters that has more tokens than the context holds
+    whatever it says: checked before tokenizing it."""
+    if model.max_chars is None:
+        return
+    at_least = -(-chars // model.max_chars)
+    if at_least > model.context:
+        raise APIError(f"this model's maximum context length is {model.context} tokens, but the {param}'s {chars} "
+                       f"characters are at least {at_least} tokens (a token covers at most {model.max_chars} "
+                       f"characters); shorten the {param}", param=param, code="context_length_exceeded")
 
 
 @dataclass
@@ -54,6 +113,9 @@ class Generation:
     tool_family: str = "hermes"     # the model's tool-call format (tool_calls.py)
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
@@ -63,6 +125,8 @@ def parse_body(raw: bytes) -> dict:
         raise APIError(f"the request body is not valid JSON ({str(e)[:120]}); send a JSON object") from None
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    if not SURROGATE_ESCAPE.search(raw):   # only an escape makes one (valid UTF-8 has none); 16 MB: 5 ms, not 50
+        return body
     try:      # a lone surrogate ("\ud800") is valid JSON but no text: the tokenizer would fail on it
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -82,6 +146,7 @@ def check_model(body: dict, model: ModelInfo) -> None:
 
 def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) -> Generation:
     check_model(body, model)
+    precheck_text(body, model)
     req = validate(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
     refuse_unhonoured(req)
     tools = _tools(req, kind)
@@ -158,6 +223,7 @@ def _logprobs(req: GenerationRequest, kind: str) -> int | None:
 
 def prompt_ids(body: dict, model: ModelInfo) -> list[int]:
     """The token ids of a body's `messages` (chat template applied) or `prompt` (/tokenize)."""
+    precheck_text(body, model)
     req = validate(TokenizeRequest, body)
     if req.messages is not None:
         return _chat_prompt(req.messages, model)
@@ -281,6 +347,7 @@ def _completion_prompt(prompt: "str | list", model: ModelInfo) -> list[int]:
         if model.tokenizer is None:
             raise APIError("this model has no tokenizer (dummy weights): send the prompt as a list of token ids",
                            param="prompt")
+        check_text_fits(len(prompt), model, "prompt")
         ids = model.tokenizer.encode(prompt)
     elif isinstance(prompt[0], int):
         bad = [t for t in prompt if not 0 <= t < model.vocab_size]
@@ -307,6 +374,7 @@ def _chat_prompt(messages: list[ChatMessage], model: ModelInfo, tools: "tool_cal
         if m.role == "tool" and not m.tool_call_id:
             raise APIError(f"messages[{i}].tool_call_id is required in a tool message: the id of the call it "
                            "answers", param=f"messages[{i}].tool_call_id")
+    check_text_fits(sum(len(_text(m.content)) for m in messages if m.content is not None), model, "messages")
     template, tools_arg = model.tokenizer.chat_template, None
     if tools is None and not any(m.role == "tool" or m.tool_calls for m in messages):
         clean = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
@@ -321,6 +389,7 @@ def _chat_prompt(messages: list[ChatMessage], model: ModelInfo, tools: "tool_cal
         text = model.tokenizer.apply_chat_template(clean, tools=tools_arg)
     except Exception as e:                      # the template's own raise_exception (e.g. role order)
         raise APIError(f"the chat template rejected the messages: {e}", param="messages") from None
+    check_text_fits(len(text), model, "messages")
     return model.tokenizer.encode(text)
 
 
