@@ -21,6 +21,9 @@ class TextOutput:
         self._text = ""
         self._visible = 0      # text[:_visible] may be shown (a possible stop-string prefix is held back)
         self._taken = 0
+        self._scanned = 0      # text[:_scanned] has been searched for stop strings (none ends inside it)
+        self._longest = max(map(len, self._stop), default=0)
+        self.scanned_chars = 0  # characters the stop-string search has looked at (a test's operation count)
         self.num_tokens = 0    # output tokens consumed (at a stop string: the tokens up to it)
         self.stopped = False   # a stop string ended the text
 
@@ -52,24 +55,35 @@ class TextOutput:
         return delta
 
     def _check_stop_strings(self) -> bool:
-        stops = self._stop
+        """Search the new text (and the tail of longest - 1 characters before it, where a stop string may
+        have begun) for stop strings, so a token costs the same at any length of text."""
+        stops, text = self._stop, self._text
         if not stops:
-            self._visible = len(self._text)
+            self._visible = len(text)
             return False
-        longest = max(len(s) for s in stops)
-        start = max(0, self._taken - longest)
-        hits = [(i, -len(s)) for i, s in ((self._text.find(s, start), s) for s in stops) if i >= 0]
+        start = max(0, self._scanned - (self._longest - 1))   # every earlier stop string would have been found
+        self._scanned = len(text)
+        self.scanned_chars += (len(text) - start) * len(stops)
+        hits = [(i, -len(s)) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
         if hits:
             at, minus_len = min(hits)         # the earliest stop string; of those starting there, the longest
-            self._text = self._text[:at - minus_len if self._include_stop else at]
+            self._text = text[:at - minus_len if self._include_stop else at]
             self._visible = len(self._text)
             self.stopped = True
             return True
-        hold = 0   # keep back a tail that could still become a stop string
+        hold = 0   # keep back a tail that could still become a stop string: its longest proper prefix here
+        tail = text[len(text) - min(len(text), self._longest - 1):]
         for s in stops:
-            for k in range(min(len(s) - 1, len(self._text)), hold, -1):
-                if self._text.endswith(s[:k]):
-                    hold = k
+            first = s[0]
+            p = len(tail) - min(len(s) - 1, len(tail))
+            while True:
+                p = tail.find(first, p)
+                if p < 0 or len(tail) - p <= hold:
                     break
-        self._visible = len(self._text) - hold
+                self.scanned_chars += len(tail) - p
+                if s.startswith(tail[p:]):
+                    hold = len(tail) - p
+                    break
+                p += 1
+        self._visible = len(text) - hold
         return False

@@ -46,7 +46,12 @@ Millis = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 TokenIds = non_empty(list[int])
 # a batch (a list of strings or of token-id lists) passes here; protocol.py takes a batch of one only
 Prompt = Annotated[str | TokenIds | non_empty(list[str]) | non_empty(list[TokenIds]), expect(PROMPT)]
-Stop = Annotated[non_empty(str) | list[non_empty(str)], expect("a non-empty string or a list of them")]
+MAX_STOP_STRINGS = 16       # OpenAI allows 4, vLLM any number: each is searched for after every token
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+STOP = (f"a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at most {MAX_STOP_STRINGS} of "
+        "them")
+Stop = Annotated[StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)], expect(STOP)]
 
 
 MAX_CHOICES = 16         # `n`: a request's choices each hold their own KV blocks and queue slot
@@ -106,7 +111,8 @@ class GenerationRequest(Strict):
     top_k: int | None = Field(None, ge=-1, description="0 or -1 = off; default: the model's")
     seed: Annotated[int, Field(ge=0, lt=2**63), expect("an integer in [0, 2^63)")] | None = Field(
         None, description="this request's own random stream (default: drawn from the server's seed)")
-    stop: Stop | None = Field(None, description="stop strings, not included in the text")
+    stop: Stop | None = Field(None, description=f"stop strings, not included in the text: at most {MAX_STOP_STRINGS} "
+                              f"of at most {MAX_STOP_CHARS} characters each")
     include_stop_str_in_output: bool | None = Field(
         None, description="vLLM's: the text keeps the stop string that ended it (default false)")
     stop_token_ids: list[int] | None = None
