@@ -18,6 +18,8 @@ from .errors import APIError
 
 CUSTOM_TIER = "custom"     # the tier name of requests that give explicit targets
 TARGET_FIELDS = ("ttft_ms", "tbt_ms", "ttlt_ms")
+MIN_TARGET_MS = 1.0                       # a tinier positive float (5e-324) would become 0 s
+MAX_TARGET_MS = 30 * 86400 * 1000.0       # 30 days
 
 
 @dataclass
@@ -90,8 +92,9 @@ def targets_tier(targets: dict) -> Tier:
     for key, value in targets.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise APIError(f"{key} must be a number of milliseconds, got {type(value).__name__}", param=key)
-        if not value > 0:
-            raise APIError(f"{key} must be > 0 milliseconds, got {value}", param=key)
+        if not MIN_TARGET_MS <= value <= MAX_TARGET_MS:      # (NaN fails too)
+            raise APIError(f"{key} must be from {MIN_TARGET_MS:g} ms to {MAX_TARGET_MS:g} ms (30 days), got {value}",
+                           param=key)
     interactive = "ttft_ms" in targets or "tbt_ms" in targets
     if interactive and "ttlt_ms" in targets:
         raise APIError("give ttft_ms + tbt_ms (interactive) or ttlt_ms (batch), not both", param="ttlt_ms")

@@ -42,7 +42,8 @@ def non_empty(kind):
 
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
-Millis = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+MIN_TARGET_MS, MAX_TARGET_MS = 1, 30 * 86400 * 1000      # request_qos.py checks them too
+Millis = Annotated[float, Field(ge=MIN_TARGET_MS, le=MAX_TARGET_MS, allow_inf_nan=False)]
 TokenIds = non_empty(list[int])
 # a batch (a list of strings or of token-id lists) passes here; protocol.py takes a batch of one only
 Prompt = Annotated[str | TokenIds | non_empty(list[str]) | non_empty(list[TokenIds]), expect(PROMPT)]
@@ -123,9 +124,10 @@ class GenerationRequest(Strict):
     # QoS: one of tier, service_tier, explicit targets (ttft_ms + tbt_ms, or ttlt_ms); priority beside any
     tier: str | None = Field(None, description="a tier of this server (GET /v1/models lists them)")
     service_tier: str | None = Field(None, description="OpenAI's auto/default/flex/scale/priority, or a tier name")
-    ttft_ms: Millis | None = Field(None, description="time to first token target; needs tbt_ms")
-    tbt_ms: Millis | None = Field(None, description="time between tokens target; needs ttft_ms")
-    ttlt_ms: Millis | None = Field(None, description="time to last token target (a batch request)")
+    ttft_ms: Millis | None = Field(None, description="time to first token target, 1 ms to 30 days; needs tbt_ms")
+    tbt_ms: Millis | None = Field(None, description="time between tokens target, 1 ms to 30 days; needs ttft_ms")
+    ttlt_ms: Millis | None = Field(None, description="time to last token target (a batch request), 1 ms to 30 "
+                                   "days")
     priority: Annotated[str | int, expect("'important', 'low' or an integer")] | None = Field(
         None, description="'important' (default) or 'low'; or vLLM's integer (lower runs first; > 0 is low)")
     min_p: Number | None = Field(None, description="in [0, 1]: drop tokens less likely than min_p x the top one; "
