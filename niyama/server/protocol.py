@@ -160,7 +160,10 @@ def parse_generation(body: dict, kind: str, model: ModelInfo, qos: QoSPolicy) ->
                        f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} to "
                        f"generate); shorten the prompt or lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
+    _check_stop_token_ids(req.stop_token_ids, model)
     params = _sampling(req, max_tokens, model.sampling, _logprobs(req, kind), _constraint(req, model, tools, family))
+    if req.stream_options is not None and not req.stream:      # as vLLM: not silently ignored
+        raise APIError("stream_options is only allowed with stream true", param="stream_options")
     options = req.stream_options or StreamOptions()
     wanted = {key: getattr(req, key) for key in QOS_FIELDS}
     tier, priority = qos.resolve(wanted)
@@ -199,6 +202,13 @@ def refuse_unhonoured(req: GenerationRequest) -> None:
             raise APIError(f"{key}={value!r} is not supported by niyama{HINTS.get(key, '')}; leave it out", param=key)
 
 
+def _check_stop_token_ids(ids: "list[int] | None", model: ModelInfo) -> None:
+    bad = [t for t in ids or () if not 0 <= t < model.vocab_size]
+    if bad:
+        raise APIError(f"stop_token_ids must be token ids in [0, {model.vocab_size}); "
+                       f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} are not", param="stop_token_ids")
+
+
 def _logprobs(req: GenerationRequest, kind: str) -> int | None:
     """How many top tokens to report with each token's log-probability, or None for no log-probabilities.
     Chat: `logprobs` true/false and `top_logprobs` N; completions: `logprobs` N (OpenAI's legacy field)."""
@@ -225,6 +235,8 @@ def prompt_ids(body: dict, model: ModelInfo) -> list[int]:
     """The token ids of a body's `messages` (chat template applied) or `prompt` (/tokenize)."""
     precheck_text(body, model)
     req = validate(TokenizeRequest, body)
+    if req.messages is not None and req.prompt is not None:
+        raise APIError("send one of prompt and messages, not both", param="prompt")
     if req.messages is not None:
         return _chat_prompt(req.messages, model)
     if req.prompt is None:

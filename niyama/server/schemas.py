@@ -32,7 +32,7 @@ def expect(hint: str, shallow: bool = False) -> WrapValidator:
     return WrapValidator(check)
 
 
-PROMPT = "a non-empty string or a list of token ids"
+PROMPT = "a non-empty string or a list of token ids (one prompt per request)"
 MESSAGES = "a non-empty list of {role, content} objects"
 CONTENT = 'a string or a list of text parts ({"type": "text", "text": ...})'
 
@@ -44,9 +44,12 @@ def non_empty(kind):
 Number = Annotated[float, Field(allow_inf_nan=False)]
 MIN_TARGET_MS, MAX_TARGET_MS = 1, 30 * 86400 * 1000      # request_qos.py checks them too
 Millis = Annotated[float, Field(ge=MIN_TARGET_MS, le=MAX_TARGET_MS, allow_inf_nan=False)]
-TokenIds = non_empty(list[int])
-# a batch (a list of strings or of token-id lists) passes here; protocol.py takes a batch of one only
-Prompt = Annotated[str | TokenIds | non_empty(list[str]) | non_empty(list[TokenIds]), expect(PROMPT)]
+TokenId = Annotated[int, Field(ge=0)]      # < the vocabulary size too, checked by protocol.py
+TokenIds = non_empty(list[TokenId])
+BatchOfOne = Field(min_length=1, max_length=1)   # OpenAI's batch forms, of one prompt only (a request per prompt)
+Prompt = Annotated[non_empty(str) | TokenIds | Annotated[list[non_empty(str)], BatchOfOne]
+                   | Annotated[list[TokenIds], BatchOfOne],
+                   expect(PROMPT)]
 MAX_STOP_STRINGS = 16       # OpenAI allows 4, vLLM any number: each is searched for after every token
 MAX_STOP_CHARS = 256
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -103,8 +106,16 @@ def unhonoured():
     return Field(None, description="not supported: leave it out (or send its off value)")
 
 
+def only_off_values(schema: dict, model) -> None:
+    """The schema of an `UNHONOURED` field allows only its off values and null (what the server accepts)."""
+    for key, off in UNHONOURED.items():
+        if key in schema.get("properties", {}):
+            schema["properties"][key]["enum"] = [*off, None]
+
+
 class GenerationRequest(Strict):
     """The fields /v1/completions and /v1/chat/completions share."""
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=only_off_values)
     model: str | None = Field(None, description="the served model's name, or leave it out")
     max_tokens: int | None = Field(None, ge=1, description="default: 16 for completions; for chat, the room left")
     temperature: Number | None = Field(None, description="0 = greedy, else at least 0.01; default: the model's")
@@ -116,10 +127,11 @@ class GenerationRequest(Strict):
                               f"of at most {MAX_STOP_CHARS} characters each")
     include_stop_str_in_output: bool | None = Field(
         None, description="vLLM's: the text keeps the stop string that ended it (default false)")
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, description="token ids (in the vocabulary) that end the "
+                                                 "text; not included in it")
     ignore_eos: bool | None = None
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     return_token_ids: bool | None = Field(None, description="put the generated token ids in each choice")
     # QoS: one of tier, service_tier, explicit targets (ttft_ms + tbt_ms, or ttlt_ms); priority beside any
     tier: str | None = Field(None, description="a tier of this server (GET /v1/models lists them)")
@@ -189,7 +201,7 @@ class GenerationRequest(Strict):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Prompt = Field(description=PROMPT + " (a batch of one is accepted)")
+    prompt: Prompt = Field(description=PROMPT + "; a batch of one ([prompt]) is accepted")
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -199,13 +211,14 @@ class ChatCompletionRequest(GenerationRequest):
 
 class TokenizeRequest(Strict):
     model: str | None = None
-    prompt: Prompt | None = Field(None, description=PROMPT + "; or send messages")
-    messages: Messages | None = Field(None, description=MESSAGES + ", rendered with the chat template")
+    prompt: Prompt | None = Field(None, description=PROMPT + "; or send messages (not both)")
+    messages: Messages | None = Field(None, description=MESSAGES + ", rendered with the chat template; or send "
+                                      "prompt (not both)")
 
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int] = Field(description="token ids")
+    tokens: list[TokenId] = Field(description="token ids (in the vocabulary)")
 
 
 def validate(model: type[Strict], body: dict) -> Strict:

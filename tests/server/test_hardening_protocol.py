@@ -229,13 +229,14 @@ def test_schema_says_what_the_server_accepts(server):
     ("/v1/chat/completions", {"messages": CHAT, "continue_final_message": True}, "continue_final_message",
      "continue_final_message"),
     ("/detokenize", {"tokens": [-1]}, "tokens", ""),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stop_token_ids": [-3]}, "stop_token_ids", "at least 0"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stream_options": {"include_usage": True}},
      "stream_options", "stream_options is only allowed with stream true"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stream": False,
                          "stream_options": {"include_usage": True}},
      "stream_options", "stream_options is only allowed with stream true"),
     ("/tokenize", {"prompt": "a", "messages": CHAT}, "prompt", "send one"),
-    ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stop_token_ids": [5, 10_000_000, -3]},
+    ("/v1/completions", {"prompt": "a", "max_tokens": 1, "stop_token_ids": [5, 10_000_000]},
      "stop_token_ids", "10000000"),
 ])
 def test_what_the_schema_refuses_or_the_server_ignored_is_a_400(server, path, body, param, words):
