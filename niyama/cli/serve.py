@@ -215,6 +215,10 @@ def run(args) -> int:
     from ..server.start import serve_http, start_engine
 
     args.model = model_from_args(args)
+    from ..engine.weights import DEFAULT_MODEL
+    if (args.load_format != "dummy" and args.address is None and args.model not in (None, "", "default", DEFAULT_MODEL)
+            and not Path(args.model).expanduser().exists()):   # one line now, not two tracebacks after 20 s
+        raise FileNotFoundError(f"model {args.model!r}: no such file or directory")
     check_policy(args.policy)
     options = parse_policy_options(args.policy, args.opt)
     if not 0 < args.port < 65536:
