@@ -206,7 +206,8 @@ def _check_stop_token_ids(ids: "list[int] | None", model: ModelInfo) -> None:
     bad = [t for t in ids or () if not 0 <= t < model.vocab_size]
     if bad:
         raise APIError(f"stop_token_ids must be token ids in [0, {model.vocab_size}); "
-                       f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} are not", param="stop_token_ids")
+                       f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} are not",
+                       param="stop_token_ids")
 
 
 def _logprobs(req: GenerationRequest, kind: str) -> int | None:
