@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 log = logging.getLogger("niyama.predictor")
 
 KINDS = ("decode-only", "small", "large")
+LOG_INTERVAL_S = 60.0     # a kind's move is logged at most once a minute (the ratios are a metric too)
 
 
 class OnlineCorrection:
-    def __init__(self, base, weight: float = 0.05, bound: float = 4.0, split: int = 512):
+    def __init__(self, base, weight: float = 0.05, bound: float = 4.0, split: int = 512, clock=time.monotonic):
         """`weight`: how much each measured step moves its kind's ratio (0.05: ~20 steps of memory);
-        `bound`: ratios stay within [1/bound, bound]; `split`: total tokens between small and large steps."""
+        `bound`: ratios stay within [1/bound, bound]; `split`: total tokens between small and large steps;
+        `clock`: seconds, for spacing the log lines."""
         if not 0 < weight <= 1 or not bound > 1:
             raise ValueError("the correction's weight must be in (0, 1] and its bound > 1")
         self.base = base
@@ -37,6 +40,8 @@ class OnlineCorrection:
         self.split = split
         self._log_ratio = [0.0, 0.0, 0.0]
         self._logged = [1.0, 1.0, 1.0]         # the ratio last written to the log, per kind
+        self._logged_at = [-math.inf] * 3      # when, by `clock`
+        self._clock = clock
 
     @property
     def name(self) -> str:
@@ -69,8 +74,11 @@ class OnlineCorrection:
         target = min(self.log_bound, max(-self.log_bound, math.log(measured_s / predicted)))
         self._log_ratio[k] += self.weight * (target - self._log_ratio[k])
         ratio = math.exp(self._log_ratio[k])
-        if abs(ratio / self._logged[k] - 1) > 0.1:     # say so when it moves by 10%
-            self._logged[k] = ratio
+        if abs(ratio / self._logged[k] - 1) > 0.1:     # say so when it moves by 10%, at most once a minute
+            now = self._clock()
+            if now - self._logged_at[k] < LOG_INTERVAL_S:
+                return
+            self._logged[k], self._logged_at[k] = ratio, now
             log.info("batch-time correction: %s steps take %.2fx what profile %s predicts", KINDS[k], ratio,
                      self.base.name)
 
