@@ -276,9 +276,16 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         while True:
             if (await request.receive())["type"] == "http.disconnect":
                 client_left("before its response was complete")
-                choices.close()
-                choices.end(Event("", 0, finish_reason="abort"))
+                stop(choices, Event("", 0, finish_reason="abort"))
                 return
+
+    def stop(choices: Choices, event: Event) -> None:
+        """End a request's choices now with `event` and abort them in the engine. (Not `choices.close()`
+        first: that cancels the tasks that hand `event` on, and the handler would wait for it for ever.)"""
+        for stream in choices.streams:
+            if stream is not None and not stream.finished:
+                runner.abort(stream)
+        choices.end(event)
 
     async def collect(request: Request | None, choices: Choices, gen: Generation, writer: ResponseWriter):
         """The whole response; `request`: the HTTP request whose client may leave (None: an internal one)."""
@@ -363,10 +370,7 @@ def build_app(runner: EngineClient, served_name: str, qos: QoSPolicy, limits: Li
         503 error (a stream: an error event and [DONE]); requests that finish parsing meanwhile get 503."""
         def expire():
             for choices in list(live):
-                for stream in choices.streams:      # the engine stops them; the handlers see the error
-                    if stream is not None and not stream.finished:
-                        runner.abort(stream)
-                choices.end(Event("", 0, error=SHUTDOWN, status=503))
+                stop(choices, Event("", 0, error=SHUTDOWN, status=503))
         draining[0] = True
         asyncio.get_running_loop().call_later(grace_s, expire)
 

@@ -60,6 +60,27 @@ def test_a_burst_is_bounded_by_max_queued(hardened):
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 4       # nothing leaked from the count
 
 
+def test_clients_that_leave_give_their_places_back(hardened):
+    """Issue 29 items 4 and 9: 4 non-streamed requests (the --max-queued bound) whose clients leave end at once:
+    their places in the bound return (a handler used to wait for ever, holding its place until shutdown) and
+    niyama:client_disconnects_total counts them."""
+    url, _ = hardened
+    before = metrics(url).get(("niyama:client_disconnects_total", ()), 0)
+    body = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
+
+    async def leave():
+        async with httpx.AsyncClient(timeout=1.5) as c:
+            return await asyncio.gather(*(c.post(f"{url}/v1/completions", json=body, headers=KEY) for _ in range(4)),
+                                        return_exceptions=True)
+
+    assert all(isinstance(r, httpx.TimeoutException) for r in asyncio.run(leave()))
+    health, _ = wait_all_blocks_free(url)
+    assert health["kv_blocks_free"] == health["kv_blocks"]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=KEY, timeout=30)
+    assert r.status_code == 200, r.text
+    assert metrics(url)[("niyama:client_disconnects_total", ())] == before + 4
+
+
 def test_an_oversized_header_is_refused(hardened):
     """Issue 29 item 5: an 8 MB header gets a 4xx or the connection closed, never a 200."""
     url, _ = hardened
