@@ -93,7 +93,7 @@ class NodeLoad:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.replica.scheduler.prefill_rate.tokens_per_s
+        return self.replica.scheduler.admission_rate.tokens_per_s
 
     @cached_property
     def cached_tokens(self) -> int:

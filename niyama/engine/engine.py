@@ -320,7 +320,7 @@ class LLMEngine:
             req = seq.request
             work += req.num_remaining_prefill + max(0, req.max_output_tokens - len(seq.output_ids))
         late = bool(replica.decodes) and replica.decodes.min_deadline(replica.iteration) < now
-        return LoadReport(time.time(), sched.prefill_rate.tokens_per_s, ahead, work, len(self.sequences),
+        return LoadReport(time.time(), sched.admission_rate.tokens_per_s, ahead, work, len(self.sequences),
                           max(0, kv.num_free - kv.num_watermark_blocks) * kv.block_size, late)
 
     def info(self) -> EngineInfo:

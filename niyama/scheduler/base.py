@@ -31,7 +31,10 @@ from ..request import Phase, Request
 from ..running import RunningDecodes
 from .batch_plan import BatchPlan, PrefillChunk
 from .queue import OrderKey, WaitingQueue
-from .relegation import ArrivalWork, PrefillRate, wait_with_arrivals
+from .relegation import ArrivalWork, PrefillRate, ThroughputWhileWaiting, wait_with_arrivals
+
+
+ADMISSION_PROBE_TOKENS = 512     # the prefill-only step whose predicted time starts admission's rate
 
 
 @dataclass
@@ -45,6 +48,9 @@ class SchedulerConfig:
     # token is due at least this much later than its first token (a batch line hours from its window's end
     # makes way for a chat request); 0 = never (Sarathi's behaviour: it waits for a decode to finish)
     preempt_for_urgent_s: float = 0.0
+    # admission predicts with the prefill throughput while work waits (decode-only steps included); False: with
+    # the per-step prefill rate relegation uses (before issue 29; kept for the comparison)
+    admission_counts_waiting_steps: bool = True
 
     def __post_init__(self):
         if self.chunk_size < 1:
@@ -70,6 +76,11 @@ class Scheduler:
         self.predictor = predictor
         self.waiting = WaitingQueue(order)
         self.prefill_rate = PrefillRate(config.prefill_rate_init, config.prefill_rate_decay)
+        # admission's rate starts from what the batch-time model says a prefill-only step does, when there is one
+        initial = config.prefill_rate_init
+        if predictor is not None:
+            initial = ADMISSION_PROBE_TOKENS / predictor.batch_time(ADMISSION_PROBE_TOKENS, 0, 0, 0, 0)
+        self.admission_rate = ThroughputWhileWaiting(initial, config.prefill_rate_decay)
         self.arrivals = ArrivalWork() if config.foresee_arrivals else None
 
     @property
@@ -90,13 +101,16 @@ class Scheduler:
     def observe(self, plan: BatchPlan, duration_s: float) -> None:
         """The batch of `plan` took `duration_s`."""
         self.prefill_rate.observe(plan.num_prefill_tokens, duration_s)
+        if plan.num_prefill_tokens or self.waiting:
+            self.admission_rate.observe(plan.num_prefill_tokens, duration_s)
 
     def predicted_first_token_s(self, now: float, req: Request) -> float:
         """When `req` (arriving now, not queued yet) would emit its first token if admitted: after the prefill
-        work queued ahead of it in this policy's order, at the observed prefill rate. A policy that relegates
-        late work skips the requests whose key is already below `now` (past their deadline: they will be
-        relegated when they come up). Later arrivals that will sort ahead of `req` are not foreseen."""
-        rate = self.prefill_rate.tokens_per_s
+        work queued ahead of it in this policy's order, at the prefill throughput observed while work waits
+        (decode-only steps between chunks included). A policy that relegates late work skips the requests whose
+        key is already below `now` (past their deadline: they will be relegated when they come up). Later
+        arrivals that will sort ahead of `req` are not foreseen."""
+        rate = (self.admission_rate if self.config.admission_counts_waiting_steps else self.prefill_rate).tokens_per_s
         since = (False, now) if self.relegates_late_work else None
         ahead_s = (self.waiting.work_before(self.waiting.key(req), since) + req.num_remaining_prefill) / rate
         if self.arrivals is None:

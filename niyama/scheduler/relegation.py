@@ -22,6 +22,31 @@ class PrefillRate:
             self.tokens_per_s = self.decay * self.tokens_per_s + (1 - self.decay) * num_prefill_tokens / duration_s
 
 
+class ThroughputWhileWaiting:
+    """Prefill tokens per second of wall time while prefill work waits: admission control's rate. Steps that
+    run no prefill although work waits (decode-only steps between chunks, when the decodes' slack leaves no
+    budget or no slot is free) count their time too, which a per-step rate (PrefillRate) leaves out: on an
+    overloaded replica that is where a waiting request's time goes. A ratio of two moving averages (tokens,
+    seconds), started from `initial` tokens/s as if `prior_s` seconds had been seen."""
+
+    def __init__(self, initial: float, decay: float = 0.995, prior_s: float = 0.05):
+        if initial <= 0 or not 0 <= decay < 1 or prior_s <= 0:
+            raise ValueError("the rate must be > 0, the decay in [0, 1) and the prior > 0 s")
+        self.decay = decay
+        self.tokens = initial * prior_s
+        self.seconds = prior_s
+
+    def observe(self, num_prefill_tokens: int, duration_s: float) -> None:
+        if duration_s > 0:
+            d = self.decay
+            self.tokens = d * self.tokens + (1 - d) * num_prefill_tokens
+            self.seconds = d * self.seconds + (1 - d) * duration_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return max(self.tokens, 1e-9) / self.seconds
+
+
 def too_late(now: float, req: Request, rate: PrefillRate) -> bool:
     """Would `req`'s prefill, started now at the observed rate, miss its first-token deadline?"""
     return now + req.num_remaining_prefill / rate.tokens_per_s > req.first_token_deadline_s

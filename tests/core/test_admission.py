@@ -12,12 +12,13 @@ from niyama.metrics import summarize
 from niyama.metrics.summary import tier_violations
 from niyama.qos import Priority, Tier, load_tiers, with_admission
 from niyama.request import Phase
+from niyama.scheduler.batch_plan import BatchPlan, PrefillChunk
 from niyama.scheduler.queue import WaitingQueue
 from niyama.scheduler.relegation import wait_with_arrivals
 from niyama.sim import simulate
 from niyama.workload import make_workload
 
-from helpers import req, scheduler
+from helpers import PREDICTOR, req, scheduler
 
 
 def test_the_work_ledger_agrees_with_a_walk_of_the_queue():
@@ -52,7 +53,7 @@ def test_the_work_ledger_agrees_with_a_walk_of_the_queue():
 
 def test_prediction_counts_the_work_queued_ahead_and_skips_the_overdue():
     s = scheduler("niyama", foresee_arrivals=False)
-    rate = s.prefill_rate.tokens_per_s
+    rate = s.admission_rate.tokens_per_s
     overdue = req(0, 0.0, 5000, tier="Q1")       # key ~46 s: past its deadline at now = 100
     ahead = req(1, 99.0, 1700, tier="Q1")        # key ~118.6 s
     behind = req(2, 99.5, 8500, tier="Q2")       # key ~760 s
@@ -66,7 +67,7 @@ def test_prediction_counts_the_work_queued_ahead_and_skips_the_overdue():
     for r in (req(10, 0.0, 5000), req(11, 99.0, 1700)):
         fcfs.add_request(r)
     assert fcfs.predicted_first_token_s(100.0, req(12, 100.0, 850)) == pytest.approx(
-        100.0 + (5000 + 1700 + 850) / fcfs.prefill_rate.tokens_per_s)
+        100.0 + (5000 + 1700 + 850) / fcfs.admission_rate.tokens_per_s)
 
 
 def test_arrivals_of_tighter_tiers_lengthen_the_wait():
@@ -83,7 +84,7 @@ def test_arrivals_of_tighter_tiers_lengthen_the_wait():
         s.add_request(req(k, float(k), 6000, tier="Q1"))
         s.waiting.pop()
     q3 = req(99, 50.0, 1000, tier="Q3")
-    alone_s = 1000 / s.prefill_rate.tokens_per_s
+    alone_s = 1000 / s.admission_rate.tokens_per_s
     assert s.predicted_first_token_s(50.0, q3) - 50.0 > 1.5 * alone_s     # Q1's arrivals will go first
     q1 = req(98, 50.0, 1000, tier="Q1")
     assert s.predicted_first_token_s(50.0, q1) == pytest.approx(50.0 + alone_s)   # nothing tighter than Q1
@@ -144,3 +145,31 @@ def test_rejecting_q1_keeps_the_admitted_q1_requests_on_time(overload_runs):
     assert np.isnan(rec["ttft_s"][rec["rejected"]]).all()
     assert tier_violations(rejecting)["Q1"] == pytest.approx(
         100 * (rec["violated"] | rec["rejected"])[rec["tier"] == "Q1"].mean())
+
+
+def test_admission_counts_decode_only_steps_while_work_waits():
+    """Between prefill chunks an overloaded replica runs steps with no prefill (the decodes' slack leaves no
+    budget, or no slot is free); a waiting request's first token waits through them too. Admission's rate
+    counts their time; relegation's per-step rate does not."""
+    s = scheduler("niyama", foresee_arrivals=False)
+    s.add_request(req(0, 0.0, 4000, tier="Q1"))                  # work waits throughout
+    with_prefill = BatchPlan(1, 8, 800, [PrefillChunk(req(1, 0.0, 500), 0, 500)], 508, 0.0, [], [])
+    decode_only = BatchPlan(2, 8, 808, [], 8, 0.0, [], [])
+    for _ in range(3000):                                        # one 0.1 s chunk of 500 tokens, then 0.1 s without
+        s.observe(with_prefill, 0.1)
+        s.observe(decode_only, 0.1)
+    assert s.prefill_rate.tokens_per_s == pytest.approx(5000, rel=0.01)      # per step with prefill
+    assert s.admission_rate.tokens_per_s == pytest.approx(2500, rel=0.01)    # per second of wall time
+    new = req(5, 10.0, 1000, tier="Q3")
+    assert s.predicted_first_token_s(10.0, new) == pytest.approx(10.0 + (4000 + 1000) / 2500, rel=0.01)
+    idle = scheduler("niyama")                                    # nothing waits: idle steps say nothing
+    before = idle.admission_rate.tokens_per_s
+    idle.observe(decode_only, 0.1)
+    assert idle.admission_rate.tokens_per_s == before
+
+
+def test_admission_starts_from_the_batch_time_model():
+    """Before any step is seen, the rate is what the profile predicts for a prefill-only step (not a fixed
+    8,500 tokens/s, which a CPU replica is far from)."""
+    s = scheduler("niyama")
+    assert s.admission_rate.tokens_per_s == pytest.approx(512 / PREDICTOR.batch_time(512, 0, 0, 0, 0))
