@@ -50,7 +50,8 @@ SHUTDOWN = "the server is shutting down; retry on another replica or shortly"
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 16 * 2**20    # a larger body gets 413 before it is read
-    max_queued: int = 1024              # requests in flight (waiting + running); beyond: 429 + Retry-After
+    max_queued: int = 1024              # requests in flight (read, parsed, waiting, running; n choices: n);
+                                        # beyond: 429 + Retry-After
     api_key: str | None = None          # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)
     max_model_len: int | None = None    # prompt + output tokens per request (default: the model's context)
     loopback_only: bool = False         # bound to loopback: answer only Host values that name loopback (421)
