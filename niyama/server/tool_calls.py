@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from ..engine import grammar as grammars
 from .errors import APIError, shown
 
 FAMILIES = ("hermes", "llama3_json")
@@ -32,7 +33,7 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"                       # Llama-3.1's "a tool call follows" token
 # JSON of a forced call on one line with Python's separators, as the templates' `tojson` writes tool calls: free
 # whitespace would let a weak model spend its budget on newlines. A tool's own "x-guidance" options win.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+JSON_LAYOUT = {**grammars.JSON_LAYOUT,
                "lenient": True}    # keywords llguidance lacks are ignored rather than refusing the request
 
 
@@ -474,11 +475,8 @@ def tool_grammar(spec: ToolSpec | None, family: str) -> str | None:
             i = spec.tools.index(tool)
             raise APIError(f"tools[{i}].function.parameters (of {tool.name!r}) cannot be enforced: "
                            f"{error.strip().splitlines()[0]}", param=f"tools[{i}].function.parameters")
-    grammar = LLMatcher.grammar_from_lark("\n".join(_grammar_lines(tools, family, spec.parallel)) + "\n")
-    error = LLMatcher.validate_grammar(grammar)
-    if error:              # not the request's fault: the lines below are
-        raise ValueError(f"tool-call grammar: {error}")
-    return grammar
+    # a failure here is not the request's fault but the lines below: a ValueError, not a 400
+    return grammars.compile_lark("\n".join(_grammar_lines(tools, family, spec.parallel)) + "\n")
 
 
 def _grammar_lines(tools: Sequence[Tool], family: str, parallel: bool) -> list[str]:
